@@ -1,0 +1,287 @@
+"""The contracts between pllm's device-agnostic core and a hardware platform.
+
+A platform supplies three things and nothing else:
+
+* an :class:`AttentionBackend`: how K/V are written into the paged cache and
+  how attention reads them back (the backend owns the cache layout);
+* a :class:`KVCacheAllocator`: how many blocks fit in memory and the physical
+  per-layer cache tensors on its device;
+* a :class:`Communicator`: the collectives used by tensor parallelism.
+
+Everything the core needs to know about a chip beyond that is data:
+:class:`PlatformCapabilities`. The core never asks "is this CUDA?".
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from pllm.core.config import CacheConfig, EngineConfig
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Whether a platform can run here. ``score == 0`` means unavailable;
+    ``reason`` always says why, in words a user can act on."""
+
+    score: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.score < 0:
+            raise ValueError(f"Detection score must be >= 0, got {self.score}")
+
+    @property
+    def available(self) -> bool:
+        return self.score > 0
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class PlatformCapabilities:
+    """What a platform can do, as data. The core reads these fields instead of
+    checking which platform it runs on."""
+
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    default_dtype: torch.dtype = torch.float32
+    block_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    head_dims: tuple[int, ...] | None = None  # None: any head_dim
+    supports_sliding_window: bool = True
+    fp8_dtype: torch.dtype | None = None  # e.g. float8_e4m3fn (CUDA), float8_e4m3fnuz (ROCm)
+    supports_graphs: bool = False  # can capture/replay the decode step (CUDA graphs)
+    # Static-shape devices (XLA) compile once per shape: the runner pads the
+    # flat batch up to these buckets. Empty tuples mean dynamic shapes.
+    token_buckets: tuple[int, ...] = ()
+    seq_buckets: tuple[int, ...] = ()
+    distributed_backend: str = "gloo"  # torch.distributed backend of the communicator
+
+    def __post_init__(self) -> None:
+        if self.default_dtype not in self.dtypes:
+            raise ValueError(f"default_dtype {self.default_dtype} not in dtypes {self.dtypes}")
+
+    @property
+    def max_block_size(self) -> int:
+        return max(self.block_sizes)
+
+    @property
+    def supports_fp8(self) -> bool:
+        return self.fp8_dtype is not None
+
+    @property
+    def static_shapes(self) -> bool:
+        return bool(self.token_buckets)
+
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype in self.dtypes
+
+    def supports_block_size(self, block_size: int) -> bool:
+        return block_size in self.block_sizes
+
+    def supports_head_dim(self, head_dim: int) -> bool:
+        return self.head_dims is None or head_dim in self.head_dims
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's flat varlen batch, built once on the host and shared by all layers.
+
+    Sequences are ordered decodes first: the first ``num_decodes`` sequences
+    have exactly one query token each. Token ``t`` of sequence ``s`` sits at
+    flat row ``query_start_loc[s] + t`` and at absolute position
+    ``seq_lens[s] - query_len(s) + t``; it attends causally to every cached
+    position up to and including its own (and, with a sliding window ``W``,
+    only to the last ``W`` of them).
+
+    ``block_tables[s, i]`` is the physical block holding positions
+    ``[i * block_size, (i + 1) * block_size)`` of sequence ``s``.
+    ``slot_mapping[t] = block * block_size + offset`` is where token ``t``'s
+    K/V go; a negative slot means padding (nothing is written).
+    """
+
+    num_seqs: int
+    num_tokens: int
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1], on device
+    seq_lens: torch.Tensor  # int32 [num_seqs], on device: cached + new tokens
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq], on device
+    slot_mapping: torch.Tensor  # int64 [num_tokens], on device
+    # Host copies, for backends that plan work on the CPU.
+    query_start_loc_cpu: list[int] = field(default_factory=list)
+    seq_lens_cpu: list[int] = field(default_factory=list)
+    # Backend-specific derived fields (see AttentionBackend.prepare_metadata).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+
+class AttentionBackend(abc.ABC):
+    """PagedAttention for one platform. One instance serves every layer."""
+
+    name: ClassVar[str] = "abstract"
+
+    @abc.abstractmethod
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor (K and V together). The backend
+        owns the layout; the core only ever addresses it through block ids."""
+
+    @abc.abstractmethod
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Store ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at
+        ``slot_mapping`` (in place). Negative slots are skipped."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Attention for ``query`` ``[num_tokens, num_heads, head_dim]`` against
+        the cache (which already holds this step's K/V). Returns the same shape.
+        ``num_heads`` is a multiple of the cache's ``num_kv_heads`` (GQA/MQA)."""
+
+    @abc.abstractmethod
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:
+        """Copy whole blocks ``src -> dst`` in every layer (copy-on-write)."""
+
+    def prepare_metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        """Optional, defaults to returning ``metadata`` unchanged. Called once per
+        step before the forward pass; a backend may add its own derived fields
+        to ``metadata.extras`` (split-KV plans, padded shapes, ...)."""
+        return metadata
+
+
+class KVCacheAllocator(abc.ABC):
+    """Physical KV-cache memory on one device."""
+
+    @abc.abstractmethod
+    def num_blocks(self, cache_config: CacheConfig, bytes_per_block: int) -> int:
+        """How many blocks (each ``bytes_per_block`` over all layers) fit the
+        memory budget: ``cache_config.kv_cache_memory`` bytes when set, else
+        what the device has free under the platform's own policy. Called after
+        the model is loaded (and, where the platform profiles, after a
+        profiling forward pass)."""
+
+    @abc.abstractmethod
+    def allocate(
+        self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> list[torch.Tensor]:
+        """One zeroed cache tensor of ``shape`` per layer."""
+
+
+class Communicator(abc.ABC):
+    """Collectives among the ranks of one tensor-parallel group. All ops are
+    in place where the tensor argument is also the result."""
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def world_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns ``tensor``."""
+
+    @abc.abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim`` (rank order)."""
+
+    @abc.abstractmethod
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum over ranks, then return this rank's ``1/world_size`` slice along ``dim``."""
+
+    @abc.abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Copy ``src``'s tensor into every rank's ``tensor``, in place."""
+
+    @abc.abstractmethod
+    def send(self, tensor: torch.Tensor, dst: int) -> None: ...
+
+    @abc.abstractmethod
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into ``tensor`` in place; returns it."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None: ...
+
+    def close(self) -> None:
+        """Optional, defaults to doing nothing: release the process group."""
+
+
+class Platform(abc.ABC):
+    """A hardware platform. Detection must be cheap: never import a heavy
+    vendor package just to answer "no"; import it lazily in the factories."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def detect(cls) -> Detection:
+        """Whether this platform can run here, with a score and the exact reason."""
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> PlatformCapabilities: ...
+
+    @abc.abstractmethod
+    def device(self, index: int = 0) -> torch.device:
+        """The torch device tensors of rank ``index`` live on."""
+
+    @abc.abstractmethod
+    def device_count(self) -> int: ...
+
+    @abc.abstractmethod
+    def memory_info(self, index: int = 0) -> MemoryInfo: ...
+
+    @abc.abstractmethod
+    def make_attention_backend(self) -> AttentionBackend: ...
+
+    @abc.abstractmethod
+    def make_kv_cache_allocator(self) -> KVCacheAllocator: ...
+
+    @abc.abstractmethod
+    def make_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator: ...
+
+    # ---- optional hooks, with defaults -------------------------------------
+
+    def update_config(self, config: EngineConfig) -> EngineConfig:
+        """Optional, defaults to returning ``config``. Return a changed copy
+        (``dataclasses.replace``) to apply platform policy, e.g. a dtype."""
+        return config
+
+    def synchronize(self) -> None:
+        """Optional, defaults to nothing: wait for queued device work."""
+
+    def wrap_decode_step(self, fn: Callable[..., Any], config: EngineConfig) -> Callable[..., Any]:
+        """Optional, defaults to returning ``fn``: wrap the model's forward for
+        pure-decode steps (graph capture, compilation) from the outside."""
+        return fn
