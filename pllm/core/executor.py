@@ -1,0 +1,99 @@
+"""Workers behind an executor. The engine talks to the executor only; one
+worker in this process today, a worker process per device for tensor
+parallelism later."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pllm.core.config import EngineConfig
+from pllm.core.interfaces import Platform
+from pllm.core.runner import ModelRunner, RunnerOutput
+from pllm.core.scheduler import SchedulerOutput
+from pllm.models import get_model_class
+
+logger = logging.getLogger("pllm")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(config: EngineConfig, platform: Platform) -> torch.dtype:
+    caps = platform.capabilities
+    if config.model.dtype == "auto":
+        return caps.default_dtype
+    dtype = _DTYPES[config.model.dtype]
+    if not caps.supports_dtype(dtype):
+        names = ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes)
+        raise ValueError(f"dtype={config.model.dtype!r} is not supported on {platform.name}; supported: {names}")
+    return dtype
+
+
+class Worker:
+    """Holds the model and the KV cache on one device."""
+
+    def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int) -> None:
+        self.config = config
+        self.platform = platform
+        self.device = platform.device(0)
+        self.dtype = resolve_dtype(config, platform)
+        caps = platform.capabilities
+        if not caps.supports_block_size(config.cache.block_size):
+            raise ValueError(
+                f"block_size={config.cache.block_size} is not supported on {platform.name}; "
+                f"supported: {', '.join(map(str, caps.block_sizes))}"
+            )
+        t0 = time.perf_counter()
+        cls = get_model_class(loaded.hf_config.model_type)
+        with torch.device("meta"):
+            model = cls(loaded.hf_config, max_positions=max_model_len)
+        model = model.to_empty(device=self.device)
+        model.rotary.reset_tables()
+        model.load_weights(loaded.weights())
+        # The rope tables stay fp32 (as in transformers); only weights change dtype.
+        self.model = model.to(self.dtype).eval()
+        model.rotary.cos, model.rotary.sin = model.rotary.cos.float(), model.rotary.sin.float()
+        spec = self.model.spec
+        if not caps.supports_head_dim(spec.head_dim):
+            raise ValueError(f"head_dim={spec.head_dim} is not supported on {platform.name}")
+        logger.info("loaded %s (%s) in %.1fs", loaded.name, self.dtype, time.perf_counter() - t0)
+        self.backend = platform.make_attention_backend()
+        self.spec = spec
+
+    def bytes_per_block(self) -> int:
+        spec, bs = self.spec, self.config.cache.block_size
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * bs * spec.num_kv_heads * spec.head_dim * elem * self.model.num_layers
+
+    def init_kv_cache(self) -> int:
+        allocator = self.platform.make_kv_cache_allocator()
+        num_blocks = allocator.num_blocks(self.config.cache, self.bytes_per_block())
+        if num_blocks < 1:
+            raise ValueError("no memory left for the KV cache; raise --kv-cache-memory")
+        spec = self.spec
+        shape = self.backend.kv_cache_shape(num_blocks, self.config.cache.block_size,
+                                            spec.num_kv_heads, spec.head_dim)
+        caches = allocator.allocate(self.model.num_layers, shape, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.backend, caches, self.config.cache.block_size,
+                                  self.device)
+        return num_blocks
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(sched)
+
+
+class UniProcExecutor:
+    def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int) -> None:
+        if config.parallel.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={config.parallel.tensor_parallel_size} is not supported yet; use 1"
+            )
+        self.worker = Worker(config, platform, loaded, max_model_len)
+
+    def init_kv_cache(self) -> int:
+        return self.worker.init_kv_cache()
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.worker.execute(sched)

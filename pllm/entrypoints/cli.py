@@ -1,0 +1,104 @@
+"""`pllm serve | generate | chat | bench | platforms`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--sample-seed", type=int, default=None, help="seed of this generation")
+
+
+def _sampling_params(args):
+    from pllm.core.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
+
+
+def _generate(args) -> int:
+    from pllm.entrypoints.engine_args import EngineArgs
+    from pllm.entrypoints.llm import LLM
+
+    ea = EngineArgs.from_cli_args(args)
+    llm = LLM(**vars(ea))
+    prompts = args.prompts or ["Hello"]
+    for out in llm.generate(prompts, _sampling_params(args), use_tqdm=False):
+        print(f"{out.prompt}{out.outputs[0].text}")
+        print("-" * 40)
+    return 0
+
+
+def _chat(args) -> int:
+    from pllm.entrypoints.engine_args import EngineArgs
+    from pllm.entrypoints.llm import LLM
+
+    ea = EngineArgs.from_cli_args(args)
+    llm = LLM(**vars(ea))
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    turns = [args.message] if args.message else None
+    while True:
+        if turns is not None:
+            if not turns:
+                return 0
+            user = turns.pop(0)
+        else:
+            try:
+                user = input("> ")
+            except EOFError:
+                return 0
+            if user.strip() in ("", "/exit", "/quit"):
+                return 0
+        messages.append({"role": "user", "content": user})
+        out = llm.chat(messages, _sampling_params(args), use_tqdm=False)[0].outputs[0].text
+        print(out)
+        messages.append({"role": "assistant", "content": out})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pllm import __version__
+    from pllm.entrypoints import platforms_cmd, serve_cmd
+    from pllm.entrypoints.engine_args import EngineArgs
+
+    parser = argparse.ArgumentParser(prog="pllm", description="LLM inference and serving")
+    parser.add_argument("--version", action="version", version=f"pllm {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts offline and print the results")
+    gen.add_argument("prompts", nargs="*", help="prompts (default: 'Hello')")
+    EngineArgs.add_cli_args(gen, model_positional=False)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal")
+    chat.add_argument("--message", action="append", help="send this message instead of reading stdin (repeatable)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    EngineArgs.add_cli_args(chat, model_positional=False)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=_chat)
+
+    serve_cmd.register(sub)
+    platforms_cmd.register(sub)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Flat engine arguments shared by the Python API and the CLI (vLLM's flag names)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from pllm.core.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_memory,
+)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | str | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    enforce_eager: bool = False
+    num_threads: int | None = None
+    num_blocks_override: int | None = None
+
+    def create_engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=ModelConfig(
+                model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
+                max_model_len=self.max_model_len, seed=self.seed,
+                served_model_name=self.served_model_name, chat_template=self.chat_template,
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enable_prefix_caching=self.enable_prefix_caching,
+                num_blocks_override=self.num_blocks_override,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device=DeviceConfig(
+                device=self.device, enforce_eager=self.enforce_eager, num_threads=self.num_threads,
+            ),
+        )
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, *, model_positional: bool = True) -> None:
+        if model_positional:
+            parser.add_argument("model", nargs="?", default=None,
+                                help="model folder, .gguf file, or name (default: SmolLM2-135M-Instruct)")
+        else:
+            parser.add_argument("--model", default=None, help="model folder, .gguf file, or name")
+        g = parser.add_argument_group("engine")
+        g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+        g.add_argument("--device", default="auto",
+                       help="platform to run on (auto, cpu, cuda, rocm, tpu, neuron, or a plugin's name); "
+                            "`pllm platforms` lists them")
+        g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="weight and activation dtype (auto: the platform's default)")
+        g.add_argument("--max-model-len", type=int, default=None,
+                       help="context length (prompt + output); default: the model's")
+        g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+        g.add_argument("--kv-cache-memory", default=None,
+                       help="KV-cache budget, e.g. 2GiB or 512MB (default: the platform decides)")
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of accelerator memory pllm may use (GPU platforms)")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse KV blocks of shared prompt prefixes (on by default)")
+        g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")
+        g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="token budget of one step (long prompts are prefilled in chunks)")
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="devices to shard the model over (only 1 is supported so far)")
+        g.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
+        g.add_argument("--served-model-name", default=None, help="model name the API reports")
+        g.add_argument("--chat-template", default=None, help="Jinja chat template, or a path to one")
+        g.add_argument("--enforce-eager", action="store_true",
+                       help="never capture graphs or compile the decode step")
+        g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

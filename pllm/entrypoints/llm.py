@@ -1,0 +1,131 @@
+"""The offline Python API, as vLLM's: ``LLM(model).generate(prompts, SamplingParams())``."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from pllm.core.engine import LLMEngine
+from pllm.core.outputs import RequestOutput
+from pllm.core.sampling_params import SamplingParams
+from pllm.entrypoints.engine_args import EngineArgs
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """Loads a model once and runs batches of prompts through the engine.
+
+    ``model`` is a model folder, a ``.gguf`` file, or ``None`` for the default
+    model; every other keyword is an :class:`EngineArgs` field (``device``,
+    ``dtype``, ``max_model_len``, ``block_size``, ``kv_cache_memory``,
+    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType] | None = None,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: list[list[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in input order. ``prompts``: strings, token-id lists, or
+        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dicts."""
+        items = self._normalize(prompts, prompt_token_ids)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(
+                    f"got {len(params)} SamplingParams for {len(items)} prompts; pass one or one per prompt"
+                )
+        ids = []
+        engine = self.llm_engine
+        try:
+            for item, p in zip(items, params):
+                rid = str(next(self._ids))
+                engine.add_request(rid, item, p)
+                ids.append(rid)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of ``{"role", "content"}``) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.llm_engine.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
+            for c in conversations
+        ]
+        # The template already carries BOS and special tokens.
+        tok = self.llm_engine.tokenizer
+        token_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        outputs = self.generate(token_ids, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outputs, prompts):
+            out.prompt = text
+        return outputs
+
+    @staticmethod
+    def _normalize(prompts, prompt_token_ids) -> list[str | list[int]]:
+        if prompt_token_ids is not None:
+            return [list(p) for p in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("pass prompts (strings or token ids)")
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        items = []
+        for p in prompts:
+            if isinstance(p, dict):
+                p = p.get("prompt_token_ids", p.get("prompt"))
+            items.append(p)
+        return items
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        pending = set(ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start = time.perf_counter()
+        num_in = num_out = 0
+        try:
+            while pending:
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        finished[out.request_id] = out
+                        num_in += len(out.prompt_token_ids)
+                        num_out += sum(len(o.token_ids) for o in out.outputs)
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix_str(
+                            f"input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s"
+                        )
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request(list(pending))
+            raise
+        finally:
+            bar.close()
+        return [finished[i] for i in ids]

@@ -1,0 +1,96 @@
+"""Building blocks shared by the decoder models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs in one step, set once by the runner."""
+
+    backend: AttentionBackend
+    metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with the inverse frequencies from transformers' own rope functions
+    (default, linear, llama3, yarn, ...), so scaling matches the reference."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
+        self.register_buffer("cos", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the cos/sin tables on the CPU, then move them to the
+        buffers' device (models are built on the meta device first)."""
+        if self.cos.device.type == "meta":
+            return  # filled in after the model leaves the meta device
+        cfg, dim = self.hf_config, self.head_dim
+        params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        cpu = torch.device("cpu")
+        if rope_type == "default":
+            base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, cpu)
+        pos = torch.arange(self.max_positions, dtype=torch.float, device=cpu)
+        freqs = torch.outer(pos, inv_freq.float().to(cpu))
+        device = self.cos.device
+        self.cos = (freqs.cos() * scaling).to(device)
+        self.sin = (freqs.sin() * scaling).to(device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q, k: [tokens, heads, head_dim] (HF's rotate-half layout)."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the layer's cache, then attends through the
+    platform's backend."""
+
+    def __init__(self, layer_idx: int, scale: float, sliding_window: int | None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        cache = ctx.kv_caches[self.layer_idx]
+        ctx.backend.write_kv(k, v, cache, ctx.metadata.slot_mapping)
+        return ctx.backend.forward(q, cache, ctx.metadata, scale=self.scale,
+                                   sliding_window=self.sliding_window)

@@ -1,0 +1,158 @@
+"""The Llama family: Llama 2/3, SmolLM2, Mistral (sliding window), Qwen2 (QKV
+bias), Qwen3 (q/k norm). One flat token batch, no padding; Q/K/V and
+gate/up run as one fused matmul each (weights fused at load time)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pllm.models.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding
+
+
+class ArchSpec:
+    """The differences between family members, read from the HF config."""
+
+    def __init__(self, cfg) -> None:
+        self.model_type = cfg.model_type
+        self.hidden = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.num_heads
+        self.intermediate = cfg.intermediate_size
+        self.eps = cfg.rms_norm_eps
+        self.qkv_bias = cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
+        self.o_bias = cfg.model_type != "qwen2" and bool(getattr(cfg, "attention_bias", False))
+        self.mlp_bias = bool(getattr(cfg, "mlp_bias", False))
+        self.qk_norm = cfg.model_type == "qwen3"
+        self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
+        window = getattr(cfg, "sliding_window", None)
+        uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+        self.sliding_window = window if uses_window and window else None
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ArchSpec, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.spec = spec
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.eps)
+        self.rotary = rotary
+        self.attn = PagedAttention(layer_idx, spec.head_dim ** -0.5, spec.sliding_window)
+
+    def forward(self, positions, x, ctx: ForwardContext) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.spec.num_heads, self.spec.head_dim)
+        k = k.view(n, self.spec.num_kv_heads, self.spec.head_dim)
+        v = v.view(n, self.spec.num_kv_heads, self.spec.head_dim)
+        if self.spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, ctx)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        self.intermediate = spec.intermediate
+        self.gate_up_proj = nn.Linear(spec.hidden, 2 * spec.intermediate, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate, spec.hidden, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ArchSpec, idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(spec, idx, rotary)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
+
+    def forward(self, positions, x, ctx):
+        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, hf_config, max_positions: int) -> None:
+        super().__init__()
+        self.spec = spec = ArchSpec(hf_config)
+        rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions)
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, spec.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary) for i in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden, spec.eps)
+        self.lm_head = None if spec.tie else nn.Linear(spec.hidden, hf_config.vocab_size, bias=False)
+        self.rotary = rotary
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head, only on the rows that are sampled."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.t()
+
+    # ---- weights -----------------------------------------------------------
+    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up. Every parameter
+        must be covered; an unknown name is an error, not silently dropped."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        pending: dict[str, dict[int, torch.Tensor]] = {}
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding serves as the head
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in self._FUSED:
+                fused, slot = self._FUSED[parts[-2]]
+                target = ".".join(parts[:-2] + [fused, parts[-1]])
+                pending.setdefault(target, {})[slot] = tensor
+                if len(pending[target]) == (3 if fused == "qkv_proj" else 2):
+                    chunks = pending.pop(target)
+                    self._copy(params, target, torch.cat([chunks[i] for i in sorted(chunks)]))
+                    loaded.add(target)
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.spec.model_type}")
+            self._copy(params, name, tensor)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
+
+    @staticmethod
+    def _copy(params, name: str, tensor: torch.Tensor) -> None:
+        param = params[name]
+        if param.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)

@@ -1,0 +1,145 @@
+"""PagedAttention in plain torch: the CPU backend and the reference every
+other backend is tested against.
+
+Cache layout of one layer (K and V stacked in dim 0)::
+
+    kv_cache[0 = K | 1 = V, block, offset_in_block, kv_head, head_dim]
+
+    block_tables[s] = [7, 2, 9]        block_size = 4, seq_len = 10
+    positions  0..3 -> block 7, 4..7 -> block 2, 8..9 -> block 9 (offsets 0, 1)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
+    """K and V of one sequence, ``[seq_len, num_kv_heads, head_dim]`` each."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_cache[:, block_table[:num_blocks].long()]  # [2, nb, bs, h, d]
+    blocks = blocks.flatten(1, 2)[:, :seq_len]
+    return blocks[0], blocks[1]
+
+
+def reference_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Sequence by sequence, in fp32, with an explicit mask: slow and obvious."""
+    num_heads = query.shape[1]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = metadata.query_start_loc_cpu
+    for s in range(metadata.num_seqs):
+        q = query[starts[s] : starts[s + 1]].float()  # [q_len, H, D]
+        q_len, seq_len = q.shape[0], metadata.seq_lens_cpu[s]
+        k, v = gather_kv(kv_cache, metadata.block_tables[s], seq_len)
+        k = k.float().repeat_interleave(group, dim=1)
+        v = v.float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+        k_pos = torch.arange(seq_len).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[starts[s] : starts[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+    return out
+
+
+class CPUAttentionBackend(AttentionBackend):
+    """Decodes are batched into one padded gather + matmul (no per-sequence
+    Python loop); prefill chunks go through SDPA one sequence at a time."""
+
+    name = "torch-sdpa"
+
+    def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def write_kv(self, key, value, kv_cache, slot_mapping):
+        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+        flat = kv_cache.view(2, num_slots, *kv_cache.shape[3:])
+        valid = slot_mapping >= 0
+        if not bool(valid.all()):
+            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+        flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+        flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+    def copy_blocks(self, kv_caches, src_to_dst):
+        if not src_to_dst:
+            return
+        src = torch.tensor([s for s, _ in src_to_dst])
+        dst = torch.tensor([d for _, d in src_to_dst])
+        for cache in kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None):
+        out = torch.empty_like(query)
+        nd = metadata.num_decodes
+        if nd:
+            out[:nd] = self._decode(query[:nd], kv_cache, metadata, scale, sliding_window)
+        starts = metadata.query_start_loc_cpu
+        for s in range(nd, metadata.num_seqs):
+            lo, hi = starts[s], starts[s + 1]
+            out[lo:hi] = self._prefill(
+                query[lo:hi], kv_cache, metadata.block_tables[s], metadata.seq_lens_cpu[s],
+                scale, sliding_window,
+            )
+        return out
+
+    def _prefill(self, q, kv_cache, block_table, seq_len, scale, sliding_window):
+        q_len = q.shape[0]
+        k, v = gather_kv(kv_cache, block_table, seq_len)
+        group = q.shape[1] // k.shape[1]
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, L, D]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=0)
+            v = v.repeat_interleave(group, dim=0)
+        if sliding_window is None and q_len == seq_len:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+            k_pos = torch.arange(seq_len).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return o.transpose(0, 1)
+
+    def _decode(self, q, kv_cache, metadata, scale, sliding_window):
+        """All single-token queries at once: gather each sequence's blocks into
+        one padded [num_decodes, max_len] tensor and mask the tail."""
+        nd = q.shape[0]
+        block_size = kv_cache.shape[2]
+        seq_lens = metadata.seq_lens[:nd]
+        max_len = max(metadata.seq_lens_cpu[:nd])
+        num_blocks = math.ceil(max_len / block_size)
+        table = metadata.block_tables[:nd, :num_blocks].long()  # [nd, nb]
+        kv = kv_cache[:, table]  # [2, nd, nb, bs, Hkv, D]
+        k = kv[0].flatten(1, 2)  # [nd, L, Hkv, D]
+        v = kv[1].flatten(1, 2)
+        num_kv_heads, head_dim = k.shape[2], k.shape[3]
+        group = q.shape[1] // num_kv_heads
+        # scores: [nd, Hkv, group, L]
+        qg = q.view(nd, num_kv_heads, group, head_dim)
+        scores = torch.einsum("nhgd,nlhd->nhgl", qg, k) * scale
+        pos = torch.arange(k.shape[1]).unsqueeze(0)
+        valid = pos < seq_lens.unsqueeze(1).long()
+        if sliding_window is not None:
+            valid &= pos >= (seq_lens.unsqueeze(1).long() - sliding_window)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        o = torch.einsum("nhgl,nlhd->nhgd", probs, v)
+        return o.reshape(nd, num_kv_heads * group, head_dim)

@@ -1,0 +1,57 @@
+"""Shared helpers for greedy-parity tests against HF transformers."""
+
+from __future__ import annotations
+
+import torch
+
+from pllm import LLM, SamplingParams
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy decoding, one prompt at a time (no padding)."""
+    outs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                               max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                               eos_token_id=None, pad_token_id=0)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def pllm_greedy(llm: LLM, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+# Engine settings that must not change greedy tokens. Each is
+# (name, engine kwargs, what must have happened).
+def settings(prompt_lens: list[int], max_new: int, block_size: int = 16):
+    longest = max(prompt_lens) + max_new
+    blocks_one_seq = -(-longest // block_size)
+    return [
+        ("batch", dict(), None),
+        ("chunked_prefill", dict(max_num_batched_tokens=16), None),
+        ("prefix_cache", dict(), "prefix_hits"),
+        # Room for two sequences at a time: the rest must wait or be preempted.
+        ("preemption", dict(num_blocks_override=2 * blocks_one_seq + 1,
+                            max_model_len=blocks_one_seq * block_size), "preemptions"),
+    ]
+
+
+def check_setting(llm: LLM, prompts, expected, max_new: int, must: str | None) -> None:
+    engine = llm.llm_engine
+    if must == "prefix_hits":
+        # Warm the cache with one prompt that carries the shared prefix.
+        pllm_greedy(llm, [max(prompts, key=len)], max_new)
+    got = pllm_greedy(llm, prompts, max_new)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, f"prompt {i} (len {len(prompts[i])}): pllm {g} != transformers {e}"
+    stats = engine.get_stats()
+    if must == "prefix_hits":
+        assert stats.prefix_cache_hits > 0, stats
+    if must == "preemptions":
+        assert stats.num_preemptions > 0, stats
+    assert stats.num_free_blocks == stats.num_total_blocks, f"blocks leaked: {stats}"
