@@ -1,0 +1,249 @@
+"""Tiny random models on disk, for tests that need a real checkpoint in well under a second.
+
+    folder = make_tiny_model(tmp_path / "m", arch="qwen2")       # HF folder, like a hub download
+    gguf_path = make_tiny_gguf(tmp_path / "g", arch="llama")     # the same model as llama.cpp writes it
+
+Both carry a real byte-level BPE tokenizer (trained here with ``tokenizers``)
+with ChatML special tokens and a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+# ids 0-2 as in SmolLM2: <|endoftext|> pads, <|im_start|> is BOS, <|im_end|> is EOS.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_TINY_CONFIG = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=320,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=PAD_ID,
+)
+
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Hello, world! How are you today? I am fine, thank you.",
+    "def add(a, b):\n    return a + b\n",
+    "One two three four five six seven eight nine ten 0123456789.",
+    "A quick brown fox jumps over the lazy dog; the dog sleeps.",
+]
+
+
+def make_tiny_model(
+    folder: str | os.PathLike,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    max_shard_size: str | int | None = None,
+    **config_overrides,
+) -> str:
+    """Write a random ``arch`` model (fp32 safetensors) and tokenizer into ``folder``.
+
+    ``config_overrides`` replace the tiny defaults (hidden 64, 2 layers, 4 query /
+    2 KV heads, head_dim 16, vocab 320, untied lm_head). ``max_shard_size`` (e.g.
+    ``"20KB"``) writes sharded safetensors with an index. Returns ``folder``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = str(folder)
+    config = _tiny_config(arch, config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)  # fp32: the default dtype
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.bos_token_id = config.bos_token_id
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    tokenizer = make_tiny_tokenizer()
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={config.vocab_size} is below the tokenizer's {len(tokenizer)}")
+    model.save_pretrained(folder, **save_kwargs)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_tokenizer():
+    """A byte-level BPE fast tokenizer (about 300 tokens) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_CONFIG["vocab_size"] - 16,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS[BOS_ID],
+        eos_token=SPECIAL_TOKENS[EOS_ID],
+        pad_token=SPECIAL_TOKENS[PAD_ID],
+        unk_token=SPECIAL_TOKENS[PAD_ID],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def make_tiny_gguf(
+    folder: str | os.PathLike,
+    arch: str = "llama",
+    *,
+    quant: str = "F32",
+    seed: int = 0,
+    **config_overrides,
+) -> str:
+    """Write a tiny model as llama.cpp's converter would: ``folder/hf`` (the HF original)
+    and ``folder/tiny-<arch>.gguf``, whose path is returned.
+
+    Q/K rows are permuted for llama/mistral exactly as llama.cpp does; ``quant``
+    ("F32", "F16", "Q8_0") applies to 2-D weights, norms stay F32.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    hf_dir = make_tiny_model(folder / "hf", arch, seed=seed, **config_overrides)
+    config = _tiny_config(arch, config_overrides)
+    gguf_arch = "llama" if arch == "mistral" else arch
+    path = folder / f"tiny-{arch}.gguf"
+
+    writer = gguf.GGUFWriter(str(path), gguf_arch)
+    writer.add_name(f"tiny {arch}")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(float(_rope_theta(config)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(_file_type(quant))
+    _add_tokenizer(writer, Path(hf_dir) / "tokenizer.json", config.vocab_size)
+
+    name_map = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch),
+        config.num_hidden_layers,
+    )
+    for hf_name, weights in load_file(os.path.join(hf_dir, "model.safetensors")).items():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = f"{name_map.get_name(base)}.{suffix}"
+        if gguf_arch == "llama" and base.endswith("q_proj"):
+            weights = llama_cpp_permute(weights, config.num_attention_heads)
+        elif gguf_arch == "llama" and base.endswith("k_proj"):
+            weights = llama_cpp_permute(weights, config.num_key_value_heads)
+        _add_tensor(writer, gguf_name, np.ascontiguousarray(weights), quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def _tiny_config(arch: str, overrides: dict):
+    from transformers import AutoConfig
+
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not one of {', '.join(TINY_ARCHITECTURES)}")
+    values = {**_TINY_CONFIG, **overrides}
+    if "head_dim" not in overrides and "hidden_size" in overrides:
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+    return AutoConfig.for_model(arch, **values)
+
+
+def _rope_theta(config) -> float:
+    # transformers 5 keeps it in rope_parameters; 4.x as an attribute.
+    theta = getattr(config, "rope_theta", None)
+    return theta if theta is not None else config.rope_parameters["rope_theta"]
+
+
+def llama_cpp_permute(weights, num_heads: int):
+    # llama.cpp convert_hf_to_gguf.py LlamaModel.permute, for HF -> GGUF.
+    return (
+        weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _add_tensor(writer, name: str, weights, quant: str) -> None:
+    import gguf
+    import numpy as np
+
+    if weights.ndim < 2 or quant == "F32":
+        writer.add_tensor(name, weights.astype(np.float32))
+    elif quant == "F16":
+        writer.add_tensor(name, weights.astype(np.float16))
+    elif quant == "Q8_0":
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(weights, qtype), raw_dtype=qtype)
+    else:
+        raise ValueError(f"quant={quant!r} is not one of F32, F16, Q8_0")
+
+
+def _file_type(quant: str) -> int:
+    import gguf
+
+    return {
+        "F32": gguf.LlamaFileType.ALL_F32,
+        "F16": gguf.LlamaFileType.MOSTLY_F16,
+        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[quant]
+
+
+def _add_tokenizer(writer, tokenizer_json: Path, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp stores a GPT-2 style BPE: tokens, types, merges, ids."""
+    import gguf
+
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    tokens = [""] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    types = [
+        gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens
+    ]
+    # Rows beyond the tokenizer's vocabulary get placeholder tokens, as llama.cpp pads them.
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
