@@ -95,6 +95,7 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return (probs / noise).argmax(-1)
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """``logits`` ``[len(seqs), vocab]`` (any dtype/device) -> one token per sequence."""
     logits = logits.float().cpu()
