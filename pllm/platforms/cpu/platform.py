@@ -1,0 +1,74 @@
+"""The CPU platform: plain torch on the host. Always available, lowest score,
+so any detected accelerator wins ``--device auto``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import psutil
+import torch
+
+from pllm.core.interfaces import (
+    AttentionBackend,
+    Communicator,
+    Detection,
+    KVCacheAllocator,
+    MemoryInfo,
+    Platform,
+    PlatformCapabilities,
+)
+
+CPU_SCORE = 10  # below every accelerator (100); third-party host plugins go lower or higher
+
+_CAPABILITIES = PlatformCapabilities(
+    dtypes=(torch.float32, torch.bfloat16),
+    default_dtype=torch.float32,
+    distributed_backend="gloo",
+)
+
+
+class CPUPlatform(Platform):
+    name = "cpu"
+
+    @classmethod
+    def detect(cls) -> Detection:
+        cores = os.cpu_count() or 1
+        free_gib = psutil.virtual_memory().available / 2**30
+        ipex = (
+            "intel_extension_for_pytorch is importable (not used by this backend yet)"
+            if importlib.util.find_spec("intel_extension_for_pytorch") is not None
+            else "intel_extension_for_pytorch is not installed"
+        )
+        return Detection(
+            CPU_SCORE, f"always available: {cores} cores, {free_gib:.1f} GiB RAM free; {ipex}"
+        )
+
+    @property
+    def capabilities(self) -> PlatformCapabilities:
+        return _CAPABILITIES
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device("cpu")
+
+    def device_count(self) -> int:
+        return 1
+
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        mem = psutil.virtual_memory()
+        return MemoryInfo(free_bytes=mem.available, total_bytes=mem.total)
+
+    def make_attention_backend(self) -> AttentionBackend:
+        from pllm.platforms.cpu.attention import CPUAttentionBackend
+
+        return CPUAttentionBackend()
+
+    def make_kv_cache_allocator(self) -> KVCacheAllocator:
+        from pllm.platforms.cpu.allocator import CPUKVCacheAllocator
+
+        return CPUKVCacheAllocator()
+
+    def make_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
+        from pllm.platforms.cpu.communicator import GlooCommunicator
+
+        return GlooCommunicator(rank, world_size, init_method)

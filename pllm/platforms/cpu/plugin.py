@@ -1,0 +1,21 @@
+"""Registers the CPU platform through the ``pllm.platforms`` entry point ``cpu``,
+the same way a third-party wheel would. Import stays cheap: the platform
+module is imported only when the hook runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pllm.plugins.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from pllm.core.interfaces import Platform
+
+PLLM_PLUGIN_API_VERSION = 1
+
+
+@hookimpl
+def pllm_platform() -> type[Platform]:
+    from pllm.platforms.cpu.platform import CPUPlatform
+
+    return CPUPlatform

@@ -1,0 +1,109 @@
+"""The ROCm platform: AMD GPUs through a ROCm build of torch.
+
+A ROCm build of torch exposes AMD GPUs through the ``torch.cuda`` API and
+the ``"cuda"`` device type, and RCCL under the ``"nccl"`` backend name, so
+this platform reuses the CUDA platform's device, memory, allocator and
+communicator code; it differs in detection (``torch.version.hip``) and in
+fp8, which is ``float8_e4m3fnuz`` on MI300 (gfx94x) and OCP ``e4m3fn`` on
+gfx950 / RDNA4. Attention uses the same Triton kernels as CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from pllm.core.interfaces import AttentionBackend, Detection, PlatformCapabilities
+from pllm.platforms.cuda.platform import BLOCK_SIZES, GPU_SCORE, HEAD_DIMS, CudaPlatform
+
+KFD_PATH = "/dev/kfd"  # the AMD GPU compute driver's device file
+
+
+def rocm_capabilities(gcn_arch: str | None) -> PlatformCapabilities:
+    """Capabilities of an AMD GPU whose ``gcnArchName`` is ``gcn_arch``
+    (e.g. ``"gfx942:sramecc+:xnack-"``; ``None``: assume MI300)."""
+    arch = (gcn_arch or "gfx942").split(":")[0]
+    if arch.startswith("gfx94"):
+        fp8 = torch.float8_e4m3fnuz
+    elif arch.startswith(("gfx95", "gfx12")):
+        fp8 = torch.float8_e4m3fn
+    else:
+        fp8 = None
+    return PlatformCapabilities(
+        dtypes=(torch.bfloat16, torch.float16, torch.float32),
+        default_dtype=torch.bfloat16,
+        block_sizes=BLOCK_SIZES,
+        head_dims=HEAD_DIMS,
+        fp8_dtype=fp8,
+        supports_graphs=True,  # HIP graphs, through torch.cuda.CUDAGraph
+        distributed_backend="nccl",  # RCCL
+    )
+
+
+class RocmPlatform(CudaPlatform):
+    name = "rocm"
+
+    @classmethod
+    def detect(cls) -> Detection:
+        version = torch.__version__
+        hip = getattr(torch.version, "hip", None)
+        if not hip:
+            hint = ""
+            if os.path.exists(KFD_PATH):
+                hint = (
+                    f"; the AMD GPU driver is present ({KFD_PATH}): install a ROCm build of torch"
+                )
+            return Detection(
+                0, f"torch {version} is not a ROCm build (torch.version.hip is None){hint}"
+            )
+        if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
+            visible = os.environ.get("HIP_VISIBLE_DEVICES")
+            kfd = "present" if os.path.exists(KFD_PATH) else "missing"
+            return Detection(
+                0,
+                f"torch {version} is built for ROCm {hip} but sees no GPU: "
+                f"torch.cuda.is_available() is False ({KFD_PATH} {kfd}, "
+                f"HIP_VISIBLE_DEVICES={visible!r})",
+            )
+        count = torch.cuda.device_count()
+        return Detection(
+            GPU_SCORE, f"{count} AMD GPU(s) visible (torch {version}, ROCm {hip}){_amdsmi_names()}"
+        )
+
+    @property
+    def capabilities(self) -> PlatformCapabilities:
+        if self._capabilities is None:
+            arch = None
+            if torch.cuda.is_available():
+                arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", None)
+            self._capabilities = rocm_capabilities(arch)
+        return self._capabilities
+
+    def make_attention_backend(self) -> AttentionBackend:
+        # Same Triton kernels as CUDA; imported lazily so detection stays cheap.
+        from pllm.platforms.cuda.attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+
+
+def _amdsmi_names() -> str:
+    """``": AMD Instinct MI300X"`` via amdsmi when installed; its failure is
+    reported in the reason rather than hidden."""
+    if importlib.util.find_spec("amdsmi") is None:
+        return ""
+    try:
+        import amdsmi
+
+        amdsmi.amdsmi_init()
+        try:
+            names = {
+                str(amdsmi.amdsmi_get_gpu_asic_info(handle).get("market_name", "?"))
+                for handle in amdsmi.amdsmi_get_processor_handles()
+            }
+        finally:
+            amdsmi.amdsmi_shut_down()
+    except Exception as exc:  # reported, not raised: the GPU itself works
+        return f"; amdsmi failed: {type(exc).__name__}: {exc}"
+    return f": {', '.join(sorted(names))}" if names else ""

@@ -1,0 +1,95 @@
+"""The platform conformance suite, shipped so a vendor can run it against
+their own wheel::
+
+    pllm platforms --check NAME
+    pytest --pyargs pllm.testing.conformance_suite --pllm-platform NAME
+
+Every check compares against the reference implementation or against
+values computed independently; checks a platform's capabilities rule out
+are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pllm.core.interfaces import Platform
+from pllm.testing import conformance as cf
+from pllm.testing.pytest_plugin import platform_name
+
+DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in cf.FLOAT_DTYPES]
+CASES = [pytest.param(c, id=c.name) for c in cf.DEFAULT_CASES]
+
+
+@pytest.fixture(scope="module")
+def platform(request: pytest.FixtureRequest) -> Platform:
+    from pllm.plugins.manager import get_platform
+
+    return get_platform(platform_name(request.config))
+
+
+@pytest.fixture(scope="module")
+def backend(platform: Platform):  # noqa: ANN201
+    return platform.make_attention_backend()
+
+
+def _require_dtype(platform: Platform, dtype: torch.dtype) -> None:
+    if not platform.capabilities.supports_dtype(dtype):
+        pytest.skip(f"{platform.name} does not claim {dtype}")
+
+
+def test_detection(platform: Platform) -> None:
+    detection = cf.check_detection(type(platform))
+    assert detection.available, f"selected platform {platform.name} is unavailable: {detection}"
+
+
+def test_platform_basics(platform: Platform) -> None:
+    cf.check_platform_basics(platform)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_attention_matches_reference(platform, backend, case, dtype) -> None:  # noqa: ANN001
+    _require_dtype(platform, dtype)
+    why = case.supported_by(platform.capabilities)
+    if why is not None:
+        pytest.skip(why)
+    cf.check_attention_case(backend, case, device=platform.device(0), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_skips_padding(platform, backend, dtype) -> None:  # noqa: ANN001
+    _require_dtype(platform, dtype)
+    cf.check_write_kv(
+        backend,
+        device=platform.device(0),
+        dtype=dtype,
+        block_size=min(platform.capabilities.block_sizes),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_blocks(platform, backend, dtype) -> None:  # noqa: ANN001
+    _require_dtype(platform, dtype)
+    cf.check_copy_blocks(
+        backend,
+        device=platform.device(0),
+        dtype=dtype,
+        block_size=min(platform.capabilities.block_sizes),
+    )
+
+
+def test_kv_cache_allocator(platform: Platform) -> None:
+    cf.check_kv_cache_allocator(
+        platform.make_kv_cache_allocator(),
+        device=platform.device(0),
+        dtype=platform.capabilities.default_dtype,
+        memory_info=platform.memory_info(0),
+    )
+
+
+def test_collectives_two_processes(platform: Platform) -> None:
+    if platform.device(0).type != "cpu" and platform.device_count() < 2:
+        pytest.skip(f"{platform.name}: two processes need two devices")
+    cf.check_communicator(type(platform), world_size=2)

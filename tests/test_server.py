@@ -1,0 +1,481 @@
+"""The OpenAI-compatible server, end to end: one real `pllm serve` process with the
+default model, driven by the official openai client and plain HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from server_utils import ServerProcess  # noqa: E402
+
+slow = pytest.mark.slow  # the tests that talk to the real server
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 2048
+ENGINE_KW = {"max_model_len": MAX_MODEL_LEN, "kv_cache_memory": "256MB"}
+SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MB",
+               "--api-key", API_KEY]
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+CHAT = [{"role": "user", "content": "What is 2+2? Answer briefly."}]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def server():
+    proc = ServerProcess(SERVER_ARGS)
+    try:
+        proc.wait_ready(timeout=600)
+        yield proc
+        # Graceful shutdown: a stream in flight at SIGTERM still runs to its end.
+        received: list[str] = []
+        started = threading.Event()
+
+        def consume() -> None:
+            body = {"prompt": "Once upon a time", "max_tokens": 12, "stream": True,
+                    "temperature": 0, "ignore_eos": True}
+            with httpx.stream("POST", f"{proc.url}/v1/completions", json=body, headers=AUTH,
+                              timeout=120) as r:
+                for line in r.iter_lines():
+                    started.set()
+                    received.append(line)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert started.wait(120)
+        returncode = proc.terminate(timeout=120)
+        reader.join(120)
+        assert returncode == 0, proc.log_tail()
+        assert "data: [DONE]" in received and '"finish_reason":"length"' in "".join(received)
+    finally:
+        proc.kill()
+        proc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+def _metrics(server) -> dict[str, float]:
+    """Every sample of /metrics, keyed by name and labels (less model_name)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())
+                              if k not in ("model_name", "le"))
+            if "le" in s.labels:
+                continue
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples
+
+
+def _wait_until(predicate, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- basics
+
+
+@slow
+def test_health_version_models_openapi(server, client):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/version").json()["version"]
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id
+    assert client.models.retrieve(models[0].id).id == models[0].id
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(paths)
+
+
+@slow
+def test_tokenize_detokenize(server, model_name):
+    r = httpx.post(f"{server.url}/tokenize", json={"model": model_name, "prompt": PROMPTS[0]})
+    body = r.json()
+    assert r.status_code == 200 and body["count"] == len(body["tokens"]) > 0
+    assert body["max_model_len"] == MAX_MODEL_LEN
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": body["tokens"]})
+    assert r.json()["prompt"] == PROMPTS[0]
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT})
+    assert r.status_code == 200 and r.json()["count"] > 5
+
+
+# ---------------------------------------------------------------- parity
+
+
+@pytest.fixture(scope="module")
+def offline_greedy():
+    """Greedy outputs of the offline LLM for the same prompts (one load, then freed)."""
+    from pllm import SamplingParams
+    from pllm.entrypoints.llm import LLM
+
+    llm = LLM(**ENGINE_KW)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    completions = [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    chat = llm.chat(CHAT, params, use_tqdm=False)[0].outputs[0].text
+    del llm
+    return completions, chat
+
+
+@slow
+def test_greedy_matches_offline_llm(client, model_name, offline_greedy):
+    completions, chat = offline_greedy
+    for prompt, expected in zip(PROMPTS, completions):
+        r = client.completions.create(model=model_name, prompt=prompt, max_tokens=12,
+                                      temperature=0)
+        assert r.choices[0].text == expected
+    r = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=12,
+                                       temperature=0)
+    assert r.choices[0].message.content == chat
+    assert r.choices[0].message.role == "assistant"
+
+
+# ---------------------------------------------------------------- completions
+
+
+@slow
+def test_completion_prompt_forms_n_and_usage(server, client, model_name):
+    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"]
+    r = client.completions.create(model=model_name, prompt=PROMPTS, n=2, max_tokens=4,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text  # greedy: both choices agree
+    assert r.usage.completion_tokens <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    by_text = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=4,
+                                        temperature=0)
+    by_ids = client.completions.create(model=model_name, prompt=tokens, max_tokens=4,
+                                       temperature=0)
+    by_id_lists = client.completions.create(model=model_name, prompt=[tokens, tokens],
+                                            max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text == r.choices[0].text
+    assert [c.text for c in by_id_lists.choices] == [by_text.choices[0].text] * 2
+    assert by_ids.usage.prompt_tokens == len(tokens)
+    assert by_text.usage.completion_tokens == 4 and by_text.choices[0].finish_reason == "length"
+
+
+@slow
+def test_completion_logprobs_echo_stop_seed(client, model_name):
+    r = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=6,
+                                  temperature=0, logprobs=3)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for chosen, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and 1 <= len(top) <= 4 and top[chosen] == pytest.approx(logprob)
+        assert max(top.values()) == pytest.approx(logprob)  # greedy took the best one
+
+    echoed = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=6,
+                                       temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPTS[0] + text
+
+    stop_at = text.strip()[:3]
+    stopped = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=6,
+                                        temperature=0, stop=[stop_at])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stop_at not in stopped.choices[0].text and text.startswith(stopped.choices[0].text)
+
+    kw = dict(model=model_name, prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=1234,
+              top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5)
+    first = client.completions.create(**kw)
+    assert client.completions.create(**kw).choices[0].text == first.choices[0].text
+
+
+@slow
+def test_completion_stream_matches_non_stream(client, model_name):
+    full = client.completions.create(model=model_name, prompt=PROMPTS[1], max_tokens=8,
+                                     temperature=0)
+    chunks = list(client.completions.create(
+        model=model_name, prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+# ---------------------------------------------------------------- chat
+
+
+@slow
+def test_chat_logprobs_and_max_completion_tokens(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=CHAT, temperature=0,
+                                       max_completion_tokens=5, logprobs=True, top_logprobs=2,
+                                       user="someone")
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.usage.completion_tokens <= 5
+    content = choice.logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert bytes(t.bytes).decode() == t.token
+
+
+@slow
+def test_chat_stream_n2(client, model_name):
+    full = client.chat.completions.create(model=model_name, messages=CHAT, temperature=0,
+                                          max_tokens=8)
+    texts, reasons, usage = {0: "", 1: ""}, {}, None
+    for chunk in client.chat.completions.create(model=model_name, messages=CHAT, temperature=0,
+                                                max_tokens=8, n=2, stream=True,
+                                                stream_options={"include_usage": True}):
+        assert chunk.object == "chat.completion.chunk"
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert texts[0] == texts[1] == full.choices[0].message.content
+    assert reasons == {0: full.choices[0].finish_reason, 1: full.choices[0].finish_reason}
+    assert usage.completion_tokens == 2 * full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+# ---------------------------------------------------------------- load
+
+
+@slow
+def test_16_concurrent_requests(server, model_name):
+    async def run() -> list:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY,
+                                     max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(
+                aclient.completions.create(model=model_name, prompt=f"Fact number {i}:",
+                                           max_tokens=8, temperature=0)
+                for i in range(16)))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 16
+    for r in results:
+        assert 1 <= r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("stop",
+                                                                                     "length")
+    running = _wait_until(lambda: _metrics(server)[
+        "pllm:num_requests_running{}"] == 0, timeout=30)
+    assert running
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _assert_error(response: httpx.Response, status: int, param: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == status
+    if param is not None:
+        assert error["param"] == param
+
+
+@slow
+def test_errors_have_openai_shape_and_do_not_disturb_running(server, client, model_name):
+    url = f"{server.url}/v1/completions"
+    expected = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=16,
+                                         temperature=0).choices[0].text
+    # A stream in flight while bad requests arrive must come out unchanged.
+    stream = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=16,
+                                       temperature=0, stream=True)
+    first = next(iter(stream))
+
+    def post(body, headers=AUTH, path=url):
+        return httpx.post(path, json=body, headers=headers, timeout=60)
+
+    ok = {"model": model_name, "prompt": "hi", "max_tokens": 2}
+    _assert_error(post({**ok, "temperature": -1}), 400, "temperature")
+    _assert_error(post({**ok, "n": 0}), 400, "n")
+    _assert_error(post({**ok, "n": 100000}), 400, "n")
+    _assert_error(post({**ok, "max_tokens": "many"}), 400, "max_tokens")
+    _assert_error(post({**ok, "logprobs": 50}), 400, "logprobs")
+    _assert_error(post({"model": model_name}), 400, "prompt")
+    _assert_error(post({**ok, "prompt": ""}), 400, "prompt")
+    _assert_error(post({**ok, "prompt": [1] * MAX_MODEL_LEN}), 400, "prompt")
+    _assert_error(post({**ok, "prompt": [10**9]}), 400, "prompt")
+    _assert_error(post({**ok, "model": "no-such-model"}), 404, "model")
+    _assert_error(post(ok, headers={}), 401)
+    _assert_error(post(ok, headers={"Authorization": "Bearer wrong"}), 401)
+    _assert_error(httpx.post(url, content=b"{not json", headers=AUTH), 400)
+    chat_url = f"{server.url}/v1/chat/completions"
+    _assert_error(post({"model": model_name, "messages": []}, path=chat_url), 400, "messages")
+    _assert_error(post({"messages": CHAT, "top_logprobs": 2}, path=chat_url), 400, "top_logprobs")
+    long_chat = [{"role": "user", "content": "word " * MAX_MODEL_LEN}]
+    _assert_error(post({"messages": long_chat, "max_tokens": 2}, path=chat_url), 400, "messages")
+
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model_name, prompt="hi", max_tokens=2, top_p=5)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="bad", max_retries=0).models.list()
+
+    text = first.choices[0].text + "".join(c.choices[0].text for c in stream if c.choices)
+    assert text == expected
+    again = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=16,
+                                      temperature=0)
+    assert again.choices[0].text == expected
+
+
+# ---------------------------------------------------------------- disconnect, metrics
+
+
+@slow
+def test_client_disconnect_aborts_and_frees_blocks(server, model_name):
+    before = _wait_until(lambda: (m := _metrics(server))["pllm:num_requests_running{}"] == 0
+                         and m, timeout=60)
+    body = {"model": model_name, "prompt": "Write a very long story about a dragon.",
+            "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH,
+                      timeout=120) as r:
+        lines = r.iter_lines()
+        for _ in range(3):  # a few tokens in: the request holds KV blocks now
+            next(lines)
+        during = _metrics(server)
+        assert during["pllm:num_requests_running{}"] == 1
+        assert during["pllm:kv_cache_usage_perc{}"] > before["pllm:kv_cache_usage_perc{}"]
+    # The response is closed mid-stream: the server must abort the request.
+
+    def settled():
+        m = _metrics(server)
+        return (m["pllm:num_requests_running{}"] == 0
+                and m["pllm:request_finished_total{finished_reason=abort}"]
+                == before["pllm:request_finished_total{finished_reason=abort}"] + 1) and m
+
+    after = _wait_until(settled, timeout=60)
+    assert after, _metrics(server)
+    assert after["pllm:kv_cache_usage_perc{}"] == before["pllm:kv_cache_usage_perc{}"]
+    assert after["pllm:num_free_blocks{}"] == before["pllm:num_free_blocks{}"]
+    assert after["pllm:generation_tokens_total{}"] < before["pllm:generation_tokens_total{}"] + 900
+
+
+@slow
+def test_metrics_counters_move(server, client, model_name):
+    before = _metrics(server)
+    for name in ("pllm:num_requests_waiting{}", "pllm:prefix_cache_hit_rate{}",
+                 "pllm:inter_token_latency_seconds_count{}"):
+        assert name in before
+    r = client.completions.create(model=model_name, prompt=PROMPTS[1], max_tokens=5,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    after = _metrics(server)
+
+    def delta(name: str) -> float:
+        return after[name] - before[name]
+
+    assert delta("pllm:prompt_tokens_total{}") == r.usage.prompt_tokens
+    assert delta("pllm:generation_tokens_total{}") == 5
+    assert delta("pllm:request_finished_total{finished_reason=length}") == 1
+    assert delta("pllm:time_to_first_token_seconds_count{}") == 1
+    assert delta("pllm:e2e_request_latency_seconds_count{}") == 1
+    assert delta("pllm:inter_token_latency_seconds_count{}") == 4
+    assert 0 <= after["pllm:prefix_cache_hit_rate{}"] <= 1
+
+
+# ---------------------------------------------------------------- the async engine alone
+
+
+class _FakeEngine:
+    """LLMEngine's contract in miniature: one token per step, "x" per token."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, tuple[list[int], object, list[int]]] = {}
+        self.aborted: list[str] = []
+        self.fail_next_step = False
+
+    def add_request(self, request_id, prompt, params) -> None:
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        self.requests[request_id] = ([1, 2], params, [])
+
+    def abort_request(self, request_ids) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.requests.pop(rid, None)
+            self.aborted.append(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_stats(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(num_running=len(self.requests), num_waiting=0, kv_cache_usage=0.0,
+                               num_free_blocks=8, num_total_blocks=8, prefix_cache_queries=0,
+                               prefix_cache_hits=0, num_preemptions=0)
+
+    def step(self):
+        from pllm.core.outputs import CompletionOutput, RequestOutput
+
+        time.sleep(0.002)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("boom")
+        outputs = []
+        for rid, (prompt, params, tokens) in list(self.requests.items()):
+            tokens.append(7)
+            done = len(tokens) >= params.max_tokens
+            comp = CompletionOutput(0, "x" * len(tokens), list(tokens), None, None,
+                                    "length" if done else None)
+            outputs.append(RequestOutput(rid, None, prompt, None, [comp], done))
+            if done:
+                del self.requests[rid]
+        return outputs
+
+
+def test_async_engine_rejects_aborts_and_survives_a_failed_step():
+    from pllm import SamplingParams
+    from pllm.entrypoints.openai.async_engine import AsyncLLMEngine
+    from pllm.entrypoints.openai.metrics import ServerMetrics
+
+    fake, metrics = _FakeEngine(), ServerMetrics("fake")
+
+    async def run() -> None:
+        engine = AsyncLLMEngine(fake, observer=metrics)
+        engine.start()
+        outs = [o async for o in engine.generate("hi", SamplingParams(max_tokens=3), "a")]
+        assert [o.outputs[0].text for o in outs][-1] == "xxx" and outs[-1].finished
+
+        with pytest.raises(ValueError, match="empty"):
+            await engine.add_request("bad", "", SamplingParams())
+
+        gen = engine.generate("hi", SamplingParams(max_tokens=10**6), "long")
+        await gen.__anext__()
+        await gen.aclose()  # the consumer went away: the request must be aborted
+        assert _wait_until(lambda: "long" in fake.aborted and not fake.requests, timeout=10)
+
+        stream = await engine.add_request("doomed", "hi", SamplingParams(max_tokens=10**6))
+        await stream.__anext__()
+        fake.fail_next_step = True
+        with pytest.raises(RuntimeError, match="boom"):
+            async for _ in stream:
+                pass
+        outs = [o async for o in engine.generate("hi", SamplingParams(max_tokens=2), "after")]
+        assert outs[-1].finished and engine.is_running
+        await engine.shutdown()
+        assert not engine.is_running
+
+    asyncio.run(run())
+    for reason, count in (("abort", 2), ("length", 2), ("stop", 0)):
+        labels = {"model_name": "fake", "finished_reason": reason}
+        assert metrics.registry.get_sample_value("pllm:request_finished_total", labels) == count
