@@ -141,9 +141,10 @@ class WrapsPaddingBackend(CPUAttentionBackend):
     """Writes padding tokens to slot -1, i.e. the cache's last slot."""
 
     def write_kv(self, key, value, kv_cache, slot_mapping):  # noqa: ANN001, ANN201
-        flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
-        flat[0][slot_mapping] = key.to(kv_cache.dtype)
-        flat[1][slot_mapping] = value.to(kv_cache.dtype)
+        # The CPU layout: [2, kv_head, block, offset, head_dim].
+        flat = kv_cache.view(2, kv_cache.shape[1], -1, kv_cache.shape[-1])
+        flat[0][:, slot_mapping] = key.transpose(0, 1).to(kv_cache.dtype)
+        flat[1][:, slot_mapping] = value.transpose(0, 1).to(kv_cache.dtype)
 
 
 class FirstPairOnlyBackend(CPUAttentionBackend):

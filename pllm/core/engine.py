@@ -43,11 +43,13 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, platform: Platform | None = None, loaded=None) -> None:
         from pllm.loader import load_model
-        from pllm.plugins.manager import get_platform
+        from pllm.plugins.manager import PluginManager
 
         t0 = time.perf_counter()
-        self.platform = platform or get_platform(config.device.device)
-        self.config = config = self.platform.update_config(config)
+        plugins = PluginManager()
+        self.platform = platform or plugins.select_platform(config.device.device)
+        # The platform's own policy, then every plugin's pllm_update_config hook.
+        self.config = config = plugins.update_config(self.platform, config)
         if config.device.num_threads:
             torch.set_num_threads(config.device.num_threads)
         torch.manual_seed(config.model.seed)

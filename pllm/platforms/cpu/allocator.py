@@ -53,14 +53,18 @@ class BudgetKVCacheAllocator(KVCacheAllocator):
 
 
 class CPUKVCacheAllocator(BudgetKVCacheAllocator):
-    """Default budget: ``memory_fraction`` of the available RAM (psutil)."""
+    """Default budget: ``memory_fraction`` of the available RAM (psutil), at
+    most ``max_bytes`` (4 GiB, as vLLM's CPU default): zeroing a cache of
+    half the host's RAM would slow start-up for capacity few workloads use."""
 
-    def __init__(self, memory_fraction: float = 0.5) -> None:
+    def __init__(self, memory_fraction: float = 0.5, max_bytes: int = 4 << 30) -> None:
         if not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.memory_fraction = memory_fraction
+        self.max_bytes = max_bytes
 
     def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
         available = psutil.virtual_memory().available
-        budget = int(available * self.memory_fraction)
-        return budget, f"{self.memory_fraction:g} of the {available} bytes of available RAM"
+        budget = min(int(available * self.memory_fraction), self.max_bytes)
+        return budget, (f"min({self.memory_fraction:g} of the {available} bytes of available RAM, "
+                        f"{self.max_bytes} bytes)")

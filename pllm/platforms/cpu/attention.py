@@ -11,9 +11,8 @@ Cache layout of one layer (K and V stacked in dim 0)::
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
 
@@ -60,22 +59,28 @@ def reference_attention(
 
 
 class CPUAttentionBackend(AttentionBackend):
-    """Decodes are batched into one padded gather + matmul (no per-sequence
-    Python loop); prefill chunks go through SDPA one sequence at a time."""
+    """Head-major cache layout, so one sequence's (or one batch's) K/V gather
+    into a contiguous ``[kv_head, tokens, head_dim]`` without a transpose::
+
+        kv_cache[0 = K | 1 = V, kv_head, block, offset_in_block, head_dim]
+
+    Decodes are batched into one padded gather + matmul (no per-sequence
+    Python loop); prefill chunks go through SDPA one sequence at a time.
+    """
 
     name = "torch-sdpa"
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+        return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def write_kv(self, key, value, kv_cache, slot_mapping):
-        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-        flat = kv_cache.view(2, num_slots, *kv_cache.shape[3:])
+        two, heads, num_blocks, block_size, head_dim = kv_cache.shape
+        flat = kv_cache.view(2, heads, num_blocks * block_size, head_dim)
         valid = slot_mapping >= 0
         if not bool(valid.all()):
             key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-        flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-        flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+        flat[0].index_copy_(1, slot_mapping, key.transpose(0, 1).to(kv_cache.dtype))
+        flat[1].index_copy_(1, slot_mapping, value.transpose(0, 1).to(kv_cache.dtype))
 
     def copy_blocks(self, kv_caches, src_to_dst):
         if not src_to_dst:
@@ -83,7 +88,7 @@ class CPUAttentionBackend(AttentionBackend):
         src = torch.tensor([s for s, _ in src_to_dst])
         dst = torch.tensor([d for _, d in src_to_dst])
         for cache in kv_caches:
-            cache[:, dst] = cache[:, src]
+            cache[:, :, dst] = cache[:, :, src]
 
     def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None):
         out = torch.empty_like(query)
@@ -99,47 +104,51 @@ class CPUAttentionBackend(AttentionBackend):
             )
         return out
 
+    @staticmethod
+    def _gather(kv_cache: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the blocks in ``table`` (any leading shape):
+        ``[kv_head, *table.shape[:-1], num_blocks * block_size, head_dim]``."""
+        kv = kv_cache[:, :, table.long()]  # [2, H, ..., nb, bs, D]
+        kv = kv.flatten(-3, -2)
+        return kv[0], kv[1]
+
     def _prefill(self, q, kv_cache, block_table, seq_len, scale, sliding_window):
-        q_len = q.shape[0]
-        k, v = gather_kv(kv_cache, block_table, seq_len)
-        group = q.shape[1] // k.shape[1]
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, L, D]
-        if group > 1:
-            k = k.repeat_interleave(group, dim=0)
-            v = v.repeat_interleave(group, dim=0)
+        q_len, block_size = q.shape[0], kv_cache.shape[3]
+        k, v = self._gather(kv_cache, block_table[: -(-seq_len // block_size)])
+        k, v = k[:, :seq_len], v[:, :seq_len]  # [Hkv, L, D]
+        q = q.transpose(0, 1)  # [H, q_len, D]
+        gqa = q.shape[0] != k.shape[0]
         if sliding_window is None and q_len == seq_len:
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
             k_pos = torch.arange(seq_len).unsqueeze(0)
             mask = k_pos <= q_pos
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return o.transpose(0, 1)
 
     def _decode(self, q, kv_cache, metadata, scale, sliding_window):
-        """All single-token queries at once: gather each sequence's blocks into
-        one padded [num_decodes, max_len] tensor and mask the tail."""
-        nd = q.shape[0]
-        block_size = kv_cache.shape[2]
-        seq_lens = metadata.seq_lens[:nd]
+        """All single-token queries at once, grouped by KV head (GQA)::
+
+            q [nd, Hq, D] -> [Hkv, nd, group, D]
+            K [Hkv, nd, L, D]  (L = longest context, shorter ones masked)
+        """
+        nd, num_heads, head_dim = q.shape
+        block_size = kv_cache.shape[3]
         max_len = max(metadata.seq_lens_cpu[:nd])
-        num_blocks = math.ceil(max_len / block_size)
-        table = metadata.block_tables[:nd, :num_blocks].long()  # [nd, nb]
-        kv = kv_cache[:, table]  # [2, nd, nb, bs, Hkv, D]
-        k = kv[0].flatten(1, 2)  # [nd, L, Hkv, D]
-        v = kv[1].flatten(1, 2)
-        num_kv_heads, head_dim = k.shape[2], k.shape[3]
-        group = q.shape[1] // num_kv_heads
-        # scores: [nd, Hkv, group, L]
-        qg = q.view(nd, num_kv_heads, group, head_dim)
-        scores = torch.einsum("nhgd,nlhd->nhgl", qg, k) * scale
-        pos = torch.arange(k.shape[1]).unsqueeze(0)
-        valid = pos < seq_lens.unsqueeze(1).long()
+        k, v = self._gather(kv_cache, metadata.block_tables[:nd, : -(-max_len // block_size)])
+        num_kv_heads = k.shape[0]
+        group = num_heads // num_kv_heads
+        qg = q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, nd, group, L]
+        seq_lens = metadata.seq_lens[:nd].long().unsqueeze(1)
+        pos = torch.arange(k.shape[2]).unsqueeze(0)
+        invalid = pos >= seq_lens
         if sliding_window is not None:
-            valid &= pos >= (seq_lens.unsqueeze(1).long() - sliding_window)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        o = torch.einsum("nhgl,nlhd->nhgd", probs, v)
-        return o.reshape(nd, num_kv_heads * group, head_dim)
+            invalid |= pos < seq_lens - sliding_window
+        scores.masked_fill_(invalid[None, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        o = torch.matmul(probs, v)  # [Hkv, nd, group, D]
+        return o.transpose(0, 1).reshape(nd, num_heads, head_dim)
