@@ -10,10 +10,11 @@ import time
 import torch
 
 from pllm.core.config import EngineConfig
-from pllm.core.interfaces import Platform
+from pllm.core.interfaces import AttentionMetadata, Platform
 from pllm.core.runner import ModelRunner, RunnerOutput
 from pllm.core.scheduler import SchedulerOutput
 from pllm.models import get_model_class
+from pllm.models.layers import ForwardContext
 
 logger = logging.getLogger("pllm")
 
@@ -67,7 +68,38 @@ class Worker:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * bs * spec.num_kv_heads * spec.head_dim * elem * self.model.num_layers
 
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """One forward pass of a full step's token budget (one sequence, a
+        throwaway cache), plus the LM head for ``max_num_seqs`` rows: the
+        activation peak the KV cache must leave room for."""
+        bs = self.config.cache.block_size
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.model.rotary.max_positions)
+        num_blocks = -(-num_tokens // bs)
+        spec, dev = self.spec, self.device
+        shape = self.backend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_dim)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.model.num_layers)]
+        metadata = AttentionMetadata(
+            num_seqs=1, num_tokens=num_tokens, num_decodes=0, max_query_len=num_tokens,
+            max_seq_len=num_tokens, block_size=bs,
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev).unsqueeze(0),
+            slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=dev),
+            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens],
+        )
+        metadata = self.backend.prepare_metadata(metadata)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        positions = torch.arange(num_tokens, device=dev)
+        hidden = self.model(ids, positions, ForwardContext(self.backend, metadata, caches))
+        rows = min(self.config.scheduler.max_num_seqs, num_tokens)
+        self.model.compute_logits(hidden[:rows])
+        del caches, hidden
+        self.platform.synchronize()
+
     def init_kv_cache(self) -> int:
+        if self.platform.capabilities.profiles_memory:
+            self.profile_run()
         allocator = self.platform.make_kv_cache_allocator()
         num_blocks = allocator.num_blocks(self.config.cache, self.bytes_per_block())
         if num_blocks < 1:

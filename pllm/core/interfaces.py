@@ -59,6 +59,9 @@ class PlatformCapabilities:
     supports_sliding_window: bool = True
     fp8_dtype: torch.dtype | None = None  # e.g. float8_e4m3fn (CUDA), float8_e4m3fnuz (ROCm)
     supports_graphs: bool = False  # can capture/replay the decode step (CUDA graphs)
+    # Run one forward pass of a full token budget before sizing the KV cache,
+    # so that the allocator's "free memory" already excludes peak activations.
+    profiles_memory: bool = False
     # Static-shape devices (XLA) compile once per shape: the runner pads the
     # flat batch up to these buckets. Empty tuples mean dynamic shapes.
     token_buckets: tuple[int, ...] = ()

@@ -51,6 +51,7 @@ def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCap
         head_dims=HEAD_DIMS,
         fp8_dtype=torch.float8_e4m3fn if has_fp8 else None,
         supports_graphs=True,
+        profiles_memory=True,
         distributed_backend="nccl",
     )
 

@@ -38,6 +38,7 @@ def rocm_capabilities(gcn_arch: str | None) -> PlatformCapabilities:
         head_dims=HEAD_DIMS,
         fp8_dtype=fp8,
         supports_graphs=True,  # HIP graphs, through torch.cuda.CUDAGraph
+        profiles_memory=True,
         distributed_backend="nccl",  # RCCL
     )
 
