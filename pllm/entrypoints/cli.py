@@ -45,7 +45,7 @@ def _chat(args) -> int:
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    turns = [args.message] if args.message else None
+    turns = list(args.message) if args.message else None
     while True:
         if turns is not None:
             if not turns:
@@ -97,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    from pllm.plugins.errors import PluginError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, PluginError) as exc:  # a user's mistake: the message says what and why
+        print(f"pllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
