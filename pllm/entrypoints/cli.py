@@ -66,7 +66,7 @@ def _chat(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pllm import __version__
-    from pllm.entrypoints import platforms_cmd, serve_cmd
+    from pllm.entrypoints import bench_cmd, platforms_cmd, serve_cmd
     from pllm.entrypoints.engine_args import EngineArgs
 
     parser = argparse.ArgumentParser(prog="pllm", description="LLM inference and serving")
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd.register(sub)
     platforms_cmd.register(sub)
+    bench_cmd.register(sub)
 
     return parser
 

@@ -11,6 +11,8 @@ Cache layout of one layer (K and V stacked in dim 0)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -131,26 +133,75 @@ class CPUAttentionBackend(AttentionBackend):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return o.transpose(0, 1)
 
-    def _decode(self, q, kv_cache, metadata, scale, sliding_window):
-        """All single-token queries at once, grouped by KV head (GQA)::
+    def prepare_metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        """Plan the decode batch once per step: group decodes of similar length
+        so each group pads to its own longest context, not the batch's."""
+        nd = metadata.num_decodes
+        if nd:
+            metadata.extras["cpu.decode_groups"] = _plan_decode_groups(metadata)
+        return metadata
 
-            q [nd, Hq, D] -> [Hkv, nd, group, D]
-            K [Hkv, nd, L, D]  (L = longest context, shorter ones masked)
+    def _decode(self, q, kv_cache, metadata, scale, sliding_window):
+        groups = metadata.extras.get("cpu.decode_groups") or _plan_decode_groups(metadata)
+        if len(groups) == 1 and groups[0].index is None:
+            return self._decode_group(q, kv_cache, groups[0], scale, sliding_window)
+        out = torch.empty_like(q)
+        for g in groups:
+            out.index_copy_(0, g.index, self._decode_group(q.index_select(0, g.index), kv_cache, g,
+                                                           scale, sliding_window))
+        return out
+
+    def _decode_group(self, q, kv_cache, group, scale, sliding_window):
+        """Single-token queries of one group at once, by KV head (GQA)::
+
+            q [n, Hq, D] -> [Hkv, n, group, D]
+            K [Hkv, n, L, D]  (L = the group's longest context, shorter ones masked)
         """
-        nd, num_heads, head_dim = q.shape
-        block_size = kv_cache.shape[3]
-        max_len = max(metadata.seq_lens_cpu[:nd])
-        k, v = self._gather(kv_cache, metadata.block_tables[:nd, : -(-max_len // block_size)])
+        n, num_heads, head_dim = q.shape
+        k, v = self._gather(kv_cache, group.block_table)
         num_kv_heads = k.shape[0]
-        group = num_heads // num_kv_heads
-        qg = q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1)
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, nd, group, L]
-        seq_lens = metadata.seq_lens[:nd].long().unsqueeze(1)
+        qg = q.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, n, group, L]
+        seq_lens = group.seq_lens.unsqueeze(1)
         pos = torch.arange(k.shape[2]).unsqueeze(0)
         invalid = pos >= seq_lens
         if sliding_window is not None:
             invalid |= pos < seq_lens - sliding_window
         scores.masked_fill_(invalid[None, :, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-        o = torch.matmul(probs, v)  # [Hkv, nd, group, D]
-        return o.transpose(0, 1).reshape(nd, num_heads, head_dim)
+        o = torch.matmul(probs, v)  # [Hkv, n, group, D]
+        return o.transpose(0, 1).reshape(n, num_heads, head_dim)
+
+
+@dataclass
+class _DecodeGroup:
+    index: torch.Tensor | None  # rows of the decode batch (None: all, in order)
+    block_table: torch.Tensor  # [n, blocks of the group's longest sequence]
+    seq_lens: torch.Tensor  # int64 [n]
+
+
+def _plan_decode_groups(metadata: AttentionMetadata, slack: float = 1.25,
+                        min_group: int = 4) -> list[_DecodeGroup]:
+    """Longest first; a group closes when padding everyone to its longest
+    sequence would cost more than ``slack`` times the real work."""
+    nd, bs = metadata.num_decodes, metadata.block_size
+    nblocks = [-(-n // bs) for n in metadata.seq_lens_cpu[:nd]]
+    order = sorted(range(nd), key=lambda i: -nblocks[i])
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i in order:
+        cur = groups[-1]
+        if len(cur) >= min_group and (len(cur) + 1) * nblocks[cur[0]] > slack * (total + nblocks[i]):
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += nblocks[i]
+    seq_lens = metadata.seq_lens[:nd].long()
+    if len(groups) == 1:
+        return [_DecodeGroup(None, metadata.block_tables[:nd, : max(nblocks)], seq_lens)]
+    plan = []
+    for rows in groups:
+        index = torch.tensor(rows, dtype=torch.long)
+        table = metadata.block_tables.index_select(0, index)[:, : nblocks[rows[0]]]
+        plan.append(_DecodeGroup(index, table, seq_lens.index_select(0, index)))
+    return plan

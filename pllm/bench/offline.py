@@ -1,0 +1,80 @@
+"""pllm's side of the throughput and latency benchmarks, run in this process."""
+
+from __future__ import annotations
+
+import time
+
+from pllm.bench.figures import latency_figures, throughput_figures
+from pllm.bench.workload import BenchRequest
+from pllm.core.sampling_params import SamplingParams
+
+
+def bench_params(output_len: int) -> SamplingParams:
+    """Greedy (as the HF baselines), exactly ``output_len`` tokens."""
+    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+
+def warm_up(llm, requests: list[BenchRequest], num_requests: int = 4, output_len: int = 4) -> None:
+    """A short batch first, so lazy initialisation stays out of the timed run.
+
+    Its prompts repeat one token, so they share no prefix-cache block with the workload."""
+    prompts = [[r.prompt_token_ids[0]] * 24 for r in requests[:num_requests]]
+    llm.generate(prompts, bench_params(output_len), use_tqdm=False)
+
+
+def run_throughput(llm, requests: list[BenchRequest], *, use_tqdm: bool = False) -> dict:
+    """All requests submitted at once; the clock covers ``generate`` only."""
+    warm_up(llm, requests)
+    params = [bench_params(r.output_len) for r in requests]
+    t0 = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=use_tqdm)
+    elapsed = time.perf_counter() - t0
+    generated = [len(o.outputs[0].token_ids) for o in outputs]
+    useful = sum(min(n, r.output_len) for n, r in zip(generated, requests))
+    figures = throughput_figures(
+        elapsed, num_requests=len(requests), num_prompt_tokens=sum(r.prompt_len for r in requests),
+        num_useful_tokens=useful, num_generated_tokens=sum(generated))
+    figures["num_short_outputs"] = sum(n < r.output_len for n, r in zip(generated, requests))
+    return figures
+
+
+def _timed_request(engine, request_id: str, request: BenchRequest) -> tuple[float, list[float]]:
+    """(submit time, time each output token came out of ``engine.step``)."""
+    start = time.perf_counter()
+    engine.add_request(request_id, request.prompt_token_ids, bench_params(request.output_len))
+    stamps: list[float] = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.request_id == request_id:
+                stamps += [now] * (len(out.outputs[0].token_ids) - len(stamps))
+    return start, stamps
+
+
+def run_latency(llm, requests: list[BenchRequest], *, num_warmup: int) -> dict:
+    """Batch 1, one request after another: the first ``num_warmup`` untimed.
+
+    Each request has its own prompt, so no run reuses another's prefix cache."""
+    engine = llm.llm_engine
+    runs = [_timed_request(engine, f"bench-latency-{i}", r) for i, r in enumerate(requests)]
+    return latency_figures(runs[num_warmup:])
+
+
+def decode_weight_bytes(engine) -> int:
+    """Bytes of weights one decode step reads: every parameter, except an input
+    embedding that is not also the LM head (a step reads only a row of it)."""
+    import torch
+
+    model = engine.executor.worker.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not getattr(engine.loaded.hf_config, "tie_word_embeddings", False):
+        total -= sum(m.weight.numel() * m.weight.element_size()
+                     for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return total
+
+
+def engine_dtype_and_device(engine) -> tuple[str, str]:
+    """The dtype and torch device pllm runs on, for the baselines to match."""
+    worker = engine.executor.worker
+    return str(worker.dtype).removeprefix("torch."), str(worker.device)

@@ -1,0 +1,243 @@
+"""The three benchmarks, end to end: build the workload, time pllm, run the
+baselines in subprocesses, then write the JSON and the plot.
+
+``args`` is the namespace `pllm bench <kind>` parses (see
+pllm/entrypoints/bench_cmd.py); each ``run_*`` returns the result it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import math
+import os
+import sys
+import time
+
+from pllm.entrypoints.engine_args import EngineArgs
+
+# --compare names; "hf" is every HF baseline that fits the benchmark.
+BASELINE_CHOICES = {
+    "throughput": {"hf": ["hf-generate", "hf-generate-batch"], "hf-generate": ["hf-generate"],
+                   "hf-generate-batch": ["hf-generate-batch"]},
+    "latency": {"hf": ["hf-generate"], "hf-generate": ["hf-generate"]},
+}
+
+
+class BenchArgumentError(ValueError):
+    """A bench option a user got wrong."""
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def _baselines(kind: str, compare: list[str]) -> list[str]:
+    known = BASELINE_CHOICES[kind]
+    names: list[str] = []
+    for item in compare:
+        for name in filter(None, (s.strip() for s in item.split(","))):
+            if name not in known:
+                raise BenchArgumentError(
+                    f"unknown --compare {name!r} for bench {kind}; choose from {', '.join(known)}")
+            names += [n for n in known[name] if n not in names]
+    return names
+
+
+def _header(kind: str, model: str) -> dict:
+    from pllm.bench.machine import machine_info, versions
+
+    return {"kind": kind, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model,
+            "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else [],
+            "machine": machine_info(), "versions": versions()}
+
+
+def _finish(result: dict, args, plot) -> None:
+    from pllm.bench.report import default_output_path, write_json
+
+    path = args.output_json or default_output_path(result["kind"])
+    if not args.no_plot:
+        result["plot"] = args.plot or os.path.splitext(path)[0] + ".png"
+    write_json(result, path)
+    if not args.no_plot:
+        plot(result, result["plot"])
+    print(f"results: {path}" + ("" if args.no_plot else f"\nplot: {result['plot']}"))
+
+
+def _hf_folder(engine) -> str:
+    """The HF folder transformers loads: the model folder, or a GGUF's cached conversion."""
+    from pllm.loader.gguf_file import converted_folder
+
+    path = engine.loaded.path
+    return converted_folder(path) if path.endswith(".gguf") else path
+
+
+def _baseline_spec(engine, mode: str, requests) -> dict:
+    import torch
+
+    from pllm.bench.offline import engine_dtype_and_device
+
+    dtype, device = engine_dtype_and_device(engine)
+    cfg = engine.loaded.hf_config
+    eos = list(engine.loaded.eos_token_ids)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else engine.tokenizer.pad_token_id
+    return {"mode": mode, "model_folder": _hf_folder(engine), "dtype": dtype, "device": device,
+            "num_threads": torch.get_num_threads(),
+            "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
+            "eos_token_id": eos or None,
+            "requests": [[r.prompt_token_ids, r.output_len] for r in requests]}
+
+
+def _make_llm(args):
+    from pllm.entrypoints.llm import LLM
+
+    ea = EngineArgs.from_cli_args(args)
+    return ea, LLM(**vars(ea))
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def run_throughput(args) -> dict:
+    from pllm.bench import report
+    from pllm.bench.hf_baseline import BASELINE_MODES, run_baseline
+    from pllm.bench.machine import peak_rss_bytes
+    from pllm.bench.offline import run_throughput as pllm_throughput
+    from pllm.bench.workload import build_requests, parse_range, workload_summary
+
+    baselines = _baselines("throughput", args.compare)
+    in_range = parse_range(args.input_len_range, "--input-len-range")
+    out_range = parse_range(args.output_len_range, "--output-len-range")
+    ea, llm = _make_llm(args)
+    engine = llm.llm_engine
+    requests = build_requests(engine.tokenizer, engine.loaded.hf_config.vocab_size,
+                              num_requests=args.num_prompts, input_range=in_range,
+                              output_range=out_range, seed=args.seed, dataset=args.dataset)
+    result = _header("throughput", engine.model_name)
+    result["workload"] = {"num_prompts": args.num_prompts, "input_len_range": list(in_range),
+                          "output_len_range": list(out_range), "seed": args.seed,
+                          "dataset": args.dataset, "ignore_eos": True, "temperature": 0.0,
+                          **workload_summary(requests)}
+    result["engine_args"] = vars(ea)
+    print(f"pllm: {len(requests)} requests ({result['workload']['num_prompt_tokens']} prompt + "
+          f"{result['workload']['num_output_tokens']} output tokens)", flush=True)
+    result["pllm"] = pllm_throughput(llm, requests, use_tqdm=sys.stderr.isatty())
+    result["pllm"]["peak_rss_bytes"] = peak_rss_bytes()
+    specs = {name: _baseline_spec(engine, BASELINE_MODES[name], requests) for name in baselines}
+    del llm, engine  # pllm's weights and KV cache go back before a baseline loads its own
+    gc.collect()
+    result["baseline_settings"] = {"hf_batch_size": args.hf_batch_size, "hf_order": args.hf_order,
+                                   "hf_page_size": args.hf_page_size,
+                                   "hf_max_batch_tokens": ea.max_num_batched_tokens}
+    result["baselines"] = {}
+    for name, spec in specs.items():
+        print(f"{name}: running ...", flush=True)
+        spec.update(batch_size=args.hf_batch_size, order=args.hf_order,
+                    page_size=args.hf_page_size, max_batch_tokens=ea.max_num_batched_tokens)
+        result["baselines"][name] = run_baseline(spec, timeout_s=args.baseline_timeout)
+    key = "useful_output_tokens_per_s"
+    result["figure"] = key
+    result["ratios"] = report.ratios(result["pllm"][key], result["baselines"], key)
+    report.print_throughput(result)
+    _finish(result, args, report.plot_throughput)
+    return result
+
+
+# ---------------------------------------------------------------- latency
+
+
+def run_latency(args) -> dict:
+    from pllm.bench import report
+    from pllm.bench.hf_baseline import run_baseline
+    from pllm.bench.machine import measure_read_bandwidth, peak_rss_bytes
+    from pllm.bench.offline import decode_weight_bytes
+    from pllm.bench.offline import run_latency as pllm_latency
+    from pllm.bench.workload import build_requests, workload_summary
+
+    baselines = _baselines("latency", args.compare)
+    if args.num_iters < 1 or args.num_iters_warmup < 0 or args.output_len < 2 or args.input_len < 1:
+        raise BenchArgumentError("need --num-iters >= 1, --num-iters-warmup >= 0, "
+                                 "--input-len >= 1 and --output-len >= 2")
+    ea, llm = _make_llm(args)
+    engine = llm.llm_engine
+    requests = build_requests(engine.tokenizer, engine.loaded.hf_config.vocab_size,
+                              num_requests=args.num_iters_warmup + args.num_iters,
+                              input_range=(args.input_len, args.input_len),
+                              output_range=(args.output_len, args.output_len),
+                              seed=args.seed, dataset=args.dataset)
+    result = _header("latency", engine.model_name)
+    result["workload"] = {"batch_size": 1, "input_len": args.input_len,
+                          "output_len": args.output_len,
+                          "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup,
+                          "seed": args.seed, "dataset": args.dataset, "ignore_eos": True,
+                          "temperature": 0.0, **workload_summary(requests)}
+    result["engine_args"] = vars(ea)
+    result["pllm"] = pllm = pllm_latency(llm, requests, num_warmup=args.num_iters_warmup)
+    pllm["peak_rss_bytes"] = peak_rss_bytes()  # before the bandwidth probe's tensor
+    weight_bytes = decode_weight_bytes(engine)
+    specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines}
+    del llm, engine
+    gc.collect()
+    bw = measure_read_bandwidth(args.bandwidth_mib)
+    achieved = weight_bytes / pllm["time_per_output_token_s"] / 1e9
+    result["bandwidth"] = {
+        **bw, "weight_bytes": weight_bytes, "achieved_gb_per_s": achieved,
+        "bandwidth_fraction": achieved / bw["read_bandwidth_gb_per_s"],
+        "decode_ceiling_tokens_per_s": bw["read_bandwidth_gb_per_s"] * 1e9 / weight_bytes,
+    }
+    result["baselines"] = {}
+    for name, spec in specs.items():
+        print(f"{name}: running ...", flush=True)
+        spec["num_warmup"] = args.num_iters_warmup
+        base = run_baseline(spec, timeout_s=args.baseline_timeout)
+        if base.get("time_per_output_token_s"):
+            base["bandwidth_fraction"] = (weight_bytes / base["time_per_output_token_s"] / 1e9
+                                          / bw["read_bandwidth_gb_per_s"])
+        result["baselines"][name] = base
+    result["figure"] = "decode_tokens_per_s"
+    result["ratios"] = report.ratios(pllm["decode_tokens_per_s"], result["baselines"],
+                                     "decode_tokens_per_s")
+    # > 1: pllm's first token comes sooner.
+    result["ttft_speedups"] = {name: (b["ttft_s"] / pllm["ttft_s"] if b.get("ttft_s") else None)
+                               for name, b in result["baselines"].items()}
+    report.print_latency(result)
+    _finish(result, args, report.plot_latency)
+    return result
+
+
+# ---------------------------------------------------------------- serve
+
+
+def run_serve(args) -> dict:
+    from pllm.bench import report
+    from pllm.bench.serve import check_loopback, run_serve_bench
+    from pllm.bench.workload import build_requests, parse_range, workload_summary
+    from pllm.loader import load_model
+
+    check_loopback(args.base_url, args.allow_remote)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    if any(not (r > 0) for r in args.request_rate):
+        raise BenchArgumentError(
+            f"--request-rate values must be > 0 (or inf), got {args.request_rate}")
+    in_range = parse_range(args.input_len_range, "--input-len-range")
+    out_range = parse_range(args.output_len_range, "--output-len-range")
+    loaded = load_model(args.model, tokenizer=args.tokenizer)
+    requests = build_requests(loaded.tokenizer, loaded.hf_config.vocab_size,
+                              num_requests=args.num_prompts, input_range=in_range,
+                              output_range=out_range, seed=args.seed, dataset=args.dataset)
+    runs = asyncio.run(run_serve_bench(
+        args.base_url, requests, args.request_rate, model=args.served_model_name,
+        max_seconds=args.max_seconds, drain_seconds=args.drain_seconds, seed=args.seed,
+        api_key=args.api_key))
+    result = _header("serve", runs["model"])
+    result["workload"] = {"num_prompts": args.num_prompts, "input_len_range": list(in_range),
+                          "output_len_range": list(out_range), "seed": args.seed,
+                          "dataset": args.dataset, "ignore_eos": True, "temperature": 0.0,
+                          "request_rates": ["inf" if math.isinf(r) else r
+                                            for r in args.request_rate],
+                          "max_seconds": args.max_seconds, "drain_seconds": args.drain_seconds,
+                          **workload_summary(requests)}
+    result.update(base_url=runs["base_url"], per_rate=runs["per_rate"])
+    report.print_serve(result)
+    _finish(result, args, report.plot_serve)
+    return result

@@ -1,0 +1,207 @@
+"""A Poisson stream of streaming completions against an OpenAI-compatible server.
+
+For each request rate, requests (the workload's prompts, sent as token ids
+with ``ignore_eos``) start at exponentially spaced times. No request starts
+after ``max_seconds``; those still running ``drain_seconds`` later are
+cancelled and counted, not timed. Token arrivals are the streamed chunks that
+carry a choice (a chunk may hold more than one token when the server holds
+back text); the output token count comes from the final usage chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from pllm.bench.figures import percentile
+from pllm.bench.workload import BenchRequest
+
+
+class ServeBenchError(RuntimeError):
+    """The server cannot be benchmarked: unreachable, remote without consent, no model."""
+
+
+def check_loopback(base_url: str, allow_remote: bool) -> None:
+    """Benchmark traffic goes to this machine unless ``allow_remote``."""
+    host = urlsplit(base_url).hostname
+    if not host:
+        raise ServeBenchError(
+            f"base URL {base_url!r} has no host; expected e.g. http://127.0.0.1:8000/v1")
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        raise ServeBenchError(
+            f"refusing to benchmark {host!r}: only loopback hosts (127.0.0.1, ::1, localhost) "
+            f"unless --allow-remote is given")
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    output_len: int  # asked for
+    start: float
+    ok: bool = False
+    error: str | None = None
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+    num_output_tokens: int = 0
+
+
+async def _send(client, url: str, model: str, req: BenchRequest, t0: float) -> RequestResult:
+    res = RequestResult(req.prompt_len, req.output_len, start=time.perf_counter() - t0)
+    payload = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len,
+               "temperature": 0.0, "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True}}
+    start = last = time.perf_counter()
+    num_chunks, usage = 0, None
+    try:
+        async with client.stream("POST", url, json=payload) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                res.error = f"HTTP {resp.status_code}: {body[:300]}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    res.error = str(chunk["error"])[:300]
+                    return res
+                if chunk.get("usage"):
+                    usage = chunk["usage"].get("completion_tokens")
+                if chunk.get("choices"):
+                    now = time.perf_counter()
+                    if num_chunks == 0:
+                        res.ttft_s = now - start
+                    else:
+                        res.itl_s.append(now - last)
+                    last, num_chunks = now, num_chunks + 1
+    except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash
+        res.error = f"{type(exc).__name__}: {exc}"
+        return res
+    res.e2e_s = time.perf_counter() - start
+    res.num_output_tokens = usage if usage is not None else num_chunks
+    res.ok = num_chunks > 0
+    if not res.ok:
+        res.error = "the stream carried no tokens"
+    return res
+
+
+def _arrival_times(num: int, rate: float, seed: int) -> list[float]:
+    if math.isinf(rate):
+        return [0.0] * num
+    rng, t, times = random.Random(seed), 0.0, []
+    for _ in range(num):
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+async def _run_rate(client, url: str, model: str, requests: list[BenchRequest], rate: float, *,
+                    max_seconds: float, drain_seconds: float, seed: int) -> dict:
+    t0 = time.perf_counter()
+    tasks = []
+    for req, at in zip(requests, _arrival_times(len(requests), rate, seed)):
+        if at > max_seconds:
+            break
+        delay = at - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_send(client, url, model, req, t0)))
+    launch_s = time.perf_counter() - t0
+    deadline = max(max_seconds - launch_s, 0) + drain_seconds
+    done, pending = await asyncio.wait(tasks, timeout=deadline) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    results = [t.result() for t in tasks if t in done]
+    return summarize(results, rate=rate, num_sent=len(tasks), num_cancelled=len(pending),
+                     launch_s=launch_s)
+
+
+def summarize(results: list[RequestResult], *, rate: float, num_sent: int, num_cancelled: int,
+              launch_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    errors = [r.error for r in results if not r.ok]
+    duration = max((r.start + r.e2e_s for r in ok), default=0.0)
+    ttft = [r.ttft_s for r in ok]
+    itl = [x for r in ok for x in r.itl_s]
+    e2e = [r.e2e_s for r in ok]
+    tpot = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
+    num_out = sum(r.num_output_tokens for r in ok)
+
+    def stats(name: str, xs: list[float]) -> dict:
+        return {f"{name}_mean_s": statistics.fmean(xs) if xs else None,
+                f"{name}_p50_s": percentile(xs, 50), f"{name}_p99_s": percentile(xs, 99)}
+
+    return {
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "num_sent": num_sent,
+        "num_completed": len(ok),
+        "num_failed": len(errors),
+        "num_cancelled": num_cancelled,
+        "first_error": errors[0] if errors else None,
+        "launch_s": launch_s,
+        "duration_s": duration,
+        "requests_per_s": len(ok) / duration if duration else 0.0,
+        "output_tokens_per_s": num_out / duration if duration else 0.0,
+        "num_prompt_tokens": sum(r.prompt_len for r in ok),
+        "num_output_tokens": num_out,
+        **stats("ttft", ttft), **stats("itl", itl), **stats("e2e", e2e), **stats("tpot", tpot),
+    }
+
+
+async def _served_model(client, base_url: str) -> str:
+    try:
+        resp = await client.get(f"{base_url}/models")
+    except Exception as exc:  # noqa: BLE001
+        raise ServeBenchError(
+            f"cannot reach {base_url}/models: {type(exc).__name__}: {exc}") from None
+    if resp.status_code != 200:
+        raise ServeBenchError(
+            f"{base_url}/models answered HTTP {resp.status_code}: {resp.text[:200]}")
+    data = resp.json().get("data") or []
+    if not data:
+        raise ServeBenchError(f"{base_url}/models lists no model; pass --served-model-name")
+    return data[0]["id"]
+
+
+async def run_serve_bench(base_url: str, requests: list[BenchRequest], rates: list[float], *,
+                          model: str | None = None, max_seconds: float = 120.0,
+                          drain_seconds: float = 60.0, seed: int = 0,
+                          api_key: str | None = None) -> dict:
+    """One summary per rate (in order), after one untimed warm-up request."""
+    import httpx
+
+    base_url = base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits,
+                                 headers=headers, trust_env=False) as client:
+        model = model or await _served_model(client, base_url)
+        url = f"{base_url}/completions"
+        # One repeated token: the warm-up shares no prefix-cache block with the workload.
+        warm_prompt = [requests[0].prompt_token_ids[0]] * 16
+        warm = await _send(client, url, model, BenchRequest(warm_prompt, 2), time.perf_counter())
+        if not warm.ok:
+            raise ServeBenchError(f"the warm-up request to {url} failed: {warm.error}")
+        per_rate = []
+        for rate in rates:
+            per_rate.append(await _run_rate(client, url, model, requests, rate,
+                                            max_seconds=max_seconds, drain_seconds=drain_seconds,
+                                            seed=seed))
+    return {"model": model, "base_url": base_url, "per_rate": per_rate}
