@@ -54,8 +54,10 @@ class Worker:
         model.rotary.reset_tables()
         model.load_weights(loaded.weights())
         # The rope tables stay fp32 (as in transformers); only weights change dtype.
-        self.model = model.to(self.dtype).eval()
+        model = model.to(self.dtype).eval().requires_grad_(False)
+        model.tie_weights()
         model.rotary.cos, model.rotary.sin = model.rotary.cos.float(), model.rotary.sin.float()
+        self.model = platform.prepare_model(model, config)
         spec = self.model.spec
         if not caps.supports_head_dim(spec.head_dim):
             raise ValueError(f"head_dim={spec.head_dim} is not supported on {platform.name}")

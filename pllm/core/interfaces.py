@@ -281,6 +281,12 @@ class Platform(abc.ABC):
         (``dataclasses.replace``) to apply platform policy, e.g. a dtype."""
         return config
 
+    def prepare_model(self, model: torch.nn.Module, config: EngineConfig) -> torch.nn.Module:
+        """Optional, defaults to returning ``model``: called once after the
+        weights are loaded, to swap in platform-specific layer implementations
+        (a faster GEMM path, say) from outside the model definition."""
+        return model
+
     def synchronize(self) -> None:
         """Optional, defaults to nothing: wait for queued device work."""
 

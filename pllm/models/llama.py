@@ -53,9 +53,9 @@ class Attention(nn.Module):
     def forward(self, positions, x, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.spec.num_heads, self.spec.head_dim)
-        k = k.view(n, self.spec.num_kv_heads, self.spec.head_dim)
-        v = v.view(n, self.spec.num_kv_heads, self.spec.head_dim)
+        q = q.reshape(n, self.spec.num_heads, self.spec.head_dim)
+        k = k.reshape(n, self.spec.num_kv_heads, self.spec.head_dim)
+        v = v.reshape(n, self.spec.num_kv_heads, self.spec.head_dim)
         if self.spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
@@ -96,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, spec.hidden)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary) for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(spec.hidden, spec.eps)
-        self.lm_head = None if spec.tie else nn.Linear(spec.hidden, hf_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(spec.hidden, hf_config.vocab_size, bias=False)
         self.rotary = rotary
 
     @property
@@ -112,8 +112,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head, only on the rows that are sampled."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.t()
+        return self.lm_head(hidden)
+
+    def tie_weights(self) -> None:
+        """With tied embeddings the LM head reads the embedding matrix."""
+        if self.spec.tie:
+            self.lm_head.weight = self.embed_tokens.weight
 
     # ---- weights -----------------------------------------------------------
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -123,13 +127,15 @@ class LlamaForCausalLM(nn.Module):
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Every parameter
         must be covered; an unknown name is an error, not silently dropped."""
         params = dict(self.named_parameters())
+        if self.spec.tie:
+            params.pop("lm_head.weight", None)
         loaded: set[str] = set()
         pending: dict[str, dict[int, torch.Tensor]] = {}
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb.inv_freq" in name:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.spec.tie:
                 continue  # tied: the embedding serves as the head
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in self._FUSED:
@@ -148,6 +154,7 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
+        self.tie_weights()
 
     @staticmethod
     def _copy(params, name: str, tensor: torch.Tensor) -> None:

@@ -68,6 +68,11 @@ class CPUPlatform(Platform):
 
         return CPUKVCacheAllocator()
 
+    def prepare_model(self, model, config):
+        from pllm.platforms.cpu.linear import use_cpu_linears
+
+        return use_cpu_linears(model)
+
     def make_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         from pllm.platforms.cpu.communicator import GlooCommunicator
 
