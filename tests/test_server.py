@@ -313,6 +313,9 @@ def test_errors_have_openai_shape_and_do_not_disturb_running(server, client, mod
     _assert_error(post({"model": model_name}), 400, "prompt")
     _assert_error(post({**ok, "prompt": ""}), 400, "prompt")
     _assert_error(post({**ok, "prompt": [1] * MAX_MODEL_LEN}), 400, "prompt")
+    too_long = post({**ok, "prompt": [1] * (MAX_MODEL_LEN - 10), "max_tokens": 11})
+    _assert_error(too_long, 400, "prompt")
+    assert "maximum context length" in too_long.json()["error"]["message"]
     _assert_error(post({**ok, "prompt": [10**9]}), 400, "prompt")
     _assert_error(post({**ok, "model": "no-such-model"}), 404, "model")
     _assert_error(post(ok, headers={}), 401)

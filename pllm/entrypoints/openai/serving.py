@@ -61,12 +61,28 @@ class ServingContext:
         if bad:
             raise bad_request(f"token id {bad[0]} is out of range [0, {vocab})", param)
 
+    def check_context(self, prompt: str | list[int], max_tokens: int, param: str) -> None:
+        """As vLLM's server: a prompt plus the tokens asked for must fit the
+        context (the offline API instead stops at the limit with "length")."""
+        num_prompt = len(prompt) if isinstance(prompt, list) else len(
+            self.tokenizer.encode(prompt, add_special_tokens=True))
+        if num_prompt + max_tokens > self.max_model_len:
+            where = "messages" if param == "messages" else "prompt"
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {num_prompt + max_tokens} tokens ({num_prompt} in the {where}, "
+                f"{max_tokens} in the completion). Please reduce the length of the {where} "
+                f"or completion.", param)
+
     async def add_all(self, request_id: str, prompts: list[str | list[int]],
                       params: SamplingParams, param: str) -> list[RequestStream]:
         """Add one engine request per prompt (ids ``{request_id}-{i}``); all or none."""
         if params.n > self.max_num_seqs:
             raise bad_request(f"n must be <= {self.max_num_seqs} (--max-num-seqs), got {params.n}",
                               "n")
+        if params.max_tokens is not None:
+            for prompt in prompts:
+                self.check_context(prompt, params.max_tokens, param)
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
             *(self.async_engine.add_request(rid, p, params) for rid, p in zip(ids, prompts)),
