@@ -123,7 +123,7 @@ def test_copy_on_write_after_fork():
     parent = make_seq([1, 2, 3, 4, 5, 6])  # block 0 full, block 1 half full
     compute(kv, parent)
     child = parent.fork(1, None)
-    kv.fork(parent, child)
+    kv.share_blocks(child)
     shared_tail = parent.block_ids[1]
     assert kv.pool.ref_counts[shared_tail] == 2
     for seq in (parent, child):

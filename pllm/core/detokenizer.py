@@ -39,9 +39,6 @@ class Detokenizer:
         seq.text += delta
         return delta
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
 
 def find_stop_string(seq: Sequence, delta: str) -> str | None:
     """If a stop string appears in the newly extended text, cut the text there

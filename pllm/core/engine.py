@@ -204,7 +204,7 @@ class LLMEngine:
         children = []
         for index in range(1, parent.request.params.n):
             child = parent.fork(index, self._generator(parent.request.params, index))
-            self.kv.fork(parent, child)
+            self.kv.share_blocks(child)
             parent.request.seqs.append(child)
             self.scheduler.add_running(child)
             children.append(child)

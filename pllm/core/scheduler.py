@@ -60,9 +60,6 @@ class Scheduler:
         """A forked sibling joins its parent in the running set."""
         self.running.append(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def remove(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its blocks."""
         if seq in self.running:
@@ -76,10 +73,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()
 
-        queue = list(self.running)
-        while queue and budget > 0:
-            seq = queue.pop(0)
-            if seq not in self.running:  # preempted earlier in this loop
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:

@@ -99,7 +99,3 @@ class BlockPool:
         if block_hash is not NO_HASH:
             del self.cached[block_hash]
             self.block_hash[block] = NO_HASH
-
-    def reset_prefix_cache(self) -> None:
-        for block in list(self.free):
-            self._evict(block)

@@ -100,8 +100,8 @@ class KVCacheManager:
             seq.block_ids.extend(self.pool.allocate(total - len(seq.block_ids)))
         return True
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """``child`` (a copy of ``parent``) now shares its blocks."""
+    def share_blocks(self, child: Sequence) -> None:
+        """``child`` (a fork of another sequence) now shares its blocks."""
         self.pool.touch(child.block_ids)
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
