@@ -1,19 +1,45 @@
-"""The CPU platform's two decode paths (compiled kernel and pure torch) both
-match the reference attention."""
+"""The CPU platform's compiled kernels and their pure-torch fallbacks: each
+path matches the reference (attention) or the model's own torch code
+(linear, RMSNorm, SiLU-and-mul, rotary), on odd sizes that exercise the
+vector remainders."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
+import torch
+from torch import nn
 
 import pllm.platforms.cpu.attention as cpu_attention
+import pllm.platforms.cpu.layers as cpu_layers
+import pllm.platforms.cpu.linear as cpu_linear
+from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from pllm.platforms.cpu.attention import CPUAttentionBackend
-from pllm.platforms.cpu.kernels import paged_decode_op
+from pllm.platforms.cpu.kernels import cpu_ops, paged_decode_op
+from pllm.platforms.cpu.layers import use_cpu_layers
+from pllm.platforms.cpu.linear import CPULinear
 from pllm.testing.conformance import check_attention_backend
 
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None,
+                                    reason="no C++ compiler: the torch paths are used")
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler: the torch path is used")
+
+@pytest.fixture(params=["compiled", "torch"])
+def kernels(request, monkeypatch):
+    """Run a test once on the compiled kernels and once on the fallbacks."""
+    if request.param == "compiled":
+        if shutil.which("g++") is None:
+            pytest.skip("no C++ compiler: the torch paths are used")
+        assert cpu_ops() is not None, "the kernels failed to build; see the warning in the log"
+    else:
+        for module in (cpu_layers, cpu_linear):
+            monkeypatch.setattr(module, "cpu_ops", lambda: None)
+        monkeypatch.setattr(cpu_attention, "paged_decode_op", lambda: None)
+    return request.param
+
+
+@needs_compiler
 def test_compiled_decode_kernel_builds_and_matches_the_reference():
     assert paged_decode_op() is not None, "the kernel failed to build; see the warning in the log"
     check_attention_backend(CPUAttentionBackend())
@@ -24,27 +50,59 @@ def test_torch_decode_path_matches_the_reference(monkeypatch):
     check_attention_backend(CPUAttentionBackend())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 64, 300])
-def test_cpu_linear_matches_f_linear_at_every_batch_size(rows):
-    import torch
-    from torch import nn
-
-    from pllm.platforms.cpu.linear import CPULinear
-
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 24, 25, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows_out", [False, True])
+def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, rows, bias, rows_out):
     torch.manual_seed(0)
-    dense = nn.Linear(96, 200, bias=True)
-    fast = CPULinear(dense)
-    x = torch.randn(rows, 96)
+    dense = nn.Linear(99, 203, bias=bias)  # odd sizes: remainders of every tile
+    fast = CPULinear(dense, rows_out=rows_out)
+    x = torch.randn(rows, 99)
     with torch.inference_mode():
-        torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
+        out = fast(x)
+        torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-5)
+    if rows_out:
+        assert out.is_contiguous()
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler: the torch path is used")
-def test_compiled_gemv_matches_torch():
-    import torch
+def _model_like(hidden: int = 203, heads: int = 4, kv_heads: int = 2, head_dim: int = 24):
+    from transformers import LlamaConfig
 
-    from pllm.platforms.cpu.kernels import gemv_op
+    cfg = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=64)
+    norm = RMSNorm(hidden, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    return nn.ModuleDict({"norm": norm, "act": SiluAndMul(),
+                          "rotary": RotaryEmbedding(cfg, head_dim, 64)})
 
+
+def test_cpu_layers_match_the_torch_modules(kernels):
     torch.manual_seed(0)
-    w, x = torch.randn(1001, 577), torch.randn(577)
-    torch.testing.assert_close(gemv_op()(w, x), w @ x, rtol=1e-5, atol=1e-4)
+    ref = _model_like()
+    fast = use_cpu_layers(_model_like())
+    fast.load_state_dict(ref.state_dict())
+    assert type(fast["norm"]).__name__ == "CPURMSNorm"
+    x, residual = torch.randn(7, 203) * 4, torch.randn(7, 203)
+    torch.testing.assert_close(fast["norm"](x), ref["norm"](x))
+    out, new_residual = fast["norm"](x, residual.clone())
+    want, want_residual = ref["norm"](x, residual)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(new_residual, want_residual)
+
+    gate_up = torch.randn(5, 2 * 77) * 6  # large gates: exp over a wide range
+    torch.testing.assert_close(fast["act"](gate_up), ref["act"](gate_up))
+    column_major = (torch.randn(2 * 77, 5) * 6).t()  # as ``weight @ x.T`` returns it
+    torch.testing.assert_close(fast["act"](column_major), ref["act"](column_major))
+
+    # q and k as strided views of a fused QKV output, as the model makes them.
+    qkv = torch.randn(6, (4 + 2 + 2) * 24)
+    positions = torch.tensor([0, 1, 5, 17, 40, 63])
+
+    def split(t):
+        return t[:, : 4 * 24].view(6, 4, 24), t[:, 4 * 24 : 6 * 24].view(6, 2, 24)
+
+    want_q, want_k = ref["rotary"](positions, *split(qkv.clone()))
+    got_q, got_k = fast["rotary"](positions, *split(qkv.clone()))
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)

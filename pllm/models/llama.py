@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from pllm.models.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding
+from pllm.models.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
 
 
 class ArchSpec:
@@ -66,13 +66,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
-        self.intermediate = spec.intermediate
         self.gate_up_proj = nn.Linear(spec.hidden, 2 * spec.intermediate, bias=spec.mlp_bias)
+        self.act = SiluAndMul()
         self.down_proj = nn.Linear(spec.intermediate, spec.hidden, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -83,9 +82,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
 
-    def forward(self, positions, x, ctx):
-        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, ctx):
+        """Returns ``(mlp_out, residual)``: the next layer's norm adds them
+        (HF adds first, then normalises: the same sums in the same order)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -105,10 +111,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, ctx)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head, only on the rows that are sampled."""

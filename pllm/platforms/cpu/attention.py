@@ -148,7 +148,7 @@ class CPUAttentionBackend(AttentionBackend):
 
     def _decode(self, q, kv_cache, metadata, scale, sliding_window):
         nd = q.shape[0]
-        if q.dtype == torch.float32 and kv_cache.dtype == torch.float32:
+        if q.dtype == torch.float32 and kv_cache.dtype == torch.float32 and q.shape[-1] % 8 == 0:
             op = paged_decode_op()
             if op is not None:  # reads K/V straight from the blocks, once
                 return op(q, kv_cache, metadata.block_tables[:nd], metadata.seq_lens[:nd],

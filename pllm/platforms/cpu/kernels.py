@@ -1,7 +1,11 @@
-"""The CPU platform's compiled kernels (paged decode attention, single-row GEMV), built on first use with torch's C++
-extension loader (g++ and ninja) and cached under ``$TORCH_EXTENSIONS_DIR``
-(``~/.cache/torch_extensions``). Where they cannot be built, the platform
-uses its pure-torch path and logs why once."""
+"""The CPU platform's compiled kernels (paged decode attention, the few-row
+linear, fused RMSNorm / SiLU-and-mul / rotary), built on first use with
+torch's C++ extension loader (g++ and ninja) and cached under
+``$TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where they cannot
+be built, the platform uses its pure-torch path and logs why once.
+
+The sources are one translation unit: ``vec.h`` (eight fp32 lanes, AVX2 or
+portable) first, then each kernel file."""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "PLLM_CPU_KERNELS"  # "0" forces the pure-torch path
 
 
-_SOURCES = ("paged_decode.cpp", "gemv.cpp")
+_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp")
+_FUNCTIONS = ["paged_decode", "linear_small", "rms_norm", "add_rms_norm_", "silu_and_mul", "rotary_"]
 
 
 @functools.cache
@@ -29,8 +34,10 @@ def _module():
         return load_inline(
             name="pllm_cpu_kernels",
             cpp_sources=[(csrc / name).read_text() for name in _SOURCES],
-            functions=["paged_decode", "gemv"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            functions=_FUNCTIONS,
+            # No contraction of a*b+c into FMAs beyond the explicit ones, so the
+            # elementwise kernels round as torch's own ops do.
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -39,13 +46,14 @@ def _module():
         return None
 
 
+def cpu_ops():
+    """The compiled module (``paged_decode``, ``linear_small``, ``rms_norm``,
+    ``add_rms_norm_``, ``silu_and_mul``, ``rotary_``), or None with the reason
+    logged once."""
+    return _module()
+
+
 def paged_decode_op():
     """The compiled ``paged_decode`` function, or None (with the reason logged)."""
     module = _module()
     return None if module is None else module.paged_decode
-
-
-def gemv_op():
-    """The compiled single-row ``gemv`` function, or None."""
-    module = _module()
-    return None if module is None else module.gemv

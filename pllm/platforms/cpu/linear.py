@@ -1,56 +1,82 @@
 """Linear layers routed to the fastest fp32 GEMM path for their batch size.
 
-Measured on a 2-core AVX2 host (torch 2.13, MKL), streaming 30 layers of
-SmolLM2-135M weights: ``F.linear`` packs the weight on every call and runs
-single-row products at about 11 GB/s (MKL's GEMV is single threaded) and
-small batches (2-64 rows) at 5-65 GFLOP/s. For one row, the compiled
-``gemv`` kernel (``csrc/gemv.cpp``, both cores) reads the weight at about
-17 GB/s and gave the steadiest batch-1 step (36-39 ms against 40-56 ms for
-the alternative, a batched product over 8 slices of the weight's rows, which
-remains the fallback); for up to 128 rows, ``weight @ x.T`` is 1.3-2x faster than
-``F.linear``; beyond that F.linear wins.
+Measured on a 2-core AVX2 host (torch 2.13, MKL), streaming the 30 layers
+and LM head of SmolLM2-135M (538 MB, so weights come from DRAM, as in a real
+step):
+
+- up to ``_FEW_ROWS`` rows, the compiled ``linear_small`` kernel
+  (``csrc/linear.cpp``) reads each weight once for all rows: 22-27 GB/s for
+  1-4 rows, against 11-19 GB/s for the best torch path (MKL's single-row
+  GEMV runs on one thread, and its GEMM packs the weight on every call);
+- up to ``_SMALL_BATCH`` rows, ``weight @ x.T`` runs at 90-135 GFLOP/s
+  against 48-95 for ``F.linear``. Its result is the transposed view of a
+  column-major product; the layers after it take it as it is (copying it
+  into rows would cost 10-15% of the product);
+- beyond that ``F.linear``'s packed GEMM wins.
+
+The LM head is the exception: the sampler reads its logits row by row and
+they are large, so from ``_FEW_ROWS`` rows on it runs on a oneDNN copy of the
+weight packed once (113 MB for SmolLM2): 27 ms for 64 rows against 37 ms for
+``weight @ x.T`` plus the copy into rows.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pllm.platforms.cpu.kernels import gemv_op
+from pllm.platforms.cpu.kernels import cpu_ops
 
-# Above this many rows F.linear's packed GEMM is fastest.
+logger = logging.getLogger(__name__)
+
+_FEW_ROWS = 24
 _SMALL_BATCH = 128
 
 
 class CPULinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, *, rows_out: bool = False) -> None:
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.num_slices = next((k for k in (8, 2) if self.out_features % k == 0), 1)
+        self.rows_out = rows_out  # the output must be row-major (the LM head)
+        self._packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] if x.dim() == 2 else -1
-        if rows == 1 and x.dtype == torch.float32 and (gemv := gemv_op()) is not None:
-            out = gemv(self.weight, x[0]).unsqueeze(0)
-        elif rows == 1 and self.num_slices > 1:
-            k = self.num_slices
-            w = self.weight.view(k, self.out_features // k, self.in_features)
-            out = torch.bmm(w, x.t().expand(k, -1, -1)).view(1, self.out_features)
-        elif 1 <= rows <= _SMALL_BATCH:
-            out = torch.matmul(self.weight, x.t()).t()  # a transposed view: consumers take strides
-        else:
-            return F.linear(x, self.weight, self.bias)
-        return out + self.bias if self.bias is not None else out
+        fp32 = x.dtype == self.weight.dtype == torch.float32
+        if 1 <= rows <= _FEW_ROWS and fp32:
+            ops = cpu_ops()
+            if ops is not None:
+                return ops.linear_small(x, self.weight, self.bias)
+        if 1 <= rows <= _SMALL_BATCH:
+            if self.rows_out and fp32 and (packed := self._packed_weight()) is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+            out = torch.matmul(self.weight, x.t()).t()
+            if self.rows_out:
+                out = out.contiguous()
+            return out + self.bias if self.bias is not None else out
+        return F.linear(x, self.weight, self.bias)
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        if self._packed is None:
+            try:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+            except (RuntimeError, AttributeError) as exc:  # a torch built without oneDNN
+                logger.info("no oneDNN packed weight for the LM head (%s)", exc)
+                self._packed = torch.empty(0)
+        return self._packed if self._packed.numel() else None
 
 
 def use_cpu_linears(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear in ``model`` (in place) with a CPULinear
-    sharing its parameters."""
+    sharing its parameters; the LM head's output stays row-major."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, child_name, CPULinear(child))
+                head = f"{name}.{child_name}".lstrip(".") == "lm_head"
+                setattr(module, child_name, CPULinear(child, rows_out=head))
     return model

@@ -69,9 +69,12 @@ class CPUPlatform(Platform):
         return CPUKVCacheAllocator()
 
     def prepare_model(self, model, config):
+        from pllm.platforms.cpu.layers import use_cpu_layers
         from pllm.platforms.cpu.linear import use_cpu_linears
+        from pllm.platforms.cpu.memory import tune_malloc
 
-        return use_cpu_linears(model)
+        tune_malloc()
+        return use_cpu_layers(use_cpu_linears(model))
 
     def make_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         from pllm.platforms.cpu.communicator import GlooCommunicator

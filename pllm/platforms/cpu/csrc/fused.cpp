@@ -1,0 +1,158 @@
+// The small per-layer ops of a decoder, fused so each reads its input once
+// and costs one call instead of several: RMSNorm (optionally after adding
+// the residual), SiLU(gate) * up, and rotary embedding applied in place.
+// fp32, rows split across OpenMP threads when there are enough of them.
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+constexpr int64_t kParallelElements = 1 << 15;  // below this one thread is faster
+
+inline void rms_norm_row(const float* x, const float* w, float eps, int64_t h, float* out) {
+  V8 acc = v8_zero();
+  int64_t i = 0;
+  for (; i + 8 <= h; i += 8) {
+    const V8 v = v8_load(x + i);
+    acc = v8_fma(v, v, acc);
+  }
+  float sq = v8_hsum(acc);
+  for (; i < h; ++i) sq += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(sq / static_cast<float>(h) + eps);
+  const V8 vinv = v8_set1(inv);
+  for (i = 0; i + 8 <= h; i += 8) v8_store(out + i, v8_mul(v8_load(w + i), v8_mul(v8_load(x + i), vinv)));
+  for (; i < h; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+void check_rows(const torch::Tensor& x, const torch::Tensor& weight) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && x.size(1) == weight.size(0), "shape mismatch");
+}
+
+}  // namespace
+
+// RMSNorm of each row of x [M, H].
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_rows(x, weight);
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t m = x.size(0), h = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (m * h >= kParallelElements)
+  for (int64_t r = 0; r < m; ++r) rms_norm_row(xp + r * h, wp, static_cast<float>(eps), h, op + r * h);
+  return out;
+}
+
+// residual += x (in place), then RMSNorm of the new residual.
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  check_rows(x, weight);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.dtype() == torch::kFloat32, "residual mismatch");
+  TORCH_CHECK(residual.is_contiguous(), "residual must be contiguous");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t m = x.size(0), h = x.size(1);
+  auto out = torch::empty_like(residual);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (m * h >= kParallelElements)
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = rp + r * h;
+    const float* add = xp + r * h;
+    int64_t i = 0;
+    for (; i + 8 <= h; i += 8) v8_store(row + i, v8_add(v8_load(row + i), v8_load(add + i)));
+    for (; i < h; ++i) row[i] += add[i];
+    rms_norm_row(row, wp, static_cast<float>(eps), h, op + r * h);
+  }
+  return out;
+}
+
+namespace {
+
+inline void silu_mul_span(const float* gate, const float* up, float* out, int64_t n) {
+  const V8 one = v8_set1(1.0f), zero = v8_zero();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const V8 g = v8_load(gate + i);
+    const V8 silu = v8_div(g, v8_add(one, v8_exp(v8_sub(zero, g))));
+    v8_store(out + i, v8_mul(silu, v8_load(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+}  // namespace
+
+// x [M, 2I] = [gate | up] -> silu(gate) * up, [M, I]. x is either row-major
+// or column-major (the transposed view the few-row GEMM path returns); the
+// result has the same layout, so no transpose is ever copied.
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) % 2 == 0, "fp32 [M, 2I] only");
+  const int64_t m = x.size(0), inter = x.size(1) / 2;
+  const bool column_major = m > 1 && x.stride(0) == 1 && x.stride(1) == m;
+  if (!column_major) x = x.contiguous();
+  auto out = column_major ? torch::empty_strided({m, inter}, {1, m}, x.options())
+                          : torch::empty({m, inter}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (column_major) {  // gate = the first I * m floats, up = the next
+    const int64_t total = inter * m, chunk = 4096;
+#pragma omp parallel for schedule(static) if (total >= kParallelElements)
+    for (int64_t c = 0; c < total; c += chunk)
+      silu_mul_span(xp + c, xp + total + c, op + c, std::min(chunk, total - c));
+    return out;
+  }
+#pragma omp parallel for schedule(static) if (m * inter >= kParallelElements)
+  for (int64_t r = 0; r < m; ++r) silu_mul_span(xp + r * 2 * inter, xp + r * 2 * inter + inter, op + r * inter, inter);
+  return out;
+}
+
+// Rotary embedding (rotate-half layout) in place on q [T, Hq, D] and
+// k [T, Hk, D]; the last dim must be contiguous, the others may be strided
+// (views of the fused QKV output). cos/sin: [max_positions, D / 2].
+void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos,
+             torch::Tensor sin) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(positions.dtype() == torch::kInt64, "positions must be int64");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  positions = positions.contiguous();
+  const int64_t tokens = q.size(0), half = q.size(2) / 2;
+  TORCH_CHECK(cos.size(1) == half && k.size(2) == q.size(2), "rotary shape mismatch");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  struct Part {
+    float* base;
+    int64_t heads, s0, s1;
+  };
+  const Part parts[2] = {{q.data_ptr<float>(), q.size(1), q.stride(0), q.stride(1)},
+                         {k.data_ptr<float>(), k.size(1), k.stride(0), k.stride(1)}};
+#pragma omp parallel for schedule(static) if (tokens * (q.size(1) + k.size(1)) * half >= kParallelElements)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* c = cp + pos[t] * half;
+    const float* s = sp + pos[t] * half;
+    for (const Part& part : parts) {
+      for (int64_t h = 0; h < part.heads; ++h) {
+        float* x1 = part.base + t * part.s0 + h * part.s1;
+        float* x2 = x1 + half;
+        int64_t i = 0;
+        for (; i + 8 <= half; i += 8) {
+          const V8 a = v8_load(x1 + i), b = v8_load(x2 + i), vc = v8_load(c + i), vs = v8_load(s + i);
+          v8_store(x1 + i, v8_sub(v8_mul(a, vc), v8_mul(b, vs)));
+          v8_store(x2 + i, v8_add(v8_mul(b, vc), v8_mul(a, vs)));
+        }
+        for (; i < half; ++i) {
+          const float a = x1[i], b = x2[i];
+          x1[i] = a * c[i] - b * s[i];
+          x2[i] = b * c[i] + a * s[i];
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,69 @@
+"""The CPU platform's versions of the model's small per-layer ops, on the
+fused kernels of ``csrc/fused.cpp``: RMSNorm with the residual add folded in,
+SiLU-and-mul, and rotary embedding in place.
+
+In a batch-1 decode step of SmolLM2-135M the eager ops they replace (about
+a dozen per layer: pow, mean, rsqrt, casts, slices, cat, ...) cost more time
+than the attention itself. Each class subclasses the model's module and
+falls back to its torch code when the kernels are unavailable or the dtype
+is not fp32, so outputs never depend on whether the compiler was there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from pllm.platforms.cpu.kernels import cpu_ops
+
+
+def _fp32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors)
+
+
+class CPURMSNorm(RMSNorm):
+    def forward(self, x, residual=None):
+        ops = cpu_ops()
+        if ops is None or not _fp32(x, self.weight) or (residual is not None and not _fp32(residual)):
+            return super().forward(x, residual)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if residual is None:
+            return ops.rms_norm(x2, self.weight, self.eps).view(shape)
+        residual = residual.contiguous()
+        out = ops.add_rms_norm_(x2, residual.view(-1, shape[-1]), self.weight, self.eps)
+        return out.view(shape), residual
+
+
+class CPUSiluAndMul(SiluAndMul):
+    def forward(self, x):
+        ops = cpu_ops()
+        if ops is None or not _fp32(x) or x.dim() != 2:
+            return super().forward(x)
+        return ops.silu_and_mul(x)  # keeps x's layout (row- or column-major)
+
+
+class CPURotaryEmbedding(RotaryEmbedding):
+    def forward(self, positions, q, k):
+        ops = cpu_ops()
+        if (ops is None or not _fp32(q, k, self.cos) or q.stride(-1) != 1 or k.stride(-1) != 1
+                or self.head_dim % 2):
+            return super().forward(positions, q, k)
+        ops.rotary_(q, k, positions, self.cos, self.sin)  # in place
+        return q, k
+
+
+_SWAPS = {RMSNorm: CPURMSNorm, SiluAndMul: CPUSiluAndMul, RotaryEmbedding: CPURotaryEmbedding}
+
+
+def use_cpu_layers(model: nn.Module) -> nn.Module:
+    """Give each RMSNorm, SiluAndMul and RotaryEmbedding in ``model`` its CPU
+    class, in place. The swap keeps the module object (its parameters, its
+    buffers and every reference to it, such as the rotary table the layers
+    share); only the forward changes."""
+    for module in model.modules():
+        cpu_cls = _SWAPS.get(type(module))
+        if cpu_cls is not None:
+            module.__class__ = cpu_cls
+    return model
