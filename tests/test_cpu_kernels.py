@@ -33,7 +33,7 @@ def kernels(request, monkeypatch):
             pytest.skip("no C++ compiler: the torch paths are used")
         assert cpu_ops() is not None, "the kernels failed to build; see the warning in the log"
     else:
-        for module in (cpu_layers, cpu_linear):
+        for module in (cpu_layers, cpu_linear, cpu_attention):
             monkeypatch.setattr(module, "cpu_ops", lambda: None)
         monkeypatch.setattr(cpu_attention, "paged_decode_op", lambda: None)
     return request.param
@@ -45,8 +45,9 @@ def test_compiled_decode_kernel_builds_and_matches_the_reference():
     check_attention_backend(CPUAttentionBackend())
 
 
-def test_torch_decode_path_matches_the_reference(monkeypatch):
+def test_torch_paths_match_the_reference(monkeypatch):
     monkeypatch.setattr(cpu_attention, "paged_decode_op", lambda: None)
+    monkeypatch.setattr(cpu_attention, "cpu_ops", lambda: None)
     check_attention_backend(CPUAttentionBackend())
 
 

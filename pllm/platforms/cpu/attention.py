@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
-from pllm.platforms.cpu.kernels import paged_decode_op
+from pllm.platforms.cpu.kernels import cpu_ops, paged_decode_op
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
@@ -79,6 +79,10 @@ class CPUAttentionBackend(AttentionBackend):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def write_kv(self, key, value, kv_cache, slot_mapping):
+        if (key.dtype == value.dtype == kv_cache.dtype == torch.float32
+                and key.stride(-1) == value.stride(-1) == 1 and (ops := cpu_ops()) is not None):
+            ops.write_kv_(key, value, kv_cache, slot_mapping)
+            return
         two, heads, num_blocks, block_size, head_dim = kv_cache.shape
         flat = kv_cache.view(2, heads, num_blocks * block_size, head_dim)
         valid = slot_mapping >= 0
@@ -96,8 +100,10 @@ class CPUAttentionBackend(AttentionBackend):
             cache[:, :, dst] = cache[:, :, src]
 
     def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None):
-        out = torch.empty_like(query)
         nd = metadata.num_decodes
+        if nd == metadata.num_seqs:  # decodes only: the common step
+            return self._decode(query, kv_cache, metadata, scale, sliding_window)
+        out = torch.empty_like(query)
         if nd:
             out[:nd] = self._decode(query[:nd], kv_cache, metadata, scale, sliding_window)
         starts = metadata.query_start_loc_cpu

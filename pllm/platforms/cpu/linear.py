@@ -78,5 +78,8 @@ def use_cpu_linears(model: nn.Module) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 head = f"{name}.{child_name}".lstrip(".") == "lm_head"
-                setattr(module, child_name, CPULinear(child, rows_out=head))
+                fast = CPULinear(child, rows_out=head)
+                if head:
+                    fast._packed_weight()  # pack now, not inside the first big step
+                setattr(module, child_name, fast)
     return model

@@ -156,3 +156,33 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::T
     }
   }
 }
+
+// Store one step's K and V [T, Hk, D] (the last dim contiguous, the others
+// may be strided views of the QKV output) into the head-major cache
+// [2, Hk, blocks, block_size, D] at the flat slots; slot -1 is skipped.
+void write_kv_(torch::Tensor key, torch::Tensor value, torch::Tensor kv_cache, torch::Tensor slots) {
+  TORCH_CHECK(key.dtype() == torch::kFloat32 && value.dtype() == torch::kFloat32 &&
+                  kv_cache.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && kv_cache.is_contiguous(), "layout mismatch");
+  TORCH_CHECK(slots.dtype() == torch::kInt64, "slots must be int64");
+  slots = slots.contiguous();
+  const int64_t tokens = key.size(0), heads = key.size(1), d = key.size(2);
+  const int64_t per_head = kv_cache.size(2) * kv_cache.size(3) * d;
+  float* k_cache = kv_cache.data_ptr<float>();
+  float* v_cache = k_cache + heads * per_head;
+  const float* kp = key.data_ptr<float>();
+  const float* vp = value.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), vs0 = value.stride(0), vs1 = value.stride(1);
+  const int64_t num_slots = kv_cache.size(2) * kv_cache.size(3);
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(sp[t] < num_slots, "slot ", sp[t], " is outside the cache");
+#pragma omp parallel for schedule(static) if (tokens * heads * d >= kParallelElements)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = sp[t];
+    if (slot < 0) continue;
+    for (int64_t h = 0; h < heads; ++h) {
+      std::copy_n(kp + t * ks0 + h * ks1, d, k_cache + h * per_head + slot * d);
+      std::copy_n(vp + t * vs0 + h * vs1, d, v_cache + h * per_head + slot * d);
+    }
+  }
+}
