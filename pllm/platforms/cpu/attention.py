@@ -79,8 +79,9 @@ class CPUAttentionBackend(AttentionBackend):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def write_kv(self, key, value, kv_cache, slot_mapping):
-        if (key.dtype == value.dtype == kv_cache.dtype == torch.float32
-                and key.stride(-1) == value.stride(-1) == 1 and (ops := cpu_ops()) is not None):
+        if key.dtype == value.dtype == kv_cache.dtype == torch.float32 and (ops := cpu_ops()) is not None:
+            key = key if key.stride(-1) == 1 else key.contiguous()
+            value = value if value.stride(-1) == 1 else value.contiguous()
             ops.write_kv_(key, value, kv_cache, slot_mapping)
             return
         two, heads, num_blocks, block_size, head_dim = kv_cache.shape

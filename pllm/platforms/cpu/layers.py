@@ -47,10 +47,13 @@ class CPUSiluAndMul(SiluAndMul):
 class CPURotaryEmbedding(RotaryEmbedding):
     def forward(self, positions, q, k):
         ops = cpu_ops()
-        if (ops is None or not _fp32(q, k, self.cos) or q.stride(-1) != 1 or k.stride(-1) != 1
-                or self.head_dim % 2):
+        if ops is None or not _fp32(q, k, self.cos) or self.head_dim % 2:
             return super().forward(positions, q, k)
-        ops.rotary_(q, k, positions, self.cos, self.sin)  # in place
+        # Views of a column-major QKV product (a mid-size batch) get their
+        # own rows first: the kernel rotates contiguous head vectors in place.
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        ops.rotary_(q, k, positions, self.cos, self.sin)
         return q, k
 
 
