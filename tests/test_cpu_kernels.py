@@ -109,3 +109,66 @@ def test_cpu_layers_match_the_torch_modules(kernels):
         got_q, got_k = fast["rotary"](positions, *split(layout.clone()))
         torch.testing.assert_close(got_q, want_q)
         torch.testing.assert_close(got_k, want_k)
+
+
+class _CountingOps:
+    """The compiled module, counting ``decode_layer`` calls."""
+
+    def __init__(self, ops):
+        self.ops, self.fused_calls = ops, 0
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def decode_layer(self, *args):
+        self.fused_calls += 1
+        return self.ops.decode_layer(*args)
+
+
+@needs_compiler
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_fused_decode_layer_matches_the_module_path(arch, monkeypatch):
+    """The one-call decoder layer (decode-only steps of a few sequences) gives
+    the modules' result: GQA, QKV bias (qwen2), sliding window (mistral),
+    contexts across block boundaries, the first layer (no residual yet)."""
+    from transformers import AutoConfig
+
+    from pllm.models.layers import ForwardContext
+    from pllm.models.llama import DecoderLayer, RotaryEmbedding
+    from pllm.models.llama import ArchSpec
+    from pllm.platforms.cpu.layers import CPUDecoderLayer
+    from pllm.platforms.cpu.linear import use_cpu_linears
+    from pllm.testing.metadata import build_metadata
+
+    cfg = AutoConfig.for_model(arch, hidden_size=96, intermediate_size=200, num_attention_heads=6,
+                               num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                               sliding_window=20)
+    torch.manual_seed(0)
+    spec = ArchSpec(cfg)
+    layer = DecoderLayer(spec, 0, RotaryEmbedding(cfg, spec.head_dim, 128))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+    layer = use_cpu_linears(layer).eval()
+    backend = CPUAttentionBackend()
+    md = build_metadata([(5, 1), (16, 1), (33, 1)], block_size=8,
+                        generator=torch.Generator().manual_seed(1))
+    num_blocks = int(md.block_tables.max()) + 1
+    cache = torch.randn(backend.kv_cache_shape(num_blocks, 8, spec.num_kv_heads, spec.head_dim))
+    positions = md.seq_lens.long() - 1
+    x = torch.randn(3, 96)
+    counting = _CountingOps(cpu_ops())
+    monkeypatch.setattr(cpu_layers, "cpu_ops", lambda: counting)
+    for residual in (None, torch.randn(3, 96)):
+        outs = []
+        for cls in (DecoderLayer, CPUDecoderLayer):
+            layer.__class__ = cls
+            kv = cache.clone()
+            ctx = ForwardContext(backend, md, [kv])
+            res = None if residual is None else residual.clone()
+            with torch.inference_mode():
+                out, new_res = layer(positions, x.clone(), res, ctx)
+            outs.append((out, new_res, kv))
+        for want, got in zip(outs[0], outs[1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert counting.fused_calls == 2, "the fused layer was not used"

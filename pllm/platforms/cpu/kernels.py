@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "PLLM_CPU_KERNELS"  # "0" forces the pure-torch path
 
 
-_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp")
+_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp")
 _FUNCTIONS = ["paged_decode", "linear_small", "rms_norm", "add_rms_norm_", "silu_and_mul", "rotary_",
-              "write_kv_"]
+              "write_kv_", "decode_layer"]
 
 
 @functools.cache
@@ -49,7 +49,8 @@ def _module():
 
 def cpu_ops():
     """The compiled module (``paged_decode``, ``linear_small``, ``rms_norm``,
-    ``add_rms_norm_``, ``silu_and_mul``, ``rotary_``, ``write_kv_``), or None with the reason
+    ``add_rms_norm_``, ``silu_and_mul``, ``rotary_``, ``write_kv_``,
+    ``decode_layer``), or None with the reason
     logged once."""
     return _module()
 

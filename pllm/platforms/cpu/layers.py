@@ -1,6 +1,8 @@
 """The CPU platform's versions of the model's small per-layer ops, on the
 fused kernels of ``csrc/fused.cpp``: RMSNorm with the residual add folded in,
-SiLU-and-mul, and rotary embedding in place.
+SiLU-and-mul, and rotary embedding in place; and, for decode-only steps of
+a few sequences, the whole decoder layer in one compiled call
+(``csrc/decode_layer.cpp``).
 
 In a batch-1 decode step of SmolLM2-135M the eager ops they replace (about
 a dozen per layer: pow, mean, rsqrt, casts, slices, cat, ...) cost more time
@@ -15,7 +17,10 @@ import torch
 from torch import nn
 
 from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from pllm.models.llama import DecoderLayer
+from pllm.platforms.cpu.attention import CPUAttentionBackend
 from pllm.platforms.cpu.kernels import cpu_ops
+from pllm.platforms.cpu.linear import _FEW_ROWS
 
 
 def _fp32(*tensors: torch.Tensor) -> bool:
@@ -57,12 +62,57 @@ class CPURotaryEmbedding(RotaryEmbedding):
         return q, k
 
 
-_SWAPS = {RMSNorm: CPURMSNorm, SiluAndMul: CPUSiluAndMul, RotaryEmbedding: CPURotaryEmbedding}
+class CPUDecoderLayer(DecoderLayer):
+    """A decode-only step of up to ``_FEW_ROWS`` sequences runs the layer in
+    one compiled call; anything else (prefill chunks, larger batches,
+    q/k norms, other dtypes) goes through the modules one by one."""
+
+    def forward(self, positions, x, residual, ctx):
+        md = ctx.metadata
+        ops = cpu_ops()
+        weights = self._fused_weights()
+        if (ops is None or weights is None or md.num_decodes != md.num_seqs or x.shape[0] > _FEW_ROWS
+                or x.dtype != torch.float32 or not isinstance(ctx.backend, CPUAttentionBackend)):
+            return super().forward(positions, x, residual, ctx)
+        attn = self.self_attn.attn
+        cache = ctx.kv_caches[attn.layer_idx]
+        if cache.dtype != torch.float32:
+            return super().forward(positions, x, residual, ctx)
+        return ops.decode_layer(x, residual, positions, *weights, cache, md.slot_mapping,
+                                md.block_tables, md.seq_lens, attn.scale, attn.sliding_window or 0)
+
+    def _fused_weights(self) -> tuple | None:
+        """The layer's constant arguments of ``decode_layer``, gathered once
+        (about 30 attribute lookups through nn.Module per call otherwise), or
+        None where the fused layer does not apply."""
+        cached = self.__dict__.get("_fused_args")
+        if cached is None:
+            attn, mlp = self.self_attn, self.mlp
+            spec = attn.spec
+            params = [attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight,
+                      mlp.down_proj.weight, self.input_layernorm.weight, attn.rotary.cos]
+            if spec.qk_norm or spec.head_dim % 8 or not _fp32(*params):
+                cached = ()
+            else:
+                cached = (
+                    self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                    self.input_layernorm.eps,
+                    attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+                    mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight,
+                    mlp.down_proj.bias, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                    attn.rotary.cos, attn.rotary.sin,
+                )
+            self.__dict__["_fused_args"] = cached
+        return cached or None
+
+
+_SWAPS = {RMSNorm: CPURMSNorm, SiluAndMul: CPUSiluAndMul, RotaryEmbedding: CPURotaryEmbedding,
+          DecoderLayer: CPUDecoderLayer}
 
 
 def use_cpu_layers(model: nn.Module) -> nn.Module:
-    """Give each RMSNorm, SiluAndMul and RotaryEmbedding in ``model`` its CPU
-    class, in place. The swap keeps the module object (its parameters, its
+    """Give each RMSNorm, SiluAndMul, RotaryEmbedding and DecoderLayer in
+    ``model`` its CPU class, in place. The swap keeps the module object (its parameters, its
     buffers and every reference to it, such as the rotary table the layers
     share); only the forward changes."""
     for module in model.modules():
