@@ -17,13 +17,20 @@ torch::Tensor linear_small(torch::Tensor x, torch::Tensor weight, c10::optional<
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  if (M == 1) {
+  if (M == 1) {  // one row: four independent accumulators keep the loads in flight
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       const float* wr = wp + n * K;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += wr[k] * xp[k];
+      V8 a = v8_zero(), b = v8_zero(), c = v8_zero(), d = v8_zero();
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) {
+        a = v8_fma(v8_load(wr + k), v8_load(xp + k), a);
+        b = v8_fma(v8_load(wr + k + 8), v8_load(xp + k + 8), b);
+        c = v8_fma(v8_load(wr + k + 16), v8_load(xp + k + 16), c);
+        d = v8_fma(v8_load(wr + k + 24), v8_load(xp + k + 24), d);
+      }
+      float acc = v8_hsum(v8_add(v8_add(a, b), v8_add(c, d)));
+      for (; k < K; ++k) acc += wr[k] * xp[k];
       op[n] = acc;
     }
   } else {
