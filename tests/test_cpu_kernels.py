@@ -172,3 +172,21 @@ def test_fused_decode_layer_matches_the_module_path(arch, monkeypatch):
         for want, got in zip(outs[0], outs[1]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert counting.fused_calls == 2, "the fused layer was not used"
+
+
+def test_enforce_eager_keeps_decoder_layers_module_by_module(tiny_model_dir):
+    """``--enforce-eager`` leaves the model's own DecoderLayer in place; the
+    default gives it the one-call CPU layer. Both generate the same text."""
+    from pllm import LLM, SamplingParams
+    from pllm.models.llama import DecoderLayer
+    from pllm.platforms.cpu.layers import CPUDecoderLayer
+
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    texts = {}
+    for eager in (False, True):
+        llm = LLM(model=str(tiny_model_dir), enforce_eager=eager, kv_cache_memory="16MiB")
+        layers = llm.llm_engine.executor.worker.model.layers
+        assert all(type(layer) is (DecoderLayer if eager else CPUDecoderLayer) for layer in layers)
+        texts[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert texts[True] == texts[False]

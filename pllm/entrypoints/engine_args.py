@@ -91,7 +91,8 @@ class EngineArgs:
         g.add_argument("--served-model-name", default=None, help="model name the API reports")
         g.add_argument("--chat-template", default=None, help="Jinja chat template, or a path to one")
         g.add_argument("--enforce-eager", action="store_true",
-                       help="never capture graphs or compile the decode step")
+                       help="run every layer module by module: on the CPU, no one-call "
+                            "decoder layers for decode steps")
         g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all cores)")
 
     @classmethod

@@ -110,13 +110,17 @@ _SWAPS = {RMSNorm: CPURMSNorm, SiluAndMul: CPUSiluAndMul, RotaryEmbedding: CPURo
           DecoderLayer: CPUDecoderLayer}
 
 
-def use_cpu_layers(model: nn.Module) -> nn.Module:
-    """Give each RMSNorm, SiluAndMul, RotaryEmbedding and DecoderLayer in
+def use_cpu_layers(model: nn.Module, *, fuse_decode_layers: bool = True) -> nn.Module:
+    """Give each RMSNorm, SiluAndMul, RotaryEmbedding and (unless
+    ``fuse_decode_layers`` is False: ``--enforce-eager``) DecoderLayer in
     ``model`` its CPU class, in place. The swap keeps the module object (its parameters, its
     buffers and every reference to it, such as the rotary table the layers
     share); only the forward changes."""
+    swaps = dict(_SWAPS)
+    if not fuse_decode_layers:
+        del swaps[DecoderLayer]
     for module in model.modules():
-        cpu_cls = _SWAPS.get(type(module))
+        cpu_cls = swaps.get(type(module))
         if cpu_cls is not None:
             module.__class__ = cpu_cls
     return model

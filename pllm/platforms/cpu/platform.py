@@ -74,7 +74,10 @@ class CPUPlatform(Platform):
         from pllm.platforms.cpu.memory import tune_malloc
 
         tune_malloc()
-        return use_cpu_layers(use_cpu_linears(model))
+        # --enforce-eager: every layer runs module by module, as the model's
+        # code reads (the CPU's counterpart of not capturing CUDA graphs).
+        fuse = not config.device.enforce_eager
+        return use_cpu_layers(use_cpu_linears(model), fuse_decode_layers=fuse)
 
     def make_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         from pllm.platforms.cpu.communicator import GlooCommunicator
