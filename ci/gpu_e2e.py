@@ -1,11 +1,13 @@
 """End-to-end proof of the CUDA platform on a real GPU.
 
 1. Greedy parity with transformers on the GPU (fp32): tiny random Llama,
-   Mistral (sliding window), Qwen2 and Qwen3, each in one mixed batch and with
-   chunked prefill; and a random model with SmolLM2-135M's exact shapes.
-2. Throughput on the standard workload (BENCHMARKS.md), bf16, pllm vs HF
-   transformers `generate` with static batches of 16 and left padding, on the
-   same GPU in the same run, with the SmolLM2-135M-shaped model.
+   Mistral (sliding window), Qwen2 and Qwen3, each in one mixed batch, with
+   chunked prefill and with the decode steps replayed from CUDA graphs; and a
+   random model with SmolLM2-135M's exact shapes (eager and graphs).
+2. Throughput on the standard workload (BENCHMARKS.md), bf16, pllm (CUDA
+   graphs and eager) vs HF transformers `generate` with static batches of 16
+   and left padding, on the same GPU in the same run, with the
+   SmolLM2-135M-shaped model; and batch-1 decode speed, graphs vs eager.
 
 Usage: python ci/gpu_e2e.py OUT.json   (needs a CUDA build of torch and pllm installed)
 """
@@ -61,7 +63,7 @@ def parity(folder, prompts, max_new, settings):
     del hf
     result = {}
     for name, kwargs in settings.items():
-        llm = LLM(folder, device=DEV, dtype="float32", enforce_eager=True, **kwargs)
+        llm = LLM(folder, device=DEV, dtype="float32", **{"enforce_eager": True, **kwargs})
         got = pllm_greedy(llm, prompts, max_new)
         same = sum(g == e for g, e in zip(got, expected))
         first_diff = [next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), None)
@@ -81,8 +83,9 @@ def workload(n, vocab, seed=0):
     return reqs
 
 
-def bench_pllm(folder, reqs):
-    llm = LLM(folder, device=DEV, dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192)
+def bench_pllm(folder, reqs, enforce_eager=False):
+    llm = LLM(folder, device=DEV, dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
+              enforce_eager=enforce_eager)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
     llm.generate([p for p, _ in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
     sync()
@@ -94,6 +97,27 @@ def bench_pllm(folder, reqs):
     del llm
     sync()
     return {"seconds": dt, "useful_tokens": useful, "tokens_per_s": useful / dt}
+
+
+def decode_speed(folder, enforce_eager, prompt_len=128, new_tokens=128, repeats=3):
+    """Batch-1 decode tokens/s (best of ``repeats``): where CUDA graphs matter most."""
+    llm = LLM(folder, device=DEV, dtype="bfloat16", enforce_eager=enforce_eager)
+    engine = llm.llm_engine
+    best = 0.0
+    for r in range(repeats + 1):  # the first run warms up
+        engine.add_request(f"lat-{r}", list(range(10 + r, 10 + r + prompt_len)),
+                           SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+        engine.step()  # prefill + first token
+        sync()
+        t = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        sync()
+        if r:
+            best = max(best, (new_tokens - 1) / (time.perf_counter() - t))
+    del llm
+    sync()
+    return best
 
 
 def bench_hf(folder, reqs, batch=16):
@@ -135,15 +159,23 @@ def main(out_path: str) -> int:
             folder = make_tiny_model(f"{tmp}/{arch}", arch=arch, hidden_size=256, head_dim=64, **extra)
             report[f"parity_tiny_{arch}"] = parity(
                 folder, tiny_prompts, 32,
-                {"batch": {}, "chunked_prefill": {"max_num_batched_tokens": 16}})
+                {"batch": {}, "chunked_prefill": {"max_num_batched_tokens": 16},
+                 "cuda_graphs": {"enforce_eager": False}})
             print(arch, report[f"parity_tiny_{arch}"], flush=True)
         smol = make_tiny_model(f"{tmp}/smol", arch="llama", **shape)
         smol_prompts = [[rng.randrange(10, shape["vocab_size"]) for _ in range(n)] for n in (8, 31, 64, 100)]
-        report["parity_smollm2_shape_random"] = parity(smol, smol_prompts, 32, {"batch": {}})
+        report["parity_smollm2_shape_random"] = parity(
+            smol, smol_prompts, 32, {"batch": {}, "cuda_graphs": {"enforce_eager": False}})
         print("smollm2-shape", report["parity_smollm2_shape_random"], flush=True)
         reqs = workload(8 if SMALL else 64, shape["vocab_size"])
         report["throughput_pllm_bf16"] = bench_pllm(smol, reqs)
         print("pllm", report["throughput_pllm_bf16"], flush=True)
+        report["throughput_pllm_bf16_eager"] = bench_pllm(smol, reqs, enforce_eager=True)
+        print("pllm eager", report["throughput_pllm_bf16_eager"], flush=True)
+        report["decode_batch1_tokens_per_s"] = {
+            "cuda_graphs": decode_speed(smol, enforce_eager=False),
+            "eager": decode_speed(smol, enforce_eager=True)}
+        print("batch-1 decode", report["decode_batch1_tokens_per_s"], flush=True)
         report["throughput_hf_generate_bf16"] = bench_hf(smol, reqs)
         print("hf", report["throughput_hf_generate_bf16"], flush=True)
         report["throughput_ratio"] = (report["throughput_pllm_bf16"]["tokens_per_s"]

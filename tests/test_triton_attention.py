@@ -30,7 +30,7 @@ import torch
 from pllm.platforms.cuda.kernels.selfcheck import LARGE_CASES, SMALL_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXED_CHECKS = ("write_kv_padding", "copy_blocks", "conformance")
+FIXED_CHECKS = ("write_kv_padding", "copy_blocks", "graph_padding", "conformance")
 SMALL_NAMES = FIXED_CHECKS + tuple(c.name for c in SMALL_CASES)
 LARGE_NAMES = tuple(c.name for c in LARGE_CASES)
 INTERPRETED_TIMEOUT_S = 150

@@ -36,6 +36,7 @@ class Worker:
     """Holds the model and the KV cache on one device."""
 
     def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int) -> None:
+        self.max_model_len = max_model_len
         self.config = config
         self.platform = platform
         self.device = platform.device(0)
@@ -110,8 +111,14 @@ class Worker:
         shape = self.backend.kv_cache_shape(num_blocks, self.config.cache.block_size,
                                             spec.num_kv_heads, spec.head_dim)
         caches = allocator.allocate(self.model.num_layers, shape, self.dtype, self.device)
+        decode_runner = None
+        if not self.config.device.enforce_eager:
+            decode_runner = self.platform.make_decode_runner(
+                self.model, self.backend, caches, self.config, self.max_model_len)
+            if decode_runner is not None:
+                decode_runner.capture_all()
         self.runner = ModelRunner(self.model, self.backend, caches, self.config.cache.block_size,
-                                  self.device)
+                                  self.device, decode_runner)
         return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

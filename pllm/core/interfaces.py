@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -290,7 +290,12 @@ class Platform(abc.ABC):
     def synchronize(self) -> None:
         """Optional, defaults to nothing: wait for queued device work."""
 
-    def wrap_decode_step(self, fn: Callable[..., Any], config: EngineConfig) -> Callable[..., Any]:
-        """Optional, defaults to returning ``fn``: wrap the model's forward for
-        pure-decode steps (graph capture, compilation) from the outside."""
-        return fn
+    def make_decode_runner(self, model: torch.nn.Module, backend: AttentionBackend,
+                           kv_caches: list[torch.Tensor], config: EngineConfig,
+                           max_model_len: int):
+        """Optional, defaults to None (every step runs eagerly): a
+        ``pllm.core.graphs.StaticDecodeRunner`` (or subclass) that serves
+        decode-only steps from persistent buffers, e.g. by replaying captured
+        graphs. Called once the KV cache exists; the engine calls its
+        ``capture_all`` right after."""
+        return None

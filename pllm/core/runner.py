@@ -23,12 +23,14 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_caches: list[torch.Tensor],
-                 block_size: int, device: torch.device) -> None:
+                 block_size: int, device: torch.device, decode_runner=None) -> None:
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        # Serves decode-only steps from persistent buffers (graph replay); None: eager.
+        self.decode_runner = decode_runner
 
     def build(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """``batch`` must list decodes (one new token) first."""
@@ -75,8 +77,12 @@ class ModelRunner:
             self.backend.copy_blocks(self.kv_caches, sched.block_copies)
         batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         ids, pos, metadata = self.build(batch)
-        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
-        hidden = self.model(ids, pos, ctx)
+        graphs = self.decode_runner
+        if (graphs is not None and metadata.num_decodes == metadata.num_seqs
+                and metadata.num_seqs <= graphs.max_batch_size):
+            hidden = graphs.run(ids, pos, metadata)
+        else:
+            hidden = self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
 
         out = RunnerOutput()
         rows: list[int] = []

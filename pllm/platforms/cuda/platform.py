@@ -145,6 +145,21 @@ class CudaPlatform(Platform):
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
+    def make_decode_runner(self, model, backend, kv_caches, config, max_model_len):
+        """CUDA graphs of the decode step at 1, 2, 4, 8, 16, 32, ... up to
+        ``max_num_seqs`` sequences (``--enforce-eager`` turns them off)."""
+        from pllm.core.graphs import decode_batch_sizes
+        from pllm.platforms.cuda.graphs import CUDAGraphDecodeRunner
+
+        if config.device.enforce_eager or not self.capabilities.supports_graphs:
+            return None
+        return CUDAGraphDecodeRunner(
+            model, backend, kv_caches, block_size=config.cache.block_size,
+            max_model_len=max_model_len,
+            batch_sizes=decode_batch_sizes(config.scheduler.max_num_seqs),
+            device=kv_caches[0].device,
+        )
+
 
 def _nvml_names() -> str:
     """``": NVIDIA H100 80GB HBM3"`` via pynvml when installed; its failure is

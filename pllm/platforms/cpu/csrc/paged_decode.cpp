@@ -141,6 +141,10 @@ torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
       const int64_t len = lens[s];
       const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
       const int64_t span = len - start;
+      if (span <= 0) {  // a padding row (no context): zeros, not 0/0
+        std::fill_n(o + (s * hq + h * group) * d, group * d, 0.0f);
+        continue;
+      }
       thread_local std::vector<float> scratch;
       if (static_cast<int64_t>(scratch.size()) < group * (span + 1))
         scratch.resize(group * (span + 1));

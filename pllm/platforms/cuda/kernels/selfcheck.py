@@ -213,6 +213,45 @@ def check_write_kv_padding(backend_cls, dtype: torch.dtype, device) -> dict:
     return {"case": "write_kv_padding", "dtype": str(dtype).replace("torch.", ""), "ok": ok}
 
 
+def check_graph_padding(backend_cls, dtype: torch.dtype, device) -> dict:
+    """A decode batch as a replayed CUDA graph sees it (``pllm.core.graphs``):
+    real rows first, then padding rows (context 0, slot -1, block table of
+    zeros), with the launch sized for the longest possible context, so most
+    split-KV partitions are empty. Real rows must match the reference on
+    the unpadded batch; padding rows must stay finite."""
+    from pllm.testing.metadata import build_metadata
+
+    gen = torch.Generator().manual_seed(11)
+    bs, hkv, group, d, max_len = 16, 2, 3, 64, 512
+    real = build_metadata([(5, 1), (40, 1), (130, 1)], bs, generator=gen)
+    n, rows = real.num_seqs, 8
+    num_blocks = int(real.block_tables.max()) + 1
+    cache = torch.randn(2, num_blocks, bs, hkv, d, generator=gen).to(dtype)
+    q = torch.randn(rows, hkv * group, d, generator=gen).to(dtype)
+    tables = torch.zeros(rows, -(-max_len // bs), dtype=torch.int32)
+    tables[:n, : real.block_tables.shape[1]] = real.block_tables
+    seq_lens = torch.zeros(rows, dtype=torch.int32)
+    seq_lens[:n] = real.seq_lens
+    padded = AttentionMetadata(
+        num_seqs=rows, num_tokens=rows, num_decodes=rows, max_query_len=1, max_seq_len=max_len,
+        block_size=bs, query_start_loc=torch.arange(rows + 1, dtype=torch.int32),
+        seq_lens=seq_lens, block_tables=tables, slot_mapping=torch.full((rows,), -1),
+        query_start_loc_cpu=list(range(rows + 1)), seq_lens_cpu=[max_len] * rows,
+    )
+    backend = backend_cls(min_partition=16)
+    padded = backend.prepare_metadata(metadata_to(padded, device))
+    scale = 1.0 / math.sqrt(d)
+    out = backend.forward(q.to(device), cache.to(device), padded, scale=scale).cpu()
+    ref = reference_attention(q[:n], cache, real, scale=scale)
+    atol, rtol = TOLERANCES[dtype]
+    err = (out[:n].float() - ref.float()).abs()
+    close = bool((err <= atol + rtol * ref.float().abs()).all())
+    splits = backend.num_decode_splits(padded, hkv, q.device)
+    return {"case": "graph_padding", "dtype": str(dtype).replace("torch.", ""),
+            "ok": close and bool(torch.isfinite(out).all()) and splits > 1,
+            "max_abs_err": float(err.max()), "decode_splits": splits}
+
+
 def check_copy_blocks(backend_cls, dtype: torch.dtype, device) -> dict:
     caches = [torch.randn(2, 8, 16, 2, 64).to(dtype).to(device) for _ in range(2)]
     before = [c.clone() for c in caches]
@@ -262,6 +301,7 @@ def run(dtype_names, device, *, large: bool = False, only: str | None = None,
         checks = [
             ("write_kv_padding", lambda: check_write_kv_padding(backend, dtype, device)),
             ("copy_blocks", lambda: check_copy_blocks(backend, dtype, device)),
+            ("graph_padding", lambda: check_graph_padding(backend, dtype, device)),
             ("conformance", lambda: check_conformance(backend, dtype, device)),
         ] + [(c.name, lambda c=c: check_case(backend, c, dtype, device)) for c in cases]
         for name, check in checks:
