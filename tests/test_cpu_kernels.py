@@ -134,8 +134,7 @@ def test_fused_decode_layer_matches_the_module_path(arch, monkeypatch):
     from transformers import AutoConfig
 
     from pllm.models.layers import ForwardContext
-    from pllm.models.llama import DecoderLayer, RotaryEmbedding
-    from pllm.models.llama import ArchSpec
+    from pllm.models.llama import ArchSpec, DecoderLayer, RotaryEmbedding
     from pllm.platforms.cpu.layers import CPUDecoderLayer
     from pllm.platforms.cpu.linear import use_cpu_linears
     from pllm.testing.metadata import build_metadata

@@ -298,4 +298,3 @@ class Platform(abc.ABC):
         decode-only steps from persistent buffers, e.g. by replaying captured
         graphs. Called once the KV cache exists; the engine calls its
         ``capture_all`` right after."""
-        return None
