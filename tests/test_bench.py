@@ -49,6 +49,11 @@ def test_default_workload_is_the_documented_mix(tokenizer):
     assert [r.prompt_len for r in text] == [r.prompt_len for r in reqs]
     assert [r.output_len for r in text] == [r.output_len for r in reqs]
     assert "the" in tokenizer.decode(text[0].prompt_token_ids)
+    # Another prompt seed (each serve rate gets one): same lengths, other prompts.
+    other = build_requests(tokenizer, 320, num_requests=64, input_range=(16, 256),
+                           output_range=(32, 128), seed=0, prompt_seed=7919)
+    assert [(r.prompt_len, r.output_len) for r in other] == [(r.prompt_len, r.output_len) for r in reqs]
+    assert all(a.prompt_token_ids != b.prompt_token_ids for a, b in zip(other, reqs))
 
 
 def test_bad_ranges_and_baselines_are_user_errors(capsys):

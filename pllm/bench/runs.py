@@ -222,13 +222,18 @@ def run_serve(args) -> dict:
     in_range = parse_range(args.input_len_range, "--input-len-range")
     out_range = parse_range(args.output_len_range, "--output-len-range")
     loaded = load_model(args.model, tokenizer=args.tokenizer)
-    requests = build_requests(loaded.tokenizer, loaded.hf_config.vocab_size,
-                              num_requests=args.num_prompts, input_range=in_range,
-                              output_range=out_range, seed=args.seed, dataset=args.dataset)
+    # Every rate gets the same lengths but prompts of its own: a server with
+    # prefix caching would otherwise serve the later rates' prefills from cache.
+    per_rate = [build_requests(loaded.tokenizer, loaded.hf_config.vocab_size,
+                               num_requests=args.num_prompts, input_range=in_range,
+                               output_range=out_range, seed=args.seed, dataset=args.dataset,
+                               prompt_seed=args.seed + 7919 * i)
+                for i in range(len(args.request_rate))]
+    requests = per_rate[0]
     runs = asyncio.run(run_serve_bench(
         args.base_url, requests, args.request_rate, model=args.served_model_name,
         max_seconds=args.max_seconds, drain_seconds=args.drain_seconds, seed=args.seed,
-        api_key=args.api_key))
+        api_key=args.api_key, requests_per_rate=per_rate))
     result = _header("serve", runs["model"])
     result["workload"] = {"num_prompts": args.num_prompts, "input_len_range": list(in_range),
                           "output_len_range": list(out_range), "seed": args.seed,
@@ -236,6 +241,8 @@ def run_serve(args) -> dict:
                           "request_rates": ["inf" if math.isinf(r) else r
                                             for r in args.request_rate],
                           "max_seconds": args.max_seconds, "drain_seconds": args.drain_seconds,
+                          "prompts_per_rate": "the same lengths at every rate; the i-th rate's "
+                                              "prompt tokens are drawn with seed + 7919 * i",
                           **workload_summary(requests)}
     result.update(base_url=runs["base_url"], per_rate=runs["per_rate"])
     report.print_serve(result)

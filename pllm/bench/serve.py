@@ -183,8 +183,11 @@ async def _served_model(client, base_url: str) -> str:
 async def run_serve_bench(base_url: str, requests: list[BenchRequest], rates: list[float], *,
                           model: str | None = None, max_seconds: float = 120.0,
                           drain_seconds: float = 60.0, seed: int = 0,
-                          api_key: str | None = None) -> dict:
-    """One summary per rate (in order), after one untimed warm-up request."""
+                          api_key: str | None = None,
+                          requests_per_rate: list[list[BenchRequest]] | None = None) -> dict:
+    """One summary per rate (in order), after one untimed warm-up request.
+    ``requests_per_rate`` (one list per rate) replaces ``requests``, so that a
+    later rate need not resend prompts the server has cached."""
     import httpx
 
     base_url = base_url.rstrip("/")
@@ -200,8 +203,9 @@ async def run_serve_bench(base_url: str, requests: list[BenchRequest], rates: li
         if not warm.ok:
             raise ServeBenchError(f"the warm-up request to {url} failed: {warm.error}")
         per_rate = []
-        for rate in rates:
-            per_rate.append(await _run_rate(client, url, model, requests, rate,
+        for i, rate in enumerate(rates):
+            batch = requests_per_rate[i] if requests_per_rate else requests
+            per_rate.append(await _run_rate(client, url, model, batch, rate,
                                             max_seconds=max_seconds, drain_seconds=drain_seconds,
                                             seed=seed))
     return {"model": model, "base_url": base_url, "per_rate": per_rate}

@@ -114,9 +114,13 @@ def text_prompts(lengths: list[int], token_stream: list[int], seed: int) -> list
 
 def build_requests(tokenizer, vocab_size: int, *, num_requests: int,
                    input_range: tuple[int, int], output_range: tuple[int, int],
-                   seed: int = 0, dataset: str = "random") -> list[BenchRequest]:
+                   seed: int = 0, dataset: str = "random",
+                   prompt_seed: int | None = None) -> list[BenchRequest]:
     """``dataset``: ``random`` (token ids drawn uniformly from the ordinary vocabulary),
-    ``text`` (the built-in English prose) or a path to a UTF-8 text file."""
+    ``text`` (the built-in English prose) or a path to a UTF-8 text file.
+    ``prompt_seed`` (default ``seed``) draws the prompts' tokens: another value
+    gives the same lengths with other prompts."""
+    content_seed = seed if prompt_seed is None else prompt_seed
     if num_requests < 1:
         raise WorkloadError(f"the number of prompts must be >= 1, got {num_requests}")
     pairs = sample_lengths(num_requests, input_range, output_range, seed)
@@ -124,7 +128,7 @@ def build_requests(tokenizer, vocab_size: int, *, num_requests: int,
     if dataset == "random":
         # The embedding may be padded past the tokenizer; ids it cannot decode are no prompt.
         num_ids = min(vocab_size, len(tokenizer))
-        prompts = random_token_prompts(lengths, num_ids, special_token_ids(tokenizer), seed)
+        prompts = random_token_prompts(lengths, num_ids, special_token_ids(tokenizer), content_seed)
     else:
         if dataset == "text":
             text = BUILTIN_TEXT
@@ -137,7 +141,7 @@ def build_requests(tokenizer, vocab_size: int, *, num_requests: int,
                     f"dataset {dataset!r} is neither 'random', 'text' nor a readable "
                     f"text file: {exc}"
                 ) from None
-        prompts = text_prompts(lengths, tokenizer.encode(text, add_special_tokens=False), seed)
+        prompts = text_prompts(lengths, tokenizer.encode(text, add_special_tokens=False), content_seed)
     return [BenchRequest(p, o) for p, (_, o) in zip(prompts, pairs)]
 
 
