@@ -65,6 +65,12 @@ class StaticDecodeRunner:
     def max_batch_size(self) -> int:
         return self.batch_sizes[-1]
 
+    def accepts(self, metadata: AttentionMetadata) -> bool:
+        """Whether ``run`` can serve this step: decodes only, few enough, and
+        block tables that fit the persistent one."""
+        return (metadata.num_decodes == metadata.num_seqs <= self.max_batch_size
+                and metadata.block_tables.shape[1] <= self.block_tables.shape[1])
+
     def bucket(self, num_seqs: int) -> int | None:
         """The smallest batch size holding ``num_seqs`` decodes, or None."""
         return next((b for b in self.batch_sizes if b >= num_seqs), None)
@@ -101,10 +107,11 @@ class StaticDecodeRunner:
             metadata: AttentionMetadata) -> torch.Tensor:
         """Hidden states ``[n, hidden]`` of a decode-only step of ``n`` sequences
         (``n <= max_batch_size``), computed on the persistent buffers."""
+        if not self.accepts(metadata):
+            raise ValueError(f"not a decode-only step of at most {self.max_batch_size} sequences "
+                             f"within {self.max_model_len} tokens")
         n = metadata.num_seqs
         rows = self.bucket(n)
-        if rows is None or metadata.num_decodes != n:
-            raise ValueError(f"not a decode-only step of at most {self.max_batch_size} sequences")
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)

@@ -77,10 +77,8 @@ class ModelRunner:
             self.backend.copy_blocks(self.kv_caches, sched.block_copies)
         batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         ids, pos, metadata = self.build(batch)
-        graphs = self.decode_runner
-        if (graphs is not None and metadata.num_decodes == metadata.num_seqs
-                and metadata.num_seqs <= graphs.max_batch_size):
-            hidden = graphs.run(ids, pos, metadata)
+        if self.decode_runner is not None and self.decode_runner.accepts(metadata):
+            hidden = self.decode_runner.run(ids, pos, metadata)
         else:
             hidden = self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
 
