@@ -127,7 +127,8 @@ class _CountingOps:
 
 @needs_compiler
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_fused_decode_layer_matches_the_module_path(arch, monkeypatch):
+@pytest.mark.parametrize("rows", [3, 30])  # few-row kernel, then weight @ x.T
+def test_fused_decode_layer_matches_the_module_path(arch, rows, monkeypatch):
     """The one-call decoder layer (decode-only steps of a few sequences) gives
     the modules' result: GQA, QKV bias (qwen2), sliding window (mistral),
     contexts across block boundaries, the first layer (no residual yet)."""
@@ -150,15 +151,15 @@ def test_fused_decode_layer_matches_the_module_path(arch, monkeypatch):
             p.normal_(0, 0.2)
     layer = use_cpu_linears(layer).eval()
     backend = CPUAttentionBackend()
-    md = build_metadata([(5, 1), (16, 1), (33, 1)], block_size=8,
+    md = build_metadata([(5 + 4 * i, 1) for i in range(rows)], block_size=8,
                         generator=torch.Generator().manual_seed(1))
     num_blocks = int(md.block_tables.max()) + 1
     cache = torch.randn(backend.kv_cache_shape(num_blocks, 8, spec.num_kv_heads, spec.head_dim))
     positions = md.seq_lens.long() - 1
-    x = torch.randn(3, 96)
+    x = torch.randn(rows, 96)
     counting = _CountingOps(cpu_ops())
     monkeypatch.setattr(cpu_layers, "cpu_ops", lambda: counting)
-    for residual in (None, torch.randn(3, 96)):
+    for residual in (None, torch.randn(rows, 96)):
         outs = []
         for cls in (DecoderLayer, CPUDecoderLayer):
             layer.__class__ = cls

@@ -1,7 +1,7 @@
 """The CPU platform's versions of the model's small per-layer ops, on the
 fused kernels of ``csrc/fused.cpp``: RMSNorm with the residual add folded in,
 SiLU-and-mul, and rotary embedding in place; and, for decode-only steps of
-a few sequences, the whole decoder layer in one compiled call
+up to 128 sequences, the whole decoder layer in one compiled call
 (``csrc/decode_layer.cpp``).
 
 In a batch-1 decode step of SmolLM2-135M the eager ops they replace (about
@@ -20,7 +20,7 @@ from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from pllm.models.llama import DecoderLayer
 from pllm.platforms.cpu.attention import CPUAttentionBackend
 from pllm.platforms.cpu.kernels import cpu_ops
-from pllm.platforms.cpu.linear import _FEW_ROWS
+from pllm.platforms.cpu.linear import _FEW_ROWS, _SMALL_BATCH
 
 
 def _fp32(*tensors: torch.Tensor) -> bool:
@@ -63,15 +63,16 @@ class CPURotaryEmbedding(RotaryEmbedding):
 
 
 class CPUDecoderLayer(DecoderLayer):
-    """A decode-only step of up to ``_FEW_ROWS`` sequences runs the layer in
-    one compiled call; anything else (prefill chunks, larger batches,
-    q/k norms, other dtypes) goes through the modules one by one."""
+    """A decode-only step of up to ``_SMALL_BATCH`` sequences runs the layer
+    in one compiled call, with the products CPULinear would pick; anything
+    else (prefill chunks, larger batches, q/k norms, other dtypes) goes
+    through the modules one by one."""
 
     def forward(self, positions, x, residual, ctx):
         md = ctx.metadata
         ops = cpu_ops()
         weights = self._fused_weights()
-        if (ops is None or weights is None or md.num_decodes != md.num_seqs or x.shape[0] > _FEW_ROWS
+        if (ops is None or weights is None or md.num_decodes != md.num_seqs or x.shape[0] > _SMALL_BATCH
                 or x.dtype != torch.float32 or not isinstance(ctx.backend, CPUAttentionBackend)):
             return super().forward(positions, x, residual, ctx)
         attn = self.self_attn.attn
@@ -79,7 +80,8 @@ class CPUDecoderLayer(DecoderLayer):
         if cache.dtype != torch.float32:
             return super().forward(positions, x, residual, ctx)
         return ops.decode_layer(x, residual, positions, *weights, cache, md.slot_mapping,
-                                md.block_tables, md.seq_lens, attn.scale, attn.sliding_window or 0)
+                                md.block_tables, md.seq_lens, attn.scale, attn.sliding_window or 0,
+                                _FEW_ROWS)
 
     def _fused_weights(self) -> tuple | None:
         """The layer's constant arguments of ``decode_layer``, gathered once

@@ -1,10 +1,23 @@
-// One decoder layer of the Llama family for a decode-only step of a few
-// sequences, in one call: RMSNorm (+ residual), QKV, rotary, KV write, paged
-// attention, output projection, RMSNorm (+ residual), gate/up, SiLU-and-mul,
-// down. The same kernels the layer's modules call one by one; what this
-// saves is the 20-30 Python module calls and torch dispatches per layer,
-// which at batch 1 cost about a third as much time as reading the weights.
-// Returns (mlp_out, residual) as the layer's torch code does.
+// One decoder layer of the Llama family for a decode-only step, in one call:
+// RMSNorm (+ residual), QKV, rotary, KV write, paged attention, output
+// projection, RMSNorm (+ residual), gate/up, SiLU-and-mul, down. The same
+// kernels and products the layer's modules use one by one (``linear_small``
+// up to ``few_rows`` rows, else ``weight @ x.T``, whose column-major result
+// the next kernels take as it is); what this saves is the 20-30 Python module
+// calls and torch dispatches per layer, which at batch 1 cost about a third
+// as much time as reading the weights. Returns (mlp_out, residual) as the
+// layer's torch code does.
+
+namespace {
+
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& w,
+                            const c10::optional<torch::Tensor>& b, int64_t few_rows) {
+  if (x.size(0) <= few_rows) return linear_small(x, w, b);
+  torch::Tensor out = at::matmul(w, x.t()).t();
+  return b.has_value() ? out + b.value() : out;
+}
+
+}  // namespace
 
 std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor positions,
@@ -16,7 +29,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     torch::Tensor cos, torch::Tensor sin,
     torch::Tensor kv_cache, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
-    double scale, int64_t sliding_window) {
+    double scale, int64_t sliding_window, int64_t few_rows) {
   const int64_t m = x.size(0);
   torch::Tensor res, h;
   if (residual.has_value()) {
@@ -27,15 +40,17 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     h = rms_norm(res, input_norm, eps);
   }
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  torch::Tensor qkv = linear_small(h, qkv_w, qkv_b);
-  torch::Tensor q = qkv.narrow(1, 0, q_size).view({m, num_heads, head_dim});
-  torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({m, num_kv_heads, head_dim});
-  torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({m, num_kv_heads, head_dim});
+  torch::Tensor qkv = decode_linear(h, qkv_w, qkv_b, few_rows);
+  // Head vectors must be contiguous for rotary and the KV write: a copy only
+  // when the product came back column-major.
+  torch::Tensor q = qkv.narrow(1, 0, q_size).reshape({m, num_heads, head_dim}).contiguous();
+  torch::Tensor k = qkv.narrow(1, q_size, kv_size).reshape({m, num_kv_heads, head_dim}).contiguous();
+  torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).reshape({m, num_kv_heads, head_dim}).contiguous();
   rotary_(q, k, positions, cos, sin);
   write_kv_(k, v, kv_cache, slots);
   torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window);
-  torch::Tensor o = linear_small(attn.view({m, q_size}), o_w, o_b);
+  torch::Tensor o = decode_linear(attn.view({m, q_size}), o_w, o_b, few_rows);
   h = add_rms_norm_(o, res, post_norm, eps);
-  torch::Tensor act = silu_and_mul(linear_small(h, gate_up_w, gate_up_b));
-  return {linear_small(act, down_w, down_b), res};
+  torch::Tensor act = silu_and_mul(decode_linear(h, gate_up_w, gate_up_b, few_rows));
+  return {decode_linear(act, down_w, down_b, few_rows), res};
 }
