@@ -14,10 +14,10 @@ The host-side lengths in a bucket's metadata are the worst case
 (``max_model_len``), so a backend sizes its launch (split-KV partitions, for
 one) for any context; the kernels read the real lengths from ``seq_lens``.
 
-The platform decides what capturing means by overriding ``capture``: the
-cuda platform records a ``torch.cuda.CUDAGraph``. The base class replays the
-forward eagerly on the same buffers, which is how padding and bucketing are
-tested on hosts without a GPU.
+The platform decides what capturing means by overriding ``capture`` (and
+returns its subclass from ``Platform.make_decode_runner``). The base class
+replays the forward eagerly on the same buffers, which is how padding and
+bucketing are tested on hosts without an accelerator.
 """
 
 from __future__ import annotations

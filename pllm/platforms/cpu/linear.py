@@ -43,7 +43,8 @@ class CPULinear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rows_out = rows_out  # the output must be row-major (the LM head)
-        self._packed: torch.Tensor | None = None
+        # Packed once, here: the weights are loaded by the time a platform prepares the model.
+        self._packed = _onednn_packed(self.weight) if rows_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] if x.dim() == 2 else -1
@@ -53,22 +54,24 @@ class CPULinear(nn.Module):
             if ops is not None:
                 return ops.linear_small(x, self.weight, self.bias)
         if 1 <= rows <= _SMALL_BATCH:
-            if self.rows_out and fp32 and (packed := self._packed_weight()) is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+            if self._packed is not None and fp32:
+                return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
             out = torch.matmul(self.weight, x.t()).t()
             if self.rows_out:
                 out = out.contiguous()
             return out + self.bias if self.bias is not None else out
         return F.linear(x, self.weight, self.bias)
 
-    def _packed_weight(self) -> torch.Tensor | None:
-        if self._packed is None:
-            try:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
-            except (RuntimeError, AttributeError) as exc:  # a torch built without oneDNN
-                logger.info("no oneDNN packed weight for the LM head (%s)", exc)
-                self._packed = torch.empty(0)
-        return self._packed if self._packed.numel() else None
+
+
+def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.dtype != torch.float32:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    except (RuntimeError, AttributeError) as exc:  # a torch built without oneDNN
+        logger.info("no oneDNN packed weight for the LM head (%s)", exc)
+        return None
 
 
 def use_cpu_linears(model: nn.Module) -> nn.Module:
@@ -78,8 +81,5 @@ def use_cpu_linears(model: nn.Module) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 head = f"{name}.{child_name}".lstrip(".") == "lm_head"
-                fast = CPULinear(child, rows_out=head)
-                if head:
-                    fast._packed_weight()  # pack now, not inside the first big step
-                setattr(module, child_name, fast)
+                setattr(module, child_name, CPULinear(child, rows_out=head))
     return model

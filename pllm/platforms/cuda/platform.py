@@ -147,11 +147,11 @@ class CudaPlatform(Platform):
 
     def make_decode_runner(self, model, backend, kv_caches, config, max_model_len):
         """CUDA graphs of the decode step at 1, 2, 4, 8, 16, 32, ... up to
-        ``max_num_seqs`` sequences (``--enforce-eager`` turns them off)."""
+        ``max_num_seqs`` sequences (the engine skips this with ``--enforce-eager``)."""
         from pllm.core.graphs import decode_batch_sizes
         from pllm.platforms.cuda.graphs import CUDAGraphDecodeRunner
 
-        if config.device.enforce_eager or not self.capabilities.supports_graphs:
+        if not self.capabilities.supports_graphs:
             return None
         return CUDAGraphDecodeRunner(
             model, backend, kv_caches, block_size=config.cache.block_size,

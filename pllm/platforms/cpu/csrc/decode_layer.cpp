@@ -10,6 +10,14 @@
 
 namespace {
 
+// Heads [m, heads, head_dim] of the QKV product's columns [offset, offset + heads * head_dim):
+// a view when head vectors are contiguous (row-major product), a copy when
+// the product came back column-major (rotary and the KV write need them contiguous).
+torch::Tensor qkv_heads(const torch::Tensor& qkv, int64_t offset, int64_t heads, int64_t head_dim) {
+  torch::Tensor t = qkv.narrow(1, offset, heads * head_dim).reshape({qkv.size(0), heads, head_dim});
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
+
 torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& w,
                             const c10::optional<torch::Tensor>& b, int64_t few_rows) {
   if (x.size(0) <= few_rows) return linear_small(x, w, b);
@@ -41,11 +49,9 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   }
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   torch::Tensor qkv = decode_linear(h, qkv_w, qkv_b, few_rows);
-  // Head vectors must be contiguous for rotary and the KV write: a copy only
-  // when the product came back column-major.
-  torch::Tensor q = qkv.narrow(1, 0, q_size).reshape({m, num_heads, head_dim}).contiguous();
-  torch::Tensor k = qkv.narrow(1, q_size, kv_size).reshape({m, num_kv_heads, head_dim}).contiguous();
-  torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).reshape({m, num_kv_heads, head_dim}).contiguous();
+  torch::Tensor q = qkv_heads(qkv, 0, num_heads, head_dim);
+  torch::Tensor k = qkv_heads(qkv, q_size, num_kv_heads, head_dim);
+  torch::Tensor v = qkv_heads(qkv, q_size + kv_size, num_kv_heads, head_dim);
   rotary_(q, k, positions, cos, sin);
   write_kv_(k, v, kv_cache, slots);
   torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window);

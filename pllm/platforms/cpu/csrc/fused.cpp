@@ -32,19 +32,39 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& weight) {
 
 }  // namespace
 
-// RMSNorm of each row of x [M, H].
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  check_rows(x, weight);
+namespace {
+
+// RMSNorm of each row of x [M, H]; with ``residual``, first residual += x
+// (in place) and normalise the sum.
+torch::Tensor norm_rows(torch::Tensor x, float* residual, torch::Tensor weight, double eps) {
   x = x.contiguous();
   weight = weight.contiguous();
   const int64_t m = x.size(0), h = x.size(1);
-  auto out = torch::empty_like(x);
+  auto out = torch::empty({m, h}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (m * h >= kParallelElements)
-  for (int64_t r = 0; r < m; ++r) rms_norm_row(xp + r * h, wp, static_cast<float>(eps), h, op + r * h);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = xp + r * h;
+    if (residual != nullptr) {
+      float* sum = residual + r * h;
+      int64_t i = 0;
+      for (; i + 8 <= h; i += 8) v8_store(sum + i, v8_add(v8_load(sum + i), v8_load(row + i)));
+      for (; i < h; ++i) sum[i] += row[i];
+      row = sum;
+    }
+    rms_norm_row(row, wp, static_cast<float>(eps), h, op + r * h);
+  }
   return out;
+}
+
+}  // namespace
+
+// RMSNorm of each row of x [M, H].
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_rows(x, weight);
+  return norm_rows(x, nullptr, weight, eps);
 }
 
 // residual += x (in place), then RMSNorm of the new residual.
@@ -52,24 +72,7 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tens
   check_rows(x, weight);
   TORCH_CHECK(residual.sizes() == x.sizes() && residual.dtype() == torch::kFloat32, "residual mismatch");
   TORCH_CHECK(residual.is_contiguous(), "residual must be contiguous");
-  x = x.contiguous();
-  weight = weight.contiguous();
-  const int64_t m = x.size(0), h = x.size(1);
-  auto out = torch::empty_like(residual);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* rp = residual.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-#pragma omp parallel for schedule(static) if (m * h >= kParallelElements)
-  for (int64_t r = 0; r < m; ++r) {
-    float* row = rp + r * h;
-    const float* add = xp + r * h;
-    int64_t i = 0;
-    for (; i + 8 <= h; i += 8) v8_store(row + i, v8_add(v8_load(row + i), v8_load(add + i)));
-    for (; i < h; ++i) row[i] += add[i];
-    rms_norm_row(row, wp, static_cast<float>(eps), h, op + r * h);
-  }
-  return out;
+  return norm_rows(x, residual.data_ptr<float>(), weight, eps);
 }
 
 namespace {
