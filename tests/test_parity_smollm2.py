@@ -61,3 +61,13 @@ def test_greedy_parity_smollm2(reference, setting):
         kwargs = dict(num_blocks_override=2 * blocks + 1, max_model_len=blocks * 16)
     llm = LLM(None, device="cpu", kv_cache_memory="64MB", **kwargs)
     check_setting(llm, prompts, expected, MAX_NEW, must)
+
+
+def test_greedy_parity_smollm2_three_tensor_parallel_ranks(reference):
+    """SmolLM2's 9 query and 3 KV heads split over three processes (gloo)."""
+    prompts, expected = reference
+    llm = LLM(None, device="cpu", kv_cache_memory="64MB", tensor_parallel_size=3)
+    try:
+        check_setting(llm, prompts, expected, MAX_NEW, None)
+    finally:
+        llm.shutdown()

@@ -420,6 +420,9 @@ class _FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def shutdown(self) -> None:
+        self.shut_down = True
+
     def get_stats(self):
         from types import SimpleNamespace
 
@@ -476,7 +479,7 @@ def test_async_engine_rejects_aborts_and_survives_a_failed_step():
         outs = [o async for o in engine.generate("hi", SamplingParams(max_tokens=2), "after")]
         assert outs[-1].finished and engine.is_running
         await engine.shutdown()
-        assert not engine.is_running
+        assert not engine.is_running and fake.shut_down  # the engine's worker processes too
 
     asyncio.run(run())
     for reason, count in (("abort", 2), ("length", 2), ("stop", 0)):

@@ -11,7 +11,7 @@ import torch
 
 from pllm.core.config import EngineConfig
 from pllm.core.detokenizer import Detokenizer, find_stop_string, visible_text
-from pllm.core.executor import UniProcExecutor
+from pllm.core.executor import make_executor
 from pllm.core.interfaces import Platform
 from pllm.core.kv_cache.manager import KVCacheManager
 from pllm.core.outputs import RequestOutput
@@ -63,12 +63,17 @@ class LLMEngine:
             raise ValueError(f"max_model_len={mc.max_model_len} exceeds the model's context ({model_max})")
         self.max_model_len = mc.max_model_len or model_max
 
-        self.executor = UniProcExecutor(config, self.platform, self.loaded, self.max_model_len)
-        num_blocks = self.executor.init_kv_cache()
+        self.executor = make_executor(config, self.platform, self.loaded, self.max_model_len)
+        try:
+            num_blocks = self.executor.init_kv_cache()
+        except BaseException:
+            self.executor.shutdown()  # no worker process outlives a failed start
+            raise
         block_size = config.cache.block_size
         capacity = num_blocks * block_size
         if capacity < self.max_model_len:
             if mc.max_model_len:
+                self.executor.shutdown()
                 raise ValueError(
                     f"max_model_len={mc.max_model_len} needs {self.max_model_len} tokens of KV cache, "
                     f"only {capacity} fit; raise --kv-cache-memory or lower --max-model-len"
@@ -90,6 +95,11 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args) -> LLMEngine:
         return cls(args.create_engine_config())
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes (tensor parallelism); the
+        engine cannot step afterwards. Also done at interpreter exit."""
+        self.executor.shutdown()
 
     # ---- requests ----------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

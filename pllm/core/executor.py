@@ -1,20 +1,37 @@
-"""Workers behind an executor. The engine talks to the executor only; one
-worker in this process today, a worker process per device for tensor
-parallelism later."""
+"""Workers behind an executor. The engine talks to the executor only::
+
+    UniProcExecutor     one worker, in this process
+    MultiprocExecutor   tensor parallelism over N ranks: rank 0's worker in
+                        this process, ranks 1..N-1 each in a process of its own
+
+Under tensor parallelism rank 0 schedules, builds each step's flat inputs and
+samples. It sends the inputs to the other ranks over a pipe (a few small
+tensors), and the ranks meet in the communicator's all-reduces inside the
+forward (``pllm.models.parallel``). Only rank 0 computes logits.
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import threading
 import time
+import traceback
+import weakref
+from collections import deque
 
 import torch
 
 from pllm.core.config import EngineConfig
-from pllm.core.interfaces import AttentionMetadata, Platform
-from pllm.core.runner import ModelRunner, RunnerOutput
+from pllm.core.interfaces import AttentionMetadata, Communicator, Platform
+from pllm.core.runner import ModelRunner, RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
 from pllm.models import get_model_class
 from pllm.models.layers import ForwardContext
+from pllm.models.parallel import TensorParallel
 
 logger = logging.getLogger("pllm")
 
@@ -33,13 +50,15 @@ def resolve_dtype(config: EngineConfig, platform: Platform) -> torch.dtype:
 
 
 class Worker:
-    """Holds the model and the KV cache on one device."""
+    """Holds the model (this rank's shard of it) and the KV cache on one device."""
 
-    def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int,
+                 rank: int = 0, comm: Communicator | None = None) -> None:
         self.max_model_len = max_model_len
         self.config = config
         self.platform = platform
-        self.device = platform.device(0)
+        self.tp = TensorParallel(rank, config.parallel.tensor_parallel_size, comm)
+        self.device = platform.device(rank)
         self.dtype = resolve_dtype(config, platform)
         caps = platform.capabilities
         if not caps.supports_block_size(config.cache.block_size):
@@ -50,7 +69,7 @@ class Worker:
         t0 = time.perf_counter()
         cls = get_model_class(loaded.hf_config.model_type)
         with torch.device("meta"):
-            model = cls(loaded.hf_config, max_positions=max_model_len)
+            model = cls(loaded.hf_config, max_positions=max_model_len, tp=self.tp)
         model = model.to_empty(device=self.device)
         model.rotary.reset_tables()
         model.load_weights(loaded.weights())
@@ -62,7 +81,8 @@ class Worker:
         spec = self.model.spec
         if not caps.supports_head_dim(spec.head_dim):
             raise ValueError(f"head_dim={spec.head_dim} is not supported on {platform.name}")
-        logger.info("loaded %s (%s) in %.1fs", loaded.name, self.dtype, time.perf_counter() - t0)
+        if rank == 0:
+            logger.info("loaded %s (%s) in %.1fs", loaded.name, self.dtype, time.perf_counter() - t0)
         self.backend = platform.make_attention_backend()
         self.spec = spec
 
@@ -100,13 +120,30 @@ class Worker:
         del caches, hidden
         self.platform.synchronize()
 
-    def init_kv_cache(self) -> int:
+    def available_blocks(self) -> int:
+        """How many KV-cache blocks fit on this rank's device. Ranks that share
+        one device (the host) share its budget: a block costs every rank's
+        bytes of it."""
         if self.platform.capabilities.profiles_memory:
             self.profile_run()
         allocator = self.platform.make_kv_cache_allocator()
-        num_blocks = allocator.num_blocks(self.config.cache, self.bytes_per_block())
+        per_block = self.bytes_per_block()
+        if self.platform.capabilities.ranks_share_device:
+            per_block *= self.tp.size
+        num_blocks = allocator.num_blocks(self.config.cache, per_block)
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache; raise --kv-cache-memory")
+        return num_blocks
+
+    def init_kv_cache(self) -> int:
+        num_blocks = self.available_blocks()
+        self.allocate_kv_cache(num_blocks)
+        return num_blocks
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The cache of ``num_blocks`` blocks (the same on every rank), the
+        decode graphs over it, and the runner."""
+        allocator = self.platform.make_kv_cache_allocator()
         spec = self.spec
         shape = self.backend.kv_cache_shape(num_blocks, self.config.cache.block_size,
                                             spec.num_kv_heads, spec.head_dim)
@@ -119,7 +156,6 @@ class Worker:
                 decode_runner.capture_all()
         self.runner = ModelRunner(self.model, self.backend, caches, self.config.cache.block_size,
                                   self.device, decode_runner)
-        return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(sched)
@@ -127,10 +163,6 @@ class Worker:
 
 class UniProcExecutor:
     def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int) -> None:
-        if config.parallel.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={config.parallel.tensor_parallel_size} is not supported yet; use 1"
-            )
         self.worker = Worker(config, platform, loaded, max_model_len)
 
     def init_kv_cache(self) -> int:
@@ -138,3 +170,225 @@ class UniProcExecutor:
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute(sched)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig, platform: Platform, loaded, max_model_len: int):
+    if config.parallel.tensor_parallel_size == 1:
+        return UniProcExecutor(config, platform, loaded, max_model_len)
+    return MultiprocExecutor(config, platform, loaded, max_model_len)
+
+
+def check_tensor_parallel(config: EngineConfig, platform: Platform, hf_config) -> None:
+    """Fail before any process starts when the ranks cannot be placed or the
+    model does not split evenly over them."""
+    size = config.parallel.tensor_parallel_size
+    caps = platform.capabilities
+    if not caps.ranks_share_device and size > platform.device_count():
+        raise ValueError(
+            f"tensor_parallel_size={size} needs {size} {platform.name} devices; "
+            f"{platform.device_count()} visible"
+        )
+    get_model_class(hf_config.model_type).spec_class(hf_config, size)
+
+
+class WorkerProcessError(RuntimeError):
+    """A tensor-parallel rank failed; the message carries its traceback."""
+
+
+class MultiprocExecutor:
+    """Tensor parallelism on one machine: see the module docstring. Worker
+    processes start with ``spawn`` (a script that builds an engine with
+    ``tensor_parallel_size > 1`` needs an ``if __name__ == "__main__":`` guard,
+    as with any spawning library)."""
+
+    def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int) -> None:
+        size = config.parallel.tensor_parallel_size
+        check_tensor_parallel(config, platform, loaded.hf_config)
+        if platform.capabilities.ranks_share_device and not config.device.num_threads:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
+        self._procs: list = []
+        self._conns: list = []
+        self._early: list[deque] = []
+        for rank in range(1, size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main, name=f"pllm-tp-rank{rank}", daemon=True,
+                args=(rank, config, platform.name, loaded.path, max_model_len, init_method, child),
+            )
+            proc.start()
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+            self._early.append(deque())
+        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
+        self.comm = None
+        try:
+            self.comm = self._join_group(platform, size, init_method)
+            self.worker = Worker(config, platform, loaded, max_model_len, rank=0, comm=self.comm)
+            for i in range(len(self._conns)):
+                self._recv(i, "ready")
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("tensor parallelism over %d ranks (%s)", size, platform.capabilities.distributed_backend)
+
+    def init_kv_cache(self) -> int:
+        for conn in self._conns:
+            _send(conn, "available_blocks")
+        num_blocks = min([self.worker.available_blocks()]
+                         + [self._recv(i, "available_blocks") for i in range(len(self._conns))])
+        for conn in self._conns:
+            _send(conn, "allocate", num_blocks)
+        self.worker.allocate_kv_cache(num_blocks)
+        for i in range(len(self._conns)):
+            self._recv(i, "allocate")
+        self.worker.runner.on_step = self._broadcast
+        return num_blocks
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        try:
+            return self.worker.execute(sched)
+        except Exception as exc:
+            self._raise_worker_error(exc)
+            raise
+
+    def shutdown(self) -> None:
+        self._finalizer()
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+
+    # ---- plumbing ----------------------------------------------------------
+
+    def _broadcast(self, inputs: StepInputs) -> None:
+        data = pickle.dumps(("step", inputs), protocol=pickle.HIGHEST_PROTOCOL)
+        for conn in self._conns:
+            conn.send_bytes(data)
+
+    def _join_group(self, platform: Platform, size: int, init_method: str) -> Communicator:
+        """Rank 0's communicator; meanwhile a rank that fails to start is
+        reported at once instead of after the rendezvous times out."""
+        box: dict = {}
+
+        def join() -> None:
+            try:
+                box["comm"] = platform.make_communicator(0, size, init_method)
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=join, name="pllm-tp-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            for i in range(len(self._conns)):
+                self._poll(i)
+        if "error" in box:
+            raise box["error"]
+        return box["comm"]
+
+    def _poll(self, i: int) -> None:
+        """Take rank ``i + 1``'s pending messages; raise if it failed."""
+        conn, proc = self._conns[i], self._procs[i]
+        try:
+            while conn.poll():
+                kind, payload = pickle.loads(conn.recv_bytes())
+                if kind == "error":
+                    raise WorkerProcessError(f"tensor-parallel rank {i + 1} failed:\n{payload}")
+                self._early[i].append((kind, payload))
+        except (EOFError, ConnectionError):
+            pass
+        if not self._early[i] and proc.exitcode is not None:
+            raise WorkerProcessError(f"tensor-parallel rank {i + 1} exited with code {proc.exitcode}")
+
+    def _recv(self, i: int, kind: str):
+        while not self._early[i]:
+            self._poll(i)
+            if not self._early[i]:
+                self._conns[i].poll(0.1)
+        got, payload = self._early[i].popleft()
+        if got != kind:
+            raise WorkerProcessError(f"tensor-parallel rank {i + 1} answered {got!r}, expected {kind!r}")
+        return payload
+
+    def _raise_worker_error(self, cause: BaseException) -> None:
+        """After a failed step: the first rank's own error, if one sent it."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for i in range(len(self._conns)):
+                try:
+                    self._poll(i)
+                except WorkerProcessError as err:
+                    raise err from cause
+            time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _send(conn, kind: str, payload=None) -> None:
+    conn.send_bytes(pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _stop_workers(procs: list, conns: list) -> None:
+    for conn in conns:
+        try:
+            _send(conn, "stop")
+        except (OSError, ValueError):
+            pass
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    for conn in conns:
+        conn.close()
+
+
+def _worker_main(rank: int, config: EngineConfig, platform_name: str, model_path: str,
+                 max_model_len: int, init_method: str, conn) -> None:
+    """A tensor-parallel rank other than 0: join the group, load this rank's
+    shard, then run every step rank 0 sends until told to stop."""
+    try:
+        from pllm.loader import load_model
+        from pllm.plugins.manager import PluginManager
+
+        platform = PluginManager().select_platform(platform_name)
+        size = config.parallel.tensor_parallel_size
+        if config.device.num_threads:
+            torch.set_num_threads(config.device.num_threads)
+        elif platform.capabilities.ranks_share_device:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        torch.manual_seed(config.model.seed)
+        comm = platform.make_communicator(rank, size, init_method)
+        mc = config.model
+        loaded = load_model(model_path, tokenizer=mc.tokenizer, chat_template=mc.chat_template)
+        worker = Worker(config, platform, loaded, max_model_len, rank=rank, comm=comm)
+        _send(conn, "ready")
+        while True:
+            kind, payload = pickle.loads(conn.recv_bytes())
+            if kind == "step":
+                worker.runner.forward(payload)
+            elif kind == "available_blocks":
+                _send(conn, kind, worker.available_blocks())
+            elif kind == "allocate":
+                worker.allocate_kv_cache(payload)
+                _send(conn, kind)
+            elif kind == "stop":
+                break
+        comm.close()
+    except EOFError:
+        pass  # rank 0 went away: nothing left to serve
+    except BaseException:
+        try:
+            _send(conn, "error", traceback.format_exc())
+        except OSError:
+            pass
+        raise SystemExit(1)

@@ -67,6 +67,9 @@ class PlatformCapabilities:
     token_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
     distributed_backend: str = "gloo"  # torch.distributed backend of the communicator
+    # Tensor-parallel ranks may share one device (the host's cores); otherwise
+    # each rank needs a device of its own (``device(rank)``).
+    ranks_share_device: bool = False
 
     def __post_init__(self) -> None:
         if self.default_dtype not in self.dtypes:

@@ -3,6 +3,7 @@ model, and returns logits only for the rows that are needed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,22 @@ class RunnerOutput:
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class StepInputs:
+    """One step's flat batch on the host, decodes first: what the runner turns
+    into device tensors and metadata, and what rank 0 sends to the other
+    tensor-parallel ranks (a few small tensors, no sequence objects)."""
+
+    input_ids: torch.Tensor  # int64 [num_tokens]
+    positions: torch.Tensor  # int64 [num_tokens]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    num_decodes: int
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_caches: list[torch.Tensor],
                  block_size: int, device: torch.device, decode_runner=None) -> None:
@@ -31,9 +48,14 @@ class ModelRunner:
         self.device = device
         # Serves decode-only steps from persistent buffers (graph replay); None: eager.
         self.decode_runner = decode_runner
+        # Called with each step's inputs before the forward (tensor parallelism:
+        # hands them to the other ranks); None: one rank.
+        self.on_step: Callable[[StepInputs], None] | None = None
 
-    def build(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """``batch`` must list decodes (one new token) first."""
+    def prepare(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], StepInputs]:
+        """The step's sequences in batch order (decodes, one new token each,
+        first) and their flat inputs."""
+        batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -56,31 +78,47 @@ class ModelRunner:
         num_decodes = 0
         while num_decodes < len(batch) and batch[num_decodes].num_new_tokens == 1:
             num_decodes += 1
+        return batch, StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=tables, query_start_loc=starts, seq_lens=seq_lens,
+            num_decodes=num_decodes, block_copies=list(sched.block_copies),
+        )
+
+    def build(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Device tensors and attention metadata for ``inputs``."""
         dev = self.device
+        starts, seq_lens = inputs.query_start_loc, inputs.seq_lens
         metadata = AttentionMetadata(
-            num_seqs=len(batch), num_tokens=len(input_ids), num_decodes=num_decodes,
-            max_query_len=max(b.num_new_tokens for b in batch), max_seq_len=max(seq_lens),
-            block_size=bs,
+            num_seqs=len(seq_lens), num_tokens=starts[-1], num_decodes=inputs.num_decodes,
+            max_query_len=max(b - a for a, b in zip(starts, starts[1:])), max_seq_len=max(seq_lens),
+            block_size=self.block_size,
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=tables.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=inputs.block_tables.to(dev),
+            slot_mapping=inputs.slot_mapping.to(dev),
             query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        ids, pos = inputs.input_ids.to(dev), inputs.positions.to(dev)
         return ids, pos, self.backend.prepare_metadata(metadata)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        if sched.block_copies:
-            self.backend.copy_blocks(self.kv_caches, sched.block_copies)
-        batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
-        ids, pos, metadata = self.build(batch)
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states of every token of the step (every rank runs this)."""
+        if inputs.block_copies:
+            self.backend.copy_blocks(self.kv_caches, inputs.block_copies)
+        ids, pos, metadata = self.build(inputs)
         if self.decode_runner is not None and self.decode_runner.accepts(metadata):
-            hidden = self.decode_runner.run(ids, pos, metadata)
-        else:
-            hidden = self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
+            return self.decode_runner.run(ids, pos, metadata)
+        return self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        batch, inputs = self.prepare(sched)
+        if self.on_step is not None:
+            self.on_step(inputs)
+        hidden = self.forward(inputs)
 
         out = RunnerOutput()
         rows: list[int] = []

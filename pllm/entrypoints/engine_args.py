@@ -86,14 +86,16 @@ class EngineArgs:
         g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget of one step (long prompts are prefilled in chunks)")
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                       help="devices to shard the model over (only 1 is supported so far)")
+                       help="ranks to shard the model over, one process each (attention heads, "
+                            "KV heads and the MLP width must divide by it); on the CPU the ranks "
+                            "split the cores and --kv-cache-memory is their total")
         g.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
         g.add_argument("--served-model-name", default=None, help="model name the API reports")
         g.add_argument("--chat-template", default=None, help="Jinja chat template, or a path to one")
         g.add_argument("--enforce-eager", action="store_true",
                        help="run every layer module by module: on the CPU, no one-call "
                             "decoder layers for decode steps")
-        g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all cores)")
+        g.add_argument("--num-threads", type=int, default=None, help="CPU threads per rank (default: the cores over the tensor-parallel ranks)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

@@ -10,18 +10,26 @@ import torch
 from torch import nn
 
 from pllm.models.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
+from pllm.models.parallel import SINGLE, TensorParallel, divide
 
 
 class ArchSpec:
-    """The differences between family members, read from the HF config."""
+    """The differences between family members, read from the HF config.
 
-    def __init__(self, cfg) -> None:
+    Head counts and the MLP width are one rank's share under tensor
+    parallelism over ``tp_size`` ranks; ``total_*`` are the model's."""
+
+    def __init__(self, cfg, tp_size: int = 1) -> None:
         self.model_type = cfg.model_type
         self.hidden = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.num_heads
-        self.intermediate = cfg.intermediate_size
+        self.total_heads = cfg.num_attention_heads
+        self.total_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.total_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.total_heads
+        self.total_intermediate = cfg.intermediate_size
+        self.tp_size = tp_size
+        self.num_heads = divide(self.total_heads, tp_size, "the number of attention heads")
+        self.num_kv_heads = divide(self.total_kv_heads, tp_size, "the number of key/value heads")
+        self.intermediate = divide(self.total_intermediate, tp_size, "intermediate_size")
         self.eps = cfg.rms_norm_eps
         self.qkv_bias = cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
         self.o_bias = cfg.model_type != "qwen2" and bool(getattr(cfg, "attention_bias", False))
@@ -37,9 +45,10 @@ class ArchSpec:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ArchSpec, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: ArchSpec, layer_idx: int, rotary: RotaryEmbedding,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.tp = spec, tp
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.qkv_proj = nn.Linear(spec.hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
@@ -60,25 +69,27 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, ctx)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(n, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ArchSpec) -> None:
+    def __init__(self, spec: ArchSpec, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = nn.Linear(spec.hidden, 2 * spec.intermediate, bias=spec.mlp_bias)
         self.act = SiluAndMul()
         self.down_proj = nn.Linear(spec.intermediate, spec.hidden, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ArchSpec, idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: ArchSpec, idx: int, rotary: RotaryEmbedding,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, idx, rotary)
-        self.mlp = MLP(spec)
+        self.self_attn = Attention(spec, idx, rotary, tp)
+        self.mlp = MLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
 
@@ -95,12 +106,20 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, hf_config, max_positions: int) -> None:
+    """``tp``: this rank's place in a tensor-parallel group (see
+    ``pllm.models.parallel``); the embedding, norms and LM head are whole on
+    every rank."""
+
+    spec_class = ArchSpec
+
+    def __init__(self, hf_config, max_positions: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.spec = spec = ArchSpec(hf_config)
+        self.spec = spec = ArchSpec(hf_config, tp.size)
+        self.tp = tp
         rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions)
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, spec.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary) for i in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary, tp)
+                                    for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(spec.hidden, spec.eps)
         self.lm_head = nn.Linear(spec.hidden, hf_config.vocab_size, bias=False)
         self.rotary = rotary
@@ -128,6 +147,7 @@ class LlamaForCausalLM(nn.Module):
     # ---- weights -----------------------------------------------------------
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    _ROW_PARALLEL = ("o_proj", "down_proj")  # sharded along their input (dim 1)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Every parameter
@@ -147,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
             if len(parts) >= 2 and parts[-2] in self._FUSED:
                 fused, slot = self._FUSED[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
-                pending.setdefault(target, {})[slot] = tensor
+                pending.setdefault(target, {})[slot] = self.tp.shard(tensor, 0)
                 if len(pending[target]) == (3 if fused == "qkv_proj" else 2):
                     chunks = pending.pop(target)
                     self._copy(params, target, torch.cat([chunks[i] for i in sorted(chunks)]))
@@ -155,6 +175,11 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.spec.model_type}")
+            if len(parts) >= 2 and parts[-2] in self._ROW_PARALLEL:
+                if parts[-1] == "weight":
+                    tensor = self.tp.shard(tensor, 1)
+                elif self.tp.rank:
+                    tensor = torch.zeros_like(tensor)  # the all-reduce adds rank 0's bias once
             self._copy(params, name, tensor)
             loaded.add(name)
         missing = sorted(set(params) - loaded)

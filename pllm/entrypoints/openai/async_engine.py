@@ -123,6 +123,7 @@ class AsyncLLMEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
         self._fail_all(EngineDeadError("the server is shutting down"))
+        self.engine.shutdown()
 
     # ------------------------------------------------------------ requests
 

@@ -93,7 +93,9 @@ class CPUDecoderLayer(DecoderLayer):
             spec = attn.spec
             params = [attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight,
                       mlp.down_proj.weight, self.input_layernorm.weight, attn.rotary.cos]
-            if spec.qk_norm or spec.head_dim % 8 or not _fp32(*params):
+            # Under tensor parallelism the products need an all-reduce the
+            # one-call layer does not make.
+            if spec.qk_norm or spec.head_dim % 8 or spec.tp_size > 1 or not _fp32(*params):
                 cached = ()
             else:
                 cached = (

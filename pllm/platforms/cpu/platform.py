@@ -25,6 +25,7 @@ _CAPABILITIES = PlatformCapabilities(
     dtypes=(torch.float32, torch.bfloat16),
     default_dtype=torch.float32,
     distributed_backend="gloo",
+    ranks_share_device=True,  # tensor-parallel ranks split the cores
 )
 
 

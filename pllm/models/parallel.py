@@ -1,0 +1,51 @@
+"""Tensor parallelism inside a model (Megatron-style).
+
+Each of ``size`` ranks holds a slice of every layer's attention heads and MLP
+columns, and the full embedding, norms and LM head::
+
+    qkv_proj, gate_up_proj   column-parallel: this rank's heads / columns
+    o_proj, down_proj        row-parallel: this rank's input slice, then one
+                             all-reduce sums the ranks' partial products
+
+Two all-reduces per layer; everything between them is local. A row-parallel
+bias is kept by rank 0 only (the others hold zeros), so the sum adds it once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pllm.core.interfaces import Communicator
+
+
+def divide(total: int, size: int, what: str) -> int:
+    """One rank's share of ``total`` (heads, columns) over ``size`` ranks,
+    which must divide it evenly."""
+    if total % size:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({size})")
+    return total // size
+
+
+class TensorParallel:
+    def __init__(self, rank: int = 0, size: int = 1, comm: Communicator | None = None) -> None:
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"tensor-parallel rank {rank} of {size} is not a valid place")
+        if size > 1 and comm is None:
+            raise ValueError(f"tensor parallelism over {size} ranks needs a communicator")
+        self.rank, self.size, self.comm = rank, size, comm
+
+    def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's contiguous slice of ``tensor`` along ``dim``."""
+        if self.size == 1:
+            return tensor
+        part = tensor.shape[dim] // self.size
+        return tensor.narrow(dim, self.rank * part, part)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over the ranks (``x`` itself on one rank)."""
+        if self.size == 1:
+            return x
+        return self.comm.all_reduce(x.contiguous())
+
+
+SINGLE = TensorParallel()

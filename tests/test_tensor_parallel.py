@@ -1,0 +1,157 @@
+"""Tensor parallelism on the CPU: two ranks, two processes, gloo all-reduces.
+
+Greedy tokens must equal transformers' on the same weights, with the step's
+inputs (chunked prefills, prefix-cache hits, copy-on-write forks) reaching
+the second rank; a model that does not split evenly fails before any process
+starts."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from parity import hf_greedy
+from pllm import LLM, SamplingParams
+from pllm.core.config import EngineConfig, ParallelConfig
+from pllm.core.executor import _worker_main, check_tensor_parallel
+from pllm.core.interfaces import PlatformCapabilities
+from pllm.loader import load_model
+from pllm.loader.testing import make_tiny_model
+from pllm.platforms.cpu.platform import CPUPlatform
+
+MAX_NEW = 20
+PROMPT_LENS = [5, 17, 40, 3]
+# Every bias non-zero: the row-parallel ones (o_proj, down_proj) must be added
+# once over the ranks, the column-parallel ones split with their heads.
+ARCHS = {
+    "llama_biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "qwen3": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2)),
+}
+
+
+def _random_biases(folder: str) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    hf.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def tp_engine(request, tmp_path_factory):
+    arch, overrides = ARCHS[request.param]
+    folder = make_tiny_model(tmp_path_factory.mktemp(request.param), arch=arch, **overrides)
+    if any(k.endswith("bias") for k in overrides):
+        _random_biases(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in PROMPT_LENS]
+    expected = hf_greedy(hf, prompts, MAX_NEW)
+    with torch.inference_mode():  # transformers' log-softmax at each generated position
+        hf_logprobs = [hf(torch.tensor([p + e])).logits[0, len(p) - 1: -1].float().log_softmax(-1)
+                       for p, e in zip(prompts, expected)]
+    # A 16-token budget chunks every prompt over 16 tokens.
+    llm = LLM(folder, device="cpu", kv_cache_memory="16MB", tensor_parallel_size=2,
+              max_num_batched_tokens=16)
+    yield llm, prompts, expected, hf_logprobs
+    llm.shutdown()
+
+
+def test_two_ranks_match_transformers(tp_engine):
+    """Tokens and the top-5 logprobs at every step (tiny random models repeat
+    themselves; the logprobs would show a bias added twice or a lost shard)."""
+    llm, prompts, expected, hf_logprobs = tp_engine
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+    for round_ in range(2):  # the second round starts from prefix-cache hits
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        for i, (out, exp, ref) in enumerate(zip(outs, expected, hf_logprobs)):
+            where = f"round {round_}, prompt {i} (len {len(prompts[i])})"
+            assert out.outputs[0].token_ids == exp, where
+            for step, top in enumerate(out.outputs[0].logprobs):
+                ids = sorted(top, key=lambda t: top[t].logprob, reverse=True)[:5]
+                ref_vals, ref_ids = ref[step].topk(5)
+                assert ids == ref_ids.tolist(), f"{where}, step {step}"
+                got = torch.tensor([top[t].logprob for t in ids])
+                torch.testing.assert_close(got, ref_vals, atol=1e-4, rtol=0, msg=f"{where}, step {step}")
+    stats = llm.llm_engine.get_stats()
+    assert stats.prefix_cache_hits > 0, stats
+    assert stats.num_free_blocks == stats.num_total_blocks, stats
+
+
+def test_forked_sequences_copy_blocks_on_every_rank(tp_engine):
+    llm, prompts, expected, _ = tp_engine
+    # n=2 shares the prompt's last, partly filled block: the fork copies it,
+    # and the copy must happen on rank 1's cache too or its K/V go wrong.
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    (out,) = llm.generate([prompts[1]], params, use_tqdm=False)
+    assert [c.token_ids for c in out.outputs] == [expected[1], expected[1]]
+
+
+def test_uneven_split_fails_before_any_process_starts(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)  # 4 query heads, 2 KV heads
+    config = EngineConfig(parallel=ParallelConfig(tensor_parallel_size=3))
+    with pytest.raises(ValueError, match=r"attention heads \(4\) is not divisible by tensor_parallel_size \(3\)"):
+        check_tensor_parallel(config, CPUPlatform(), loaded.hf_config)
+    with pytest.raises(ValueError, match=r"attention heads \(4\) is not divisible"):
+        LLM(tiny_model_dir, device="cpu", kv_cache_memory="4MB", tensor_parallel_size=3)
+
+
+class _OneGPUPlatform(CPUPlatform):
+    """A platform whose ranks each need a device of their own, with one device."""
+
+    @property
+    def capabilities(self) -> PlatformCapabilities:
+        return replace(super().capabilities, ranks_share_device=False)
+
+
+def test_more_ranks_than_devices_is_refused(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    config = EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs 2 cpu devices; 1 visible"):
+        check_tensor_parallel(config, _OneGPUPlatform(), loaded.hf_config)
+
+
+def test_a_failing_rank_reports_its_traceback():
+    parent, child = mp.Pipe()
+    config = EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(SystemExit):
+        _worker_main(1, config, "no-such-platform", "unused", 16, "tcp://127.0.0.1:1", child)
+    kind, text = pickle.loads(parent.recv_bytes())
+    assert kind == "error"
+    assert "no-such-platform" in text and "Traceback" in text
+
+
+def test_server_with_two_ranks_serves_and_leaves_no_process_behind(tiny_model_dir, tiny_llm):
+    """`pllm serve -tp 2`: the official client gets the one-rank engine's
+    greedy text, and SIGTERM takes the rank-1 process down with the server."""
+    openai = pytest.importorskip("openai")
+    psutil = pytest.importorskip("psutil")
+    from server_utils import ServerProcess
+
+    prompt = "The capital of France is"
+    expected = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10),
+                                 use_tqdm=False)[0].outputs[0].text
+    server = ServerProcess([tiny_model_dir, "--device", "cpu", "--kv-cache-memory", "8MB",
+                            "--max-model-len", "128", "--tensor-parallel-size", "2",
+                            "--served-model-name", "tiny"])
+    try:
+        server.wait_ready(timeout=180)
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+        assert children, "no rank-1 process under the server"
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
+        assert r.choices[0].text == expected
+        assert server.terminate() == 0, server.log_tail()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running: {alive}"
+    finally:
+        server.kill()
+        server.cleanup()
