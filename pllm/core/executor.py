@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import pickle
+import signal
 import socket
 import threading
 import time
@@ -24,6 +26,7 @@ import weakref
 from collections import deque
 
 import torch
+import torch.distributed
 
 from pllm.core.config import EngineConfig
 from pllm.core.interfaces import AttentionMetadata, Communicator, Platform
@@ -198,52 +201,75 @@ class WorkerProcessError(RuntimeError):
     """A tensor-parallel rank failed; the message carries its traceback."""
 
 
+class ExecutorBrokenError(RuntimeError):
+    """The executor cannot run another step (a tensor-parallel rank failed or
+    a step broke off mid-way, leaving the ranks out of step); the engine
+    must be rebuilt."""
+
+
 class MultiprocExecutor:
     """Tensor parallelism on one machine: see the module docstring. Worker
     processes start with ``spawn`` (a script that builds an engine with
     ``tensor_parallel_size > 1`` needs an ``if __name__ == "__main__":`` guard,
-    as with any spawning library)."""
+    as with any spawning library) and load the model from ``loaded.path``
+    with the platform's class.
+
+    A step that fails is fatal: once its inputs have gone out, the other ranks
+    are somewhere inside its all-reduces, and the next step would pair with
+    those. The executor stops its workers and raises ``ExecutorBrokenError``
+    from then on."""
 
     def __init__(self, config: EngineConfig, platform: Platform, loaded, max_model_len: int) -> None:
         size = config.parallel.tensor_parallel_size
         check_tensor_parallel(config, platform, loaded.hf_config)
+        if torch.distributed.is_initialized():
+            raise RuntimeError(
+                "this process already belongs to a process group (another tensor-parallel "
+                "engine?); shut that engine down first (LLM.shutdown())"
+            )
         if platform.capabilities.ranks_share_device and not config.device.num_threads:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+            torch.set_num_threads(max(1, _usable_cores() // size))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         self._procs: list = []
         self._conns: list = []
         self._early: list[deque] = []
+        self._send_lock = threading.Lock()
+        self._broken: str | None = None
+        self._stopping = threading.Event()
+        self._comm_holder: list[Communicator] = []
         for rank in range(1, size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main, name=f"pllm-tp-rank{rank}", daemon=True,
-                args=(rank, config, platform.name, loaded.path, max_model_len, init_method, child),
+                args=(rank, config, type(platform), loaded.path, max_model_len, init_method, child),
             )
             proc.start()
             child.close()
             self._procs.append(proc)
             self._conns.append(parent)
             self._early.append(deque())
-        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
-        self.comm = None
+        self._finalizer = weakref.finalize(self, _shut_down, self._procs, self._conns,
+                                           self._comm_holder, self._stopping)
         try:
-            self.comm = self._join_group(platform, size, init_method)
-            self.worker = Worker(config, platform, loaded, max_model_len, rank=0, comm=self.comm)
+            self._comm_holder.append(self._join_group(platform, size, init_method))
+            self.worker = Worker(config, platform, loaded, max_model_len, rank=0,
+                                 comm=self._comm_holder[0])
             for i in range(len(self._conns)):
                 self._recv(i, "ready")
         except BaseException:
             self.shutdown()
             raise
+        threading.Thread(target=self._watch, name="pllm-tp-watch", daemon=True).start()
         logger.info("tensor parallelism over %d ranks (%s)", size, platform.capabilities.distributed_backend)
 
     def init_kv_cache(self) -> int:
         for conn in self._conns:
-            _send(conn, "available_blocks")
+            self._send(conn, "available_blocks")
         num_blocks = min([self.worker.available_blocks()]
                          + [self._recv(i, "available_blocks") for i in range(len(self._conns))])
         for conn in self._conns:
-            _send(conn, "allocate", num_blocks)
+            self._send(conn, "allocate", num_blocks)
         self.worker.allocate_kv_cache(num_blocks)
         for i in range(len(self._conns)):
             self._recv(i, "allocate")
@@ -251,24 +277,48 @@ class MultiprocExecutor:
         return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        if self._broken is not None:
+            raise ExecutorBrokenError(self._broken)
         try:
             return self.worker.execute(sched)
-        except Exception as exc:
-            self._raise_worker_error(exc)
-            raise
+        except BaseException as exc:
+            error = self._worker_error() or self._broken or f"a step failed on rank 0: {exc!r}"
+            self._broken = f"tensor-parallel group stopped: {error}"
+            self._stopping.set()
+            for proc in self._procs:  # they may be waiting in an all-reduce that never comes
+                proc.kill()
+            self.shutdown()
+            raise ExecutorBrokenError(self._broken) from exc
 
     def shutdown(self) -> None:
         self._finalizer()
-        if self.comm is not None:
-            self.comm.close()
-            self.comm = None
 
     # ---- plumbing ----------------------------------------------------------
 
+    def _send(self, conn, kind: str, payload=None) -> None:
+        data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            conn.send_bytes(data)
+
     def _broadcast(self, inputs: StepInputs) -> None:
         data = pickle.dumps(("step", inputs), protocol=pickle.HIGHEST_PROTOCOL)
-        for conn in self._conns:
-            conn.send_bytes(data)
+        with self._send_lock:
+            for conn in self._conns:
+                conn.send_bytes(data)
+
+    def _watch(self) -> None:
+        """Log a rank that dies at once: on NCCL a dead peer is not an error,
+        rank 0 would just wait in its next all-reduce until the timeout."""
+        sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs, start=1)}
+        ready = mp.connection.wait(list(sentinels))
+        if not self._stopping.is_set():
+            dead = []
+            for sentinel in ready:
+                proc = self._procs[sentinels[sentinel] - 1]
+                proc.join(timeout=1)  # reap it, for its exit code
+                dead.append(f"rank {sentinels[sentinel]} (exit code {proc.exitcode})")
+            self._broken = f"tensor-parallel worker died: {', '.join(dead)}"
+            logger.error("%s; the engine cannot run another step", self._broken)
 
     def _join_group(self, platform: Platform, size: int, init_method: str) -> Communicator:
         """Rank 0's communicator; meanwhile a rank that fails to start is
@@ -300,7 +350,7 @@ class MultiprocExecutor:
                 if kind == "error":
                     raise WorkerProcessError(f"tensor-parallel rank {i + 1} failed:\n{payload}")
                 self._early[i].append((kind, payload))
-        except (EOFError, ConnectionError):
+        except (EOFError, OSError):
             pass
         if not self._early[i] and proc.exitcode is not None:
             raise WorkerProcessError(f"tensor-parallel rank {i + 1} exited with code {proc.exitcode}")
@@ -315,16 +365,25 @@ class MultiprocExecutor:
             raise WorkerProcessError(f"tensor-parallel rank {i + 1} answered {got!r}, expected {kind!r}")
         return payload
 
-    def _raise_worker_error(self, cause: BaseException) -> None:
-        """After a failed step: the first rank's own error, if one sent it."""
-        deadline = time.monotonic() + 2.0
+    def _worker_error(self, wait_s: float = 1.0) -> str | None:
+        """After a failed step: the first error a rank reported, if any did
+        within ``wait_s`` (its own traceback says more than rank 0's)."""
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             for i in range(len(self._conns)):
                 try:
                     self._poll(i)
                 except WorkerProcessError as err:
-                    raise err from cause
+                    return str(err)
             time.sleep(0.05)
+        return None
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _free_port() -> int:
@@ -337,37 +396,48 @@ def _send(conn, kind: str, payload=None) -> None:
     conn.send_bytes(pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _stop_workers(procs: list, conns: list) -> None:
+def _shut_down(procs: list, conns: list, comm_holder: list, stopping: threading.Event) -> None:
+    """Tell every rank to stop, wait for all of them (killing stragglers),
+    then leave the process group: what ``shutdown`` and interpreter exit do."""
+    stopping.set()
     for conn in conns:
         try:
             _send(conn, "stop")
         except (OSError, ValueError):
             pass
+    deadline = time.monotonic() + 10
     for proc in procs:
-        proc.join(timeout=10)
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=5)
     for conn in conns:
         conn.close()
+    for comm in comm_holder:
+        comm.close()
+    comm_holder.clear()
 
 
-def _worker_main(rank: int, config: EngineConfig, platform_name: str, model_path: str,
+def _worker_main(rank: int, config: EngineConfig, platform_cls: type[Platform], model_path: str,
                  max_model_len: int, init_method: str, conn) -> None:
     """A tensor-parallel rank other than 0: join the group, load this rank's
-    shard, then run every step rank 0 sends until told to stop."""
+    shard, then run every step rank 0 sends until told to stop (or until rank
+    0 goes away). Ctrl-C is rank 0's to handle: the ranks ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from pllm.loader import load_model
-        from pllm.plugins.manager import PluginManager
 
-        platform = PluginManager().select_platform(platform_name)
         size = config.parallel.tensor_parallel_size
+        platform = platform_cls()
+        # The communicator first: on GPUs it binds this process to its device
+        # before anything else touches one.
+        comm = platform.make_communicator(rank, size, init_method)
         if config.device.num_threads:
             torch.set_num_threads(config.device.num_threads)
         elif platform.capabilities.ranks_share_device:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+            torch.set_num_threads(max(1, _usable_cores() // size))
         torch.manual_seed(config.model.seed)
-        comm = platform.make_communicator(rank, size, init_method)
         mc = config.model
         loaded = load_model(model_path, tokenizer=mc.tokenizer, chat_template=mc.chat_template)
         worker = Worker(config, platform, loaded, max_model_len, rank=rank, comm=comm)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pllm.core.executor import ExecutorBrokenError
 from pllm.core.outputs import RequestOutput
 from pllm.core.sampling_params import SamplingParams
 
@@ -123,7 +124,10 @@ class AsyncLLMEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
         self._fail_all(EngineDeadError("the server is shutting down"))
-        self.engine.shutdown()
+        if self._thread is None or not self._thread.is_alive():
+            await asyncio.to_thread(self.engine.shutdown)
+        else:  # a step is still running: its worker processes go at interpreter exit
+            logger.warning("the engine thread did not stop within %.0fs", timeout)
 
     # ------------------------------------------------------------ requests
 
@@ -202,6 +206,8 @@ class AsyncLLMEngine:
                     continue
                 try:
                     outputs = self.engine.step()
+                except ExecutorBrokenError:
+                    raise  # no step can run any more: the loop below reports the engine dead
                 except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                     self._fail_active(exc)
                     continue
