@@ -32,7 +32,10 @@ PROMPT_LENS = [5, 17, 40, 3]
 # once over the ranks, the column-parallel ones split with their heads.
 ARCHS = {
     "llama_biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
-    "qwen3": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2)),
+    # Tied embeddings, and a vocabulary that does not split evenly over two
+    # ranks: the LM head's slices are 161 and 160 rows of the embedding.
+    "qwen3_tied": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2, vocab_size=321,
+                                 tie_word_embeddings=True)),
 }
 
 

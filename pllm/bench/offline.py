@@ -63,15 +63,17 @@ def run_latency(llm, requests: list[BenchRequest], *, num_warmup: int) -> dict:
 
 def decode_weight_bytes(engine) -> int:
     """Bytes of weights one decode step reads: every parameter, except an input
-    embedding that is not also the LM head (a step reads only a row of it)."""
+    embedding that is not also the LM head (a step reads only a row of it).
+    Under tensor parallelism, rank 0's share times the ranks (they hold equal
+    shares of the layers and the LM head, and each a copy of the norms)."""
     import torch
 
     model = engine.executor.worker.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not getattr(engine.loaded.hf_config, "tie_word_embeddings", False):
-        total -= sum(m.weight.numel() * m.weight.element_size()
-                     for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    return total
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    read = {id(p): p for p in model.parameters() if id(p) not in embeddings or p is head}
+    total = sum(p.numel() * p.element_size() for p in read.values())
+    return total * engine.config.parallel.tensor_parallel_size
 
 
 def engine_dtype_and_device(engine) -> tuple[str, str]:

@@ -445,7 +445,7 @@ def _worker_main(rank: int, config: EngineConfig, platform_cls: type[Platform], 
         while True:
             kind, payload = pickle.loads(conn.recv_bytes())
             if kind == "step":
-                worker.runner.forward(payload)
+                worker.runner.logits(worker.runner.forward(payload), payload)
             elif kind == "available_blocks":
                 _send(conn, kind, worker.available_blocks())
             elif kind == "allocate":

@@ -36,6 +36,10 @@ class StepInputs:
     seq_lens: list[int]
     num_decodes: int
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Rows whose logits are sampled, and [lo, hi) row spans that need the
+    # logits of every prompt position (prompt_logprobs), in batch order.
+    sample_rows: list[int] = field(default_factory=list)
+    prompt_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -78,12 +82,19 @@ class ModelRunner:
         num_decodes = 0
         while num_decodes < len(batch) and batch[num_decodes].num_new_tokens == 1:
             num_decodes += 1
+        sample_rows, prompt_spans = [], []
+        for item, lo, hi in zip(batch, starts, starts[1:]):
+            if item.samples:
+                sample_rows.append(hi - 1)
+            if item.seq.request.params.prompt_logprobs is not None and item.seq.is_prefilling_prompt:
+                prompt_spans.append((lo, hi))
         return batch, StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
             block_tables=tables, query_start_loc=starts, seq_lens=seq_lens,
             num_decodes=num_decodes, block_copies=list(sched.block_copies),
+            sample_rows=sample_rows, prompt_spans=prompt_spans,
         )
 
     def build(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -114,27 +125,21 @@ class ModelRunner:
         return self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
 
     @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The sampled rows' logits and each prompt span's (every rank runs
+        this: under tensor parallelism the LM head is split by vocabulary)."""
+        sampled = self.model.compute_logits(hidden[inputs.sample_rows]) if inputs.sample_rows else None
+        return sampled, [self.model.compute_logits(hidden[lo:hi]) for lo, hi in inputs.prompt_spans]
+
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         batch, inputs = self.prepare(sched)
         if self.on_step is not None:
             self.on_step(inputs)
-        hidden = self.forward(inputs)
-
         out = RunnerOutput()
-        rows: list[int] = []
-        start = 0
-        prompt_spans: list[tuple[int, int, int]] = []  # seq_id, first row, last row
-        for item in batch:
-            end = start + item.num_new_tokens
-            if item.samples:
-                out.sampling.append(item)
-                rows.append(end - 1)
-            seq = item.seq
-            if seq.request.params.prompt_logprobs is not None and seq.is_prefilling_prompt:
-                prompt_spans.append((seq.seq_id, start, end))
-            start = end
-        if rows:
-            out.logits = self.model.compute_logits(hidden[rows])
-        for seq_id, lo, hi in prompt_spans:
-            out.prompt_logits[seq_id] = self.model.compute_logits(hidden[lo:hi])
+        out.logits, prompt_logits = self.logits(self.forward(inputs), inputs)
+        out.sampling = [item for item in batch if item.samples]
+        prompting = [item.seq.seq_id for item in batch
+                     if item.seq.request.params.prompt_logprobs is not None and item.seq.is_prefilling_prompt]
+        out.prompt_logits = dict(zip(prompting, prompt_logits))
         return out

@@ -121,7 +121,9 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary, tp)
                                     for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(spec.hidden, spec.eps)
-        self.lm_head = nn.Linear(spec.hidden, hf_config.vocab_size, bias=False)
+        self.vocab_size = hf_config.vocab_size
+        self.vocab_lo, self.vocab_hi = tp.vocab_range(self.vocab_size)
+        self.lm_head = nn.Linear(spec.hidden, self.vocab_hi - self.vocab_lo, bias=False)
         self.rotary = rotary
 
     @property
@@ -136,13 +138,20 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head, only on the rows that are sampled."""
-        return self.lm_head(hidden)
+        """The LM head, only on the rows that are sampled (under tensor
+        parallelism every rank calls this: each computes its vocabulary slice)."""
+        return self.tp.gather_vocab(self.lm_head(hidden), self.vocab_size)
 
     def tie_weights(self) -> None:
-        """With tied embeddings the LM head reads the embedding matrix."""
-        if self.spec.tie:
+        """With tied embeddings the LM head reads the embedding matrix (this
+        rank's rows of it)."""
+        if not self.spec.tie:
+            return
+        if self.tp.size == 1:
             self.lm_head.weight = self.embed_tokens.weight
+        else:
+            rows = self.embed_tokens.weight.detach()[self.vocab_lo: self.vocab_hi]
+            self.lm_head.weight = nn.Parameter(rows, requires_grad=False)
 
     # ---- weights -----------------------------------------------------------
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -175,7 +184,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.spec.model_type}")
-            if len(parts) >= 2 and parts[-2] in self._ROW_PARALLEL:
+            if name == "lm_head.weight":
+                tensor = tensor[self.vocab_lo: self.vocab_hi]
+            elif len(parts) >= 2 and parts[-2] in self._ROW_PARALLEL:
                 if parts[-1] == "weight":
                     tensor = self.tp.shard(tensor, 1)
                 elif self.tp.rank:

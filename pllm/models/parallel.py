@@ -9,6 +9,10 @@ columns, and the full embedding, norms and LM head::
 
 Two all-reduces per layer; everything between them is local. A row-parallel
 bias is kept by rank 0 only (the others hold zeros), so the sum adds it once.
+
+The LM head is split by vocabulary (``vocab_range``): each rank computes its
+slice of the logits, one all-gather joins them. With tied embeddings the
+slice is a view of the embedding rows, so it costs no memory.
 """
 
 from __future__ import annotations
@@ -40,6 +44,22 @@ class TensorParallel:
             return tensor
         part = tensor.shape[dim] // self.size
         return tensor.narrow(dim, self.rank * part, part)
+
+    def vocab_range(self, vocab: int) -> tuple[int, int]:
+        """This rank's rows ``[lo, hi)`` of a ``vocab``-row LM head: slices of
+        ``ceil(vocab / size)``, the last one shorter when it does not divide."""
+        part = -(-vocab // self.size)
+        lo = min(self.rank * part, vocab)
+        return lo, min(lo + part, vocab)
+
+    def gather_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Every rank's logits slice, joined into ``[rows, vocab]``."""
+        if self.size == 1:
+            return logits
+        part = -(-vocab // self.size)
+        if logits.shape[-1] < part:  # the short last slice
+            logits = torch.nn.functional.pad(logits, (0, part - logits.shape[-1]))
+        return self.comm.all_gather(logits.contiguous(), dim=-1)[..., :vocab]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of ``x`` over the ranks (``x`` itself on one rank)."""

@@ -1,5 +1,5 @@
 """The CPU platform's compiled kernels (paged decode attention, the few-row
-linear, fused RMSNorm / SiLU-and-mul / rotary), built on first use with
+linear, fused RMSNorm / SiLU-and-mul / rotary, the shared-memory all-reduce), built on first use with
 torch's C++ extension loader (g++ and ninja) and cached under
 ``$TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where they cannot
 be built, the platform uses its pure-torch path and logs why once.
@@ -19,9 +19,10 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "PLLM_CPU_KERNELS"  # "0" forces the pure-torch path
 
 
-_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp")
+_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp",
+            "shm_all_reduce.cpp")
 _FUNCTIONS = ["paged_decode", "linear_small", "rms_norm", "add_rms_norm_", "silu_and_mul", "rotary_",
-              "write_kv_", "decode_layer"]
+              "write_kv_", "decode_layer", "shm_all_reduce_"]
 
 
 @functools.cache
@@ -50,8 +51,7 @@ def _module():
 def cpu_ops():
     """The compiled module (``paged_decode``, ``linear_small``, ``rms_norm``,
     ``add_rms_norm_``, ``silu_and_mul``, ``rotary_``, ``write_kv_``,
-    ``decode_layer``), or None with the reason
-    logged once."""
+    ``decode_layer``, ``shm_all_reduce_``), or None with the reason logged once."""
     return _module()
 
 
