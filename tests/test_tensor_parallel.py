@@ -141,3 +141,28 @@ def test_a_failing_rank_reports_its_traceback():
     kind, text = pickle.loads(parent.recv_bytes())
     assert kind == "error"
     assert "no fabric between the ranks" in text and "Traceback" in text
+
+
+def test_decode_steps_use_the_compiled_halves(tp_engine, monkeypatch):
+    """Rank 0's decode steps run each layer as two compiled calls with an
+    all-reduce after each (not the modules one by one), with the same tokens."""
+    import pllm.platforms.cpu.layers as cpu_layers
+
+    llm, prompts, expected, _ = tp_engine
+    if llm.llm_engine.executor.worker.model.spec.qk_norm:
+        pytest.skip("q/k norms run module by module: the compiled layer does not apply")
+    ops, calls = cpu_layers.cpu_ops(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(ops, name)
+            if name != "decode_layer_attn":
+                return fn
+            return lambda *args: calls.append(1) or fn(*args)
+
+    monkeypatch.setattr(cpu_layers, "cpu_ops", Counting)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    (out,) = llm.generate([prompts[0]], params, use_tqdm=False)
+    assert out.outputs[0].token_ids == expected[0]
+    num_layers = llm.llm_engine.executor.worker.model.num_layers
+    assert len(calls) == (MAX_NEW - 1) * num_layers

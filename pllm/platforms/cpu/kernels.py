@@ -22,7 +22,7 @@ DISABLE_ENV = "PLLM_CPU_KERNELS"  # "0" forces the pure-torch path
 _SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp",
             "shm_all_reduce.cpp")
 _FUNCTIONS = ["paged_decode", "linear_small", "rms_norm", "add_rms_norm_", "silu_and_mul", "rotary_",
-              "write_kv_", "decode_layer", "shm_all_reduce_"]
+              "write_kv_", "decode_layer", "decode_layer_attn", "decode_layer_mlp", "shm_all_reduce_"]
 
 
 @functools.cache
@@ -51,7 +51,7 @@ def _module():
 def cpu_ops():
     """The compiled module (``paged_decode``, ``linear_small``, ``rms_norm``,
     ``add_rms_norm_``, ``silu_and_mul``, ``rotary_``, ``write_kv_``,
-    ``decode_layer``, ``shm_all_reduce_``), or None with the reason logged once."""
+    ``decode_layer`` and its two halves, ``shm_all_reduce_``), or None with the reason logged once."""
     return _module()
 
 

@@ -64,7 +64,8 @@ class CPURotaryEmbedding(RotaryEmbedding):
 
 class CPUDecoderLayer(DecoderLayer):
     """A decode-only step of up to ``_SMALL_BATCH`` sequences runs the layer
-    in one compiled call, with the products CPULinear would pick; anything
+    in one compiled call (two under tensor parallelism, an all-reduce after
+    each), with the products CPULinear would pick; anything
     else (prefill chunks, larger batches, q/k norms, other dtypes) goes
     through the modules one by one."""
 
@@ -79,9 +80,21 @@ class CPUDecoderLayer(DecoderLayer):
         cache = ctx.kv_caches[attn.layer_idx]
         if cache.dtype != torch.float32:
             return super().forward(positions, x, residual, ctx)
-        return ops.decode_layer(x, residual, positions, *weights, cache, md.slot_mapping,
-                                md.block_tables, md.seq_lens, attn.scale, attn.sliding_window or 0,
-                                _FEW_ROWS)
+        window = attn.sliding_window or 0
+        if self.self_attn.tp.size == 1:
+            return ops.decode_layer(x, residual, positions, *weights, cache, md.slot_mapping,
+                                    md.block_tables, md.seq_lens, attn.scale, window, _FEW_ROWS)
+        # Tensor parallelism: the two halves, each followed by its all-reduce.
+        (in_norm, post_norm, eps, qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b,
+         heads, kv_heads, head_dim, cos, sin) = weights
+        tp = self.self_attn.tp
+        o, residual = ops.decode_layer_attn(
+            x, residual, positions, in_norm, eps, qkv_w, qkv_b, o_w, o_b, heads, kv_heads, head_dim,
+            cos, sin, cache, md.slot_mapping, md.block_tables, md.seq_lens, attn.scale, window,
+            _FEW_ROWS)
+        down, residual = ops.decode_layer_mlp(tp.all_reduce(o), residual, post_norm, eps,
+                                              gate_up_w, gate_up_b, down_w, down_b, _FEW_ROWS)
+        return tp.all_reduce(down), residual
 
     def _fused_weights(self) -> tuple | None:
         """The layer's constant arguments of ``decode_layer``, gathered once
@@ -93,9 +106,7 @@ class CPUDecoderLayer(DecoderLayer):
             spec = attn.spec
             params = [attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight,
                       mlp.down_proj.weight, self.input_layernorm.weight, attn.rotary.cos]
-            # Under tensor parallelism the products need an all-reduce the
-            # one-call layer does not make.
-            if spec.qk_norm or spec.head_dim % 8 or spec.tp_size > 1 or not _fp32(*params):
+            if spec.qk_norm or spec.head_dim % 8 or not _fp32(*params):
                 cached = ()
             else:
                 cached = (

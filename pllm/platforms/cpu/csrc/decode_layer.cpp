@@ -27,13 +27,13 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& w,
 
 }  // namespace
 
-std::tuple<torch::Tensor, torch::Tensor> decode_layer(
+// The attention half: the input norm (with the residual add), QKV, rotary, the
+// KV write, paged attention and o_proj. Returns (o_proj output, residual).
+std::tuple<torch::Tensor, torch::Tensor> decode_layer_attn(
     torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor positions,
-    torch::Tensor input_norm, torch::Tensor post_norm, double eps,
+    torch::Tensor input_norm, double eps,
     torch::Tensor qkv_w, c10::optional<torch::Tensor> qkv_b,
     torch::Tensor o_w, c10::optional<torch::Tensor> o_b,
-    torch::Tensor gate_up_w, c10::optional<torch::Tensor> gate_up_b,
-    torch::Tensor down_w, c10::optional<torch::Tensor> down_b,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     torch::Tensor cos, torch::Tensor sin,
     torch::Tensor kv_cache, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
@@ -55,8 +55,35 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
   rotary_(q, k, positions, cos, sin);
   write_kv_(k, v, kv_cache, slots);
   torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window);
-  torch::Tensor o = decode_linear(attn.view({m, q_size}), o_w, o_b, few_rows);
-  h = add_rms_norm_(o, res, post_norm, eps);
+  return {decode_linear(attn.view({m, q_size}), o_w, o_b, few_rows), res};
+}
+
+// The MLP half: the post-attention norm (adding ``o`` into the residual in
+// place), gate/up, SiLU-and-mul and down_proj. Returns (down_proj output, residual).
+std::tuple<torch::Tensor, torch::Tensor> decode_layer_mlp(
+    torch::Tensor o, torch::Tensor res, torch::Tensor post_norm, double eps,
+    torch::Tensor gate_up_w, c10::optional<torch::Tensor> gate_up_b,
+    torch::Tensor down_w, c10::optional<torch::Tensor> down_b, int64_t few_rows) {
+  torch::Tensor h = add_rms_norm_(o, res, post_norm, eps);
   torch::Tensor act = silu_and_mul(decode_linear(h, gate_up_w, gate_up_b, few_rows));
   return {decode_linear(act, down_w, down_b, few_rows), res};
+}
+
+// The whole layer in one call (one rank); under tensor parallelism the two
+// halves run apart, with an all-reduce after each.
+std::tuple<torch::Tensor, torch::Tensor> decode_layer(
+    torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor positions,
+    torch::Tensor input_norm, torch::Tensor post_norm, double eps,
+    torch::Tensor qkv_w, c10::optional<torch::Tensor> qkv_b,
+    torch::Tensor o_w, c10::optional<torch::Tensor> o_b,
+    torch::Tensor gate_up_w, c10::optional<torch::Tensor> gate_up_b,
+    torch::Tensor down_w, c10::optional<torch::Tensor> down_b,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    torch::Tensor cos, torch::Tensor sin,
+    torch::Tensor kv_cache, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
+    double scale, int64_t sliding_window, int64_t few_rows) {
+  auto [o, res] = decode_layer_attn(x, residual, positions, input_norm, eps, qkv_w, qkv_b, o_w, o_b,
+                                    num_heads, num_kv_heads, head_dim, cos, sin, kv_cache, slots,
+                                    block_tables, seq_lens, scale, sliding_window, few_rows);
+  return decode_layer_mlp(o, res, post_norm, eps, gate_up_w, gate_up_b, down_w, down_b, few_rows);
 }
