@@ -6,6 +6,7 @@ these run apart from ``test_tensor_parallel.py``'s shared engines."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pllm import LLM, SamplingParams
 from pllm.core.executor import ExecutorBrokenError
@@ -91,3 +92,22 @@ def test_a_dead_rank_breaks_the_engine_with_a_clear_error(tiny_model_dir):
             llm.generate(["hello"], params, use_tqdm=False)
     finally:
         llm.shutdown()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two NVIDIA GPUs with a CUDA build of torch")
+def test_two_gpus_over_nccl_match_one(tiny_model_dir):
+    """NCCL all-reduces and CUDA graphs that record them: two GPUs give one
+    GPU's greedy tokens (fp32)."""
+    prompts = [list(range(20, 30 + 3 * i)) for i in range(6)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    results = {}
+    for tp in (1, 2):
+        llm = LLM(tiny_model_dir, device="cuda", dtype="float32", max_model_len=128,
+                  gpu_memory_utilization=0.3, max_num_seqs=16, tensor_parallel_size=tp)
+        try:
+            results[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+    assert results[2] == results[1]
