@@ -43,16 +43,45 @@ def _rank(rank: int, world: int, init_method: str, expect_shm: bool) -> None:
         got = comm.all_reduce(parts[rank].clone())
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, sum(p.float() for p in parts).bfloat16(), atol=0, rtol=0.01)
-        # Back-to-back steps with values that change each time.
+        # Back-to-back steps with values that change each time: small ones,
+        # and ones of two slots and a bit (three chunks, both buffers in one call).
         for step in range(300):
             got = comm.all_reduce(torch.full((7,), float(rank + step)))
             assert torch.equal(got, torch.full((7,), float(sum(r + step for r in range(world)))))
+        n = 2 * 4096 + 5
+        ramp = torch.arange(n, dtype=torch.float32)
+        for step in range(40):
+            got = comm.all_reduce(ramp * (rank + 1) + step)
+            want = ramp * sum(r + 1 for r in range(world)) + world * step
+            assert torch.equal(got, want), step
+        # Integers stay on gloo (exact), whatever their size.
+        big = torch.full((3,), 2**40 + rank, dtype=torch.int64)
+        assert torch.equal(comm.all_reduce(big), torch.full((3,), world * 2**40 + sum(range(world))))
         # all_gather (the LM head's logits) along either dimension.
         parts = _parts(world, (3, 11))
         for dim in (0, -1):
             assert torch.equal(comm.all_gather(parts[rank], dim=dim), torch.cat(parts, dim=dim))
     finally:
         comm.close()
+
+
+def _mismatch(rank: int, world: int, init_method: str) -> None:
+    from pllm.platforms.cpu.communicator import GlooCommunicator
+
+    torch.set_num_threads(1)
+    comm = GlooCommunicator(rank, world, init_method)
+    try:
+        assert comm.uses_shared_memory
+        with pytest.raises(RuntimeError, match="reduces 1[01] elements"):
+            comm.all_reduce(torch.ones(10 + rank))
+        with pytest.raises(RuntimeError, match="unusable"):
+            comm.all_reduce(torch.ones(4))
+    finally:
+        comm.close()
+
+
+def test_ranks_reducing_different_sizes_fail_instead_of_mixing():
+    mp.start_processes(_mismatch, args=(2, free_tcp_init_method()), nprocs=2, start_method="spawn")
 
 
 def _segments() -> set[str]:

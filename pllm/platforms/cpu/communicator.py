@@ -122,14 +122,14 @@ class GlooCommunicator(TorchDistributedCommunicator):
         return self._shm is not None
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._shm is not None and tensor.device.type == "cpu":
+        if self._shm is not None and self._shm.handles(tensor):
             return self._shm.all_reduce(tensor)
         return super().all_reduce(tensor)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Through shared memory as a sum: each rank's part in its own place
         of a zeroed stack (the LM head's logits under tensor parallelism)."""
-        if self._shm is None or tensor.device.type != "cpu":
+        if self._shm is None or not self._shm.handles(tensor):
             return super().all_gather(tensor, dim)
         parts = tensor.new_zeros((self.world_size, *tensor.shape))
         parts[self.rank] = tensor

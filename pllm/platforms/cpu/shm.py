@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import uuid
 
 import torch
@@ -37,6 +38,8 @@ class SharedMemoryAllReduce:
 
         self._op = cpu_ops().shm_all_reduce_
         self.rank, self.world, self.capacity, self.timeout_s = rank, world, capacity, timeout_s
+        if not os.path.exists(path):  # another /dev/shm (IPC namespace): from_file would create one
+            raise FileNotFoundError(f"{path} is not visible from rank {rank}")
         header_bytes = world * _LINE * 8
         segment = torch.from_file(path, shared=True, size=segment_bytes(world, capacity),
                                   dtype=torch.uint8)
@@ -44,6 +47,8 @@ class SharedMemoryAllReduce:
         self._data = segment[header_bytes:].view(torch.float32)
         self._header[rank * _LINE + 1] = os.getpid()
         self._step = 1
+        self._lock = threading.Lock()  # one call at a time: the step counter and slots are shared
+        self._failed: str | None = None
 
     @classmethod
     def create(cls, rank: int, world: int, timeout_s: float) -> SharedMemoryAllReduce | None:
@@ -52,7 +57,7 @@ class SharedMemoryAllReduce:
         built, no room for the segment; the reason is logged by rank 0)."""
         from pllm.platforms.cpu.kernels import cpu_ops
 
-        capacity = max(1024, _MAX_SEGMENT // (2 * world * 4))
+        capacity = max(1024, _MAX_SEGMENT // (2 * world * 4)) // 16 * 16  # whole cache lines
         local = ""
         if os.environ.get(DISABLE_ENV, "1") == "0":
             local = f"{DISABLE_ENV}=0"
@@ -75,15 +80,17 @@ class SharedMemoryAllReduce:
         why, path = box[0]
         ok = not why
         instance, error = None, ""
-        if ok:
-            try:
-                instance = cls(path, rank, world, capacity, timeout_s)
-            except Exception as exc:  # noqa: BLE001 - agreed on below, then logged
-                error = repr(exc)
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-        if rank == 0 and path:
-            os.unlink(path)  # every rank has mapped it (or failed to): the name can go
+        try:
+            if ok:
+                try:
+                    instance = cls(path, rank, world, capacity, timeout_s)
+                except Exception as exc:  # noqa: BLE001 - agreed on below, then logged
+                    error = repr(exc)
+            errors = [None] * world
+            dist.all_gather_object(errors, error)
+        finally:
+            if rank == 0 and path:
+                os.unlink(path)  # every rank has mapped it (or failed to): the name can go
         failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
         if failed:
             ok, why, instance = False, "; ".join(failed), None
@@ -91,16 +98,27 @@ class SharedMemoryAllReduce:
             logger.info("all-reduce stays on gloo: %s", why)
         return instance
 
+    @staticmethod
+    def handles(tensor: torch.Tensor) -> bool:
+        """Floating-point host tensors (summed in fp32); the rest stays on gloo."""
+        return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over the ranks, in place (fp32 inside)."""
-        if tensor.dtype == torch.float32 and tensor.is_contiguous():
-            self._step = self._op(tensor, self._header, self._data, self.rank, self.world,
-                                  self.capacity, self._step, self.timeout_s)
-            return tensor
-        work = tensor.to(torch.float32).contiguous()
-        self._step = self._op(work, self._header, self._data, self.rank, self.world,
-                              self.capacity, self._step, self.timeout_s)
-        return tensor.copy_(work)
+        """``tensor`` summed over the ranks, in place (fp32 inside). After a
+        failure (a peer gone, a timeout, sizes that differ) the ranks are out
+        of step for good: every later call raises."""
+        with self._lock:
+            if self._failed is not None:
+                raise RuntimeError(f"shared-memory all-reduce unusable after: {self._failed}")
+            work = tensor if tensor.dtype == torch.float32 and tensor.is_contiguous() \
+                else tensor.to(torch.float32).contiguous()
+            try:
+                self._step = self._op(work, self._header, self._data, self.rank, self.world,
+                                      self.capacity, self._step, self.timeout_s)
+            except RuntimeError as exc:
+                self._failed = str(exc)
+                raise
+            return tensor if work is tensor else tensor.copy_(work)
 
 
 def segment_bytes(world: int, capacity: int) -> int:
@@ -110,7 +128,7 @@ def segment_bytes(world: int, capacity: int) -> int:
 def _reserve(nbytes: int) -> str:
     """A new file of ``nbytes`` in /dev/shm (or the temp dir), its space reserved."""
     folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    path = os.path.join(folder, f"pllm-allreduce-{uuid.uuid4().hex}")
+    path = os.path.join(folder, f"pllm-allreduce-{os.getpid()}-{uuid.uuid4().hex}")
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.posix_fallocate(fd, 0, nbytes)

@@ -3,7 +3,10 @@
 //
 // Segment layout (set up by pllm/platforms/cpu/shm.py):
 //   header: int64 words, one 64-byte line per rank: [0] = the last step the
-//           rank has published, [1] = its pid
+//           rank has published, [1] = its pid, [3] = 1 once it gave up (timeout,
+//           peer gone), [4 + step % 2] = the element count of the call that
+//           step belongs to (by parity, like the slots: a rank already one step
+//           ahead must not overwrite what a slower one is about to compare)
 //   data:   float [2][world][capacity]: each rank's slot, double-buffered by
 //           step parity
 //
@@ -26,6 +29,8 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 static inline void cpu_relax() { _mm_pause(); }
+#elif defined(__aarch64__)
+static inline void cpu_relax() { __asm__ __volatile__("yield"); }
 #else
 static inline void cpu_relax() {}
 #endif
@@ -34,30 +39,43 @@ namespace {
 
 constexpr int64_t kLine = 8;  // int64 words per rank in the header (one cache line)
 
-void wait_for_peers(int64_t* header, int64_t rank, int64_t world, int64_t step, double timeout_s) {
+[[noreturn]] void give_up(int64_t* header, int64_t rank, const std::string& why) {
+  __atomic_store_n(header + rank * kLine + 3, 1, __ATOMIC_RELEASE);  // peers stop waiting on us
+  throw std::runtime_error("shared-memory all-reduce: " + why);
+}
+
+void wait_for_peers(int64_t* header, int64_t rank, int64_t world, int64_t step, int64_t n,
+                    double timeout_s) {
   auto start = std::chrono::steady_clock::now();
   for (int64_t k = 0; k < world; ++k) {
     if (k == rank) continue;
-    int64_t* flag = header + k * kLine;
+    int64_t* line = header + k * kLine;
     int64_t spins = 0;
-    while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) < step) {
+    while (__atomic_load_n(line, __ATOMIC_ACQUIRE) < step) {
+      if (__atomic_load_n(line + 3, __ATOMIC_ACQUIRE)) {
+        give_up(header, rank, "rank " + std::to_string(k) + " gave up");
+      }
       if (++spins < 4096) {
         cpu_relax();
         continue;
       }
       std::this_thread::yield();  // more ranks than cores: let the peer run
       if ((spins & 4095) == 0) {
-        int64_t pid = __atomic_load_n(header + k * kLine + 1, __ATOMIC_RELAXED);
+        int64_t pid = __atomic_load_n(line + 1, __ATOMIC_RELAXED);
         if (pid > 0 && kill(static_cast<pid_t>(pid), 0) != 0) {
-          throw std::runtime_error("shared-memory all-reduce: rank " + std::to_string(k) +
-                                   " (pid " + std::to_string(pid) + ") is gone");
+          give_up(header, rank, "rank " + std::to_string(k) + " (pid " + std::to_string(pid) + ") is gone");
         }
         double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (waited > timeout_s) {
-          throw std::runtime_error("shared-memory all-reduce: rank " + std::to_string(k) +
-                                   " did not arrive within " + std::to_string(timeout_s) + " s");
+          give_up(header, rank, "rank " + std::to_string(k) + " did not arrive within " +
+                                    std::to_string(timeout_s) + " s");
         }
       }
+    }
+    int64_t theirs = __atomic_load_n(line + 4 + (step & 1), __ATOMIC_RELAXED);  // ordered by the acquire above
+    if (theirs != n) {
+      give_up(header, rank, "rank " + std::to_string(rank) + " reduces " + std::to_string(n) +
+                                " elements, rank " + std::to_string(k) + " " + std::to_string(theirs));
     }
   }
 }
@@ -79,8 +97,9 @@ int64_t shm_all_reduce_(torch::Tensor x, torch::Tensor header, torch::Tensor dat
     const int64_t len = std::min(capacity, n - lo);
     float* buffers = slots + (step & 1) * world * capacity;
     std::memcpy(buffers + rank * capacity, values + lo, len * sizeof(float));
+    __atomic_store_n(head + rank * kLine + 4 + (step & 1), n, __ATOMIC_RELAXED);  // the whole call's size
     __atomic_store_n(head + rank * kLine, step, __ATOMIC_RELEASE);
-    wait_for_peers(head, rank, world, step, timeout_s);
+    wait_for_peers(head, rank, world, step, n, timeout_s);
     float* out = values + lo;
     std::memcpy(out, buffers, len * sizeof(float));
     for (int64_t k = 1; k < world; ++k) {
