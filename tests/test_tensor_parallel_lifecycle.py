@@ -111,3 +111,10 @@ def test_two_gpus_over_nccl_match_one(tiny_model_dir):
         finally:
             llm.shutdown()
     assert results[2] == results[1]
+
+
+def test_shutdown_gives_the_process_its_threads_back(tiny_model_dir):
+    before = torch.get_num_threads()
+    llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="4MB", tensor_parallel_size=2)
+    llm.shutdown()
+    assert torch.get_num_threads() == before

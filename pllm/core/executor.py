@@ -227,6 +227,7 @@ class MultiprocExecutor:
                 "this process already belongs to a process group (another tensor-parallel "
                 "engine?); shut that engine down first (LLM.shutdown())"
             )
+        self._threads_before = torch.get_num_threads()  # given back at shutdown
         if platform.capabilities.ranks_share_device and not config.device.num_threads:
             torch.set_num_threads(max(1, _usable_cores() // size))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -292,6 +293,7 @@ class MultiprocExecutor:
 
     def shutdown(self) -> None:
         self._finalizer()
+        torch.set_num_threads(self._threads_before)
 
     # ---- plumbing ----------------------------------------------------------
 
