@@ -50,6 +50,7 @@ class LLMEngine:
         self.platform = platform or plugins.select_platform(config.device.device)
         # The platform's own policy, then every plugin's pllm_update_config hook.
         self.config = config = plugins.update_config(self.platform, config)
+        self._threads_before = torch.get_num_threads()  # given back at shutdown
         if config.device.num_threads:
             torch.set_num_threads(config.device.num_threads)
         torch.manual_seed(config.model.seed)
@@ -97,9 +98,11 @@ class LLMEngine:
         return cls(args.create_engine_config())
 
     def shutdown(self) -> None:
-        """Stop the executor's worker processes (tensor parallelism); the
-        engine cannot step afterwards. Also done at interpreter exit."""
+        """Stop the executor's worker processes (tensor parallelism) and give
+        the process its torch thread count back; the engine cannot step
+        afterwards. Worker processes also stop at interpreter exit."""
         self.executor.shutdown()
+        torch.set_num_threads(self._threads_before)
 
     # ---- requests ----------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

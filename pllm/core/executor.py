@@ -6,8 +6,8 @@
 
 Under tensor parallelism rank 0 schedules, builds each step's flat inputs and
 samples. It sends the inputs to the other ranks over a pipe (a few small
-tensors), and the ranks meet in the communicator's all-reduces inside the
-forward (``pllm.models.parallel``). Only rank 0 computes logits.
+tensors), and the ranks meet in the communicator's collectives inside the
+forward and the LM head (``pllm.models.parallel``); only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
-import os
 import pickle
 import signal
 import socket
@@ -227,9 +226,6 @@ class MultiprocExecutor:
                 "this process already belongs to a process group (another tensor-parallel "
                 "engine?); shut that engine down first (LLM.shutdown())"
             )
-        self._threads_before = torch.get_num_threads()  # given back at shutdown
-        if platform.capabilities.ranks_share_device and not config.device.num_threads:
-            torch.set_num_threads(max(1, _usable_cores() // size))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         self._procs: list = []
@@ -293,14 +289,12 @@ class MultiprocExecutor:
 
     def shutdown(self) -> None:
         self._finalizer()
-        torch.set_num_threads(self._threads_before)
 
     # ---- plumbing ----------------------------------------------------------
 
     def _send(self, conn, kind: str, payload=None) -> None:
-        data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
-            conn.send_bytes(data)
+            _send(conn, kind, payload)
 
     def _broadcast(self, inputs: StepInputs) -> None:
         data = pickle.dumps(("step", inputs), protocol=pickle.HIGHEST_PROTOCOL)
@@ -381,13 +375,6 @@ class MultiprocExecutor:
         return None
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -435,10 +422,8 @@ def _worker_main(rank: int, config: EngineConfig, platform_cls: type[Platform], 
         # The communicator first: on GPUs it binds this process to its device
         # before anything else touches one.
         comm = platform.make_communicator(rank, size, init_method)
-        if config.device.num_threads:
+        if config.device.num_threads:  # the platform's policy (update_config), as on rank 0
             torch.set_num_threads(config.device.num_threads)
-        elif platform.capabilities.ranks_share_device:
-            torch.set_num_threads(max(1, _usable_cores() // size))
         torch.manual_seed(config.model.seed)
         mc = config.model
         loaded = load_model(model_path, tokenizer=mc.tokenizer, chat_template=mc.chat_template)

@@ -36,10 +36,10 @@ class StepInputs:
     seq_lens: list[int]
     num_decodes: int
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # Rows whose logits are sampled, and [lo, hi) row spans that need the
-    # logits of every prompt position (prompt_logprobs), in batch order.
+    # Rows whose logits are sampled, and (seq_id, lo, hi) row spans that need
+    # the logits of every prompt position (prompt_logprobs), in batch order.
     sample_rows: list[int] = field(default_factory=list)
-    prompt_spans: list[tuple[int, int]] = field(default_factory=list)
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -87,7 +87,7 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(hi - 1)
             if item.seq.request.params.prompt_logprobs is not None and item.seq.is_prefilling_prompt:
-                prompt_spans.append((lo, hi))
+                prompt_spans.append((item.seq.seq_id, lo, hi))
         return batch, StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
@@ -125,21 +125,18 @@ class ModelRunner:
         return self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The sampled rows' logits and each prompt span's (every rank runs
-        this: under tensor parallelism the LM head is split by vocabulary)."""
+    def logits(self, hidden: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """The sampled rows' logits, and each prompt span's by seq_id (every
+        rank runs this: under tensor parallelism the LM head is split by vocabulary)."""
         sampled = self.model.compute_logits(hidden[inputs.sample_rows]) if inputs.sample_rows else None
-        return sampled, [self.model.compute_logits(hidden[lo:hi]) for lo, hi in inputs.prompt_spans]
+        return sampled, {seq_id: self.model.compute_logits(hidden[lo:hi])
+                         for seq_id, lo, hi in inputs.prompt_spans}
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         batch, inputs = self.prepare(sched)
         if self.on_step is not None:
             self.on_step(inputs)
-        out = RunnerOutput()
-        out.logits, prompt_logits = self.logits(self.forward(inputs), inputs)
-        out.sampling = [item for item in batch if item.samples]
-        prompting = [item.seq.seq_id for item in batch
-                     if item.seq.request.params.prompt_logprobs is not None and item.seq.is_prefilling_prompt]
-        out.prompt_logits = dict(zip(prompting, prompt_logits))
-        return out
+        logits, prompt_logits = self.logits(self.forward(inputs), inputs)
+        return RunnerOutput(sampling=[item for item in batch if item.samples], logits=logits,
+                            prompt_logits=prompt_logits)

@@ -107,8 +107,8 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """``tp``: this rank's place in a tensor-parallel group (see
-    ``pllm.models.parallel``); the embedding, norms and LM head are whole on
-    every rank."""
+    ``pllm.models.parallel``); the embedding and norms are whole on every
+    rank, the LM head is split by vocabulary."""
 
     spec_class = ArchSpec
 

@@ -45,10 +45,14 @@ class TensorParallel:
         part = tensor.shape[dim] // self.size
         return tensor.narrow(dim, self.rank * part, part)
 
+    def vocab_part(self, vocab: int) -> int:
+        """Rows per rank of a ``vocab``-row LM head: ``ceil(vocab / size)``."""
+        return -(-vocab // self.size)
+
     def vocab_range(self, vocab: int) -> tuple[int, int]:
-        """This rank's rows ``[lo, hi)`` of a ``vocab``-row LM head: slices of
-        ``ceil(vocab / size)``, the last one shorter when it does not divide."""
-        part = -(-vocab // self.size)
+        """This rank's rows ``[lo, hi)`` of a ``vocab``-row LM head, the last
+        slice shorter when ``size`` does not divide ``vocab``."""
+        part = self.vocab_part(vocab)
         lo = min(self.rank * part, vocab)
         return lo, min(lo + part, vocab)
 
@@ -56,7 +60,7 @@ class TensorParallel:
         """Every rank's logits slice, joined into ``[rows, vocab]``."""
         if self.size == 1:
             return logits
-        part = -(-vocab // self.size)
+        part = self.vocab_part(vocab)
         if logits.shape[-1] < part:  # the short last slice
             logits = torch.nn.functional.pad(logits, (0, part - logits.shape[-1]))
         return self.comm.all_gather(logits.contiguous(), dim=-1)[..., :vocab]

@@ -3,6 +3,7 @@ so any detected accelerator wins ``--device auto``."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -68,6 +69,19 @@ class CPUPlatform(Platform):
         from pllm.platforms.cpu.allocator import CPUKVCacheAllocator
 
         return CPUKVCacheAllocator()
+
+    def update_config(self, config):
+        """Tensor-parallel ranks split the cores this process may run on,
+        unless ``num_threads`` says how many each gets."""
+        size = config.parallel.tensor_parallel_size
+        if size == 1 or config.device.num_threads:
+            return config
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return dataclasses.replace(
+            config, device=dataclasses.replace(config.device, num_threads=max(1, cores // size)))
 
     def prepare_model(self, model, config):
         from pllm.platforms.cpu.layers import use_cpu_layers

@@ -78,10 +78,9 @@ class SharedMemoryAllReduce:
         box = [(why, path)]
         dist.broadcast_object_list(box, src=0)  # rank 0 alone knows whether the segment exists
         why, path = box[0]
-        ok = not why
         instance, error = None, ""
         try:
-            if ok:
+            if not why:
                 try:
                     instance = cls(path, rank, world, capacity, timeout_s)
                 except Exception as exc:  # noqa: BLE001 - agreed on below, then logged
@@ -93,8 +92,8 @@ class SharedMemoryAllReduce:
                 os.unlink(path)  # every rank has mapped it (or failed to): the name can go
         failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
         if failed:
-            ok, why, instance = False, "; ".join(failed), None
-        if not ok and rank == 0:
+            why, instance = "; ".join(failed), None
+        if why and rank == 0:
             logger.info("all-reduce stays on gloo: %s", why)
         return instance
 
