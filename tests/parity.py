@@ -55,3 +55,41 @@ def check_setting(llm: LLM, prompts, expected, max_new: int, must: str | None) -
     if must == "preemptions":
         assert stats.num_preemptions > 0, stats
     assert stats.num_free_blocks == stats.num_total_blocks, f"blocks leaked: {stats}"
+
+
+class Fp8KVRounding:
+    """transformers with pllm's 8-bit KV-cache rounding: each layer's keys
+    (after rotary) and values go through ``quantize``/``dequantize`` with the
+    given scales before attention, as pllm stores and reads them back. Used as
+    ``with Fp8KVRounding(hf, dtype, k_scale, v_scale): ...``."""
+
+    def __init__(self, hf, kv_dtype: torch.dtype, k_scale: float = 1.0, v_scale: float = 1.0):
+        self.hf, self.kv_dtype, self.k_scale, self.v_scale = hf, kv_dtype, k_scale, v_scale
+        self._undo = []
+
+    def _round(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        from pllm.core.kv_cache.fp8 import dequantize, quantize
+
+        return dequantize(quantize(x, scale, self.kv_dtype), scale, x.dtype)
+
+    def __enter__(self):
+        import importlib
+
+        module = importlib.import_module(type(self.hf).__module__)
+        rotary = module.apply_rotary_pos_emb
+
+        def rotary_then_round(q, k, *args, **kwargs):
+            q, k = rotary(q, k, *args, **kwargs)
+            return q, self._round(k, self.k_scale)
+
+        module.apply_rotary_pos_emb = rotary_then_round
+        self._undo.append(lambda: setattr(module, "apply_rotary_pos_emb", rotary))
+        for layer in self.hf.model.layers:
+            hook = layer.self_attn.v_proj.register_forward_hook(
+                lambda _m, _i, out: self._round(out, self.v_scale))
+            self._undo.append(hook.remove)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._undo:
+            self._undo.pop()()

@@ -207,3 +207,57 @@ class BadGatherPlatform(CPUPlatform):
 def test_collectives_check_catches_a_wrong_all_gather() -> None:
     with pytest.raises(ProcessRaisedException, match="all_gather"):
         cf.check_communicator(BadGatherPlatform, world_size=2)
+
+
+# ---- 8-bit KV caches ----------------------------------------------------------
+
+FP8_KV = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kv_dtype", FP8_KV, ids=str)
+def test_cpu_fp8_kv_cache(kv_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    backend = CPUAttentionBackend()
+    caps = CPUPlatform().capabilities
+    assert caps.supports_kv_cache_dtype(kv_dtype)
+    # The CPU quantizes with torch itself: no element may be a step off.
+    assert cf.check_write_kv_fp8(backend, kv_dtype, dtype=dtype) == 0
+    cf.check_copy_blocks(backend, dtype=dtype, kv_cache_dtype=kv_dtype)
+    assert cf.check_attention_backend(backend, dtype=dtype, capabilities=caps,
+                                      kv_cache_dtype=kv_dtype) == []
+
+
+class _IgnoresKScale(CPUAttentionBackend):
+    def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None,  # noqa: ANN001, ANN201
+                k_scale=1.0, v_scale=1.0):
+        return super().forward(query, kv_cache, metadata, scale=scale,
+                                sliding_window=sliding_window, v_scale=v_scale)
+
+
+class _IgnoresVScale(CPUAttentionBackend):
+    def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None,  # noqa: ANN001, ANN201
+                k_scale=1.0, v_scale=1.0):
+        return super().forward(query, kv_cache, metadata, scale=scale,
+                                sliding_window=sliding_window, k_scale=k_scale)
+
+
+class _CastsWithoutSaturating(CPUAttentionBackend):
+    def write_kv(self, key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):  # noqa: ANN001, ANN201
+        flat = kv_cache.view(torch.uint8).view(2, kv_cache.shape[1], -1, kv_cache.shape[-1])
+        keep = slot_mapping >= 0
+        for i, x, s in ((0, key, k_scale), (1, value, v_scale)):
+            q = (x[keep].float() / s).to(kv_cache.dtype).view(torch.uint8)
+            flat[i][:, slot_mapping[keep]] = q.transpose(0, 1)
+
+
+@pytest.mark.parametrize("mutant", [_IgnoresKScale, _IgnoresVScale])
+def test_fp8_attention_check_catches_an_ignored_scale(mutant) -> None:  # noqa: ANN001
+    with pytest.raises(AssertionError, match="fp8|float8"):
+        cf.check_attention_backend(mutant(), cases=cf.QUICK_CASES,
+                                   kv_cache_dtype=torch.float8_e4m3fn)
+
+
+def test_fp8_write_check_catches_a_cast_without_saturation() -> None:
+    # e5m2 overflows to inf under a plain cast (e4m3fn has no inf: torch clips it).
+    with pytest.raises(AssertionError, match="not saturated"):
+        cf.check_write_kv_fp8(_CastsWithoutSaturating(), torch.float8_e5m2)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+# KV-cache storage (vLLM's names): "auto" keeps the model dtype; "fp8" is the
+# platform's e4m3 flavour (OCP e4m3fn on NVIDIA, e4m3fnuz on MI300).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,13 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None  # for tests: exactly this many blocks
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES, resolved against the platform
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

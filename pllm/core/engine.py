@@ -88,9 +88,10 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info(
-            "pllm engine on %s: %s, KV cache %d blocks x %d = %d tokens, max_model_len %d (%.1fs)",
-            self.platform.name, self.model_name, num_blocks, block_size, capacity,
-            self.max_model_len, time.perf_counter() - t0,
+            "pllm engine on %s: %s, KV cache %d blocks x %d = %d tokens (%s), max_model_len %d "
+            "(%.1fs)", self.platform.name, self.model_name, num_blocks, block_size, capacity,
+            str(self.executor.worker.kv_cache_dtype).removeprefix("torch."), self.max_model_len,
+            time.perf_counter() - t0,
         )
 
     @classmethod

@@ -29,6 +29,7 @@ import torch.distributed
 
 from pllm.core.config import EngineConfig
 from pllm.core.interfaces import AttentionMetadata, Communicator, Platform
+from pllm.core.kv_cache.fp8 import is_fp8, resolve_kv_cache_dtype
 from pllm.core.runner import ModelRunner, RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
 from pllm.models import get_model_class
@@ -63,6 +64,8 @@ class Worker:
         self.device = platform.device(rank)
         self.dtype = resolve_dtype(config, platform)
         caps = platform.capabilities
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, caps,
+                                                     platform.name)
         if not caps.supports_block_size(config.cache.block_size):
             raise ValueError(
                 f"block_size={config.cache.block_size} is not supported on {platform.name}; "
@@ -85,12 +88,25 @@ class Worker:
             raise ValueError(f"head_dim={spec.head_dim} is not supported on {platform.name}")
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, self.dtype, time.perf_counter() - t0)
+            if is_fp8(self.kv_cache_dtype):
+                self._log_kv_scales()
         self.backend = platform.make_attention_backend()
         self.spec = spec
 
+    def _log_kv_scales(self) -> None:
+        attns = [layer.self_attn.attn for layer in self.model.layers]
+        scales = {(a.k_scale, a.v_scale) for a in attns}
+        if scales == {(1.0, 1.0)}:
+            logger.warning("KV cache in %s with scales 1.0 (the checkpoint gives none): keys "
+                           "or values beyond the format's range are clipped",
+                           str(self.kv_cache_dtype).removeprefix("torch."))
+        else:
+            logger.info("KV cache in %s with the checkpoint's per-layer scales",
+                        str(self.kv_cache_dtype).removeprefix("torch."))
+
     def bytes_per_block(self) -> int:
         spec, bs = self.spec, self.config.cache.block_size
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = self.kv_cache_dtype.itemsize
         return 2 * bs * spec.num_kv_heads * spec.head_dim * elem * self.model.num_layers
 
     @torch.inference_mode()
@@ -103,7 +119,8 @@ class Worker:
         num_blocks = -(-num_tokens // bs)
         spec, dev = self.spec, self.device
         shape = self.backend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_dim)
-        caches = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.model.num_layers)]
+        caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=dev)
+                  for _ in range(self.model.num_layers)]
         metadata = AttentionMetadata(
             num_seqs=1, num_tokens=num_tokens, num_decodes=0, max_query_len=num_tokens,
             max_seq_len=num_tokens, block_size=bs,
@@ -149,7 +166,7 @@ class Worker:
         spec = self.spec
         shape = self.backend.kv_cache_shape(num_blocks, self.config.cache.block_size,
                                             spec.num_kv_heads, spec.head_dim)
-        caches = allocator.allocate(self.model.num_layers, shape, self.dtype, self.device)
+        caches = allocator.allocate(self.model.num_layers, shape, self.kv_cache_dtype, self.device)
         decode_runner = None
         if not self.config.device.enforce_eager:
             decode_runner = self.platform.make_decode_runner(

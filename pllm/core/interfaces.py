@@ -58,6 +58,9 @@ class PlatformCapabilities:
     head_dims: tuple[int, ...] | None = None  # None: any head_dim
     supports_sliding_window: bool = True
     fp8_dtype: torch.dtype | None = None  # e.g. float8_e4m3fn (CUDA), float8_e4m3fnuz (ROCm)
+    # 8-bit float formats the attention backend can store K/V in (scaled,
+    # besides the model dtype): ``--kv-cache-dtype fp8`` picks from these.
+    kv_cache_dtypes: tuple[torch.dtype, ...] = ()
     supports_graphs: bool = False  # can capture/replay the decode step (CUDA graphs)
     # Run one forward pass of a full token budget before sizing the KV cache,
     # so that the allocator's "free memory" already excludes peak activations.
@@ -89,6 +92,9 @@ class PlatformCapabilities:
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
+
+    def supports_kv_cache_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype in self.kv_cache_dtypes
 
     def supports_block_size(self, block_size: int) -> bool:
         return block_size in self.block_sizes
@@ -154,9 +160,18 @@ class AttentionBackend(abc.ABC):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        *,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         """Store ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at
-        ``slot_mapping`` (in place). Negative slots are skipped."""
+        ``slot_mapping`` (in place). Negative slots are skipped.
+
+        A cache in one of the capabilities' ``kv_cache_dtypes`` (8-bit
+        floats) holds ``key / k_scale`` and ``value / v_scale``, saturated to
+        the format's largest finite value. The scales are passed only with
+        such a cache: a backend that declares no ``kv_cache_dtypes`` need not
+        take them."""
 
     @abc.abstractmethod
     def forward(
@@ -167,10 +182,14 @@ class AttentionBackend(abc.ABC):
         *,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Attention for ``query`` ``[num_tokens, num_heads, head_dim]`` against
         the cache (which already holds this step's K/V). Returns the same shape.
-        ``num_heads`` is a multiple of the cache's ``num_kv_heads`` (GQA/MQA)."""
+        ``num_heads`` is a multiple of the cache's ``num_kv_heads`` (GQA/MQA).
+        An 8-bit cache is read as ``k_scale * K`` and ``v_scale * V`` (the
+        scales ``write_kv`` divided by; passed only with such a cache)."""
 
     @abc.abstractmethod
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from pllm.core.config import (
+    KV_CACHE_DTYPES,
     CacheConfig,
     DeviceConfig,
     EngineConfig,
@@ -25,6 +26,7 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory: int | str | None = None
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     max_num_seqs: int = 128
@@ -48,7 +50,7 @@ class EngineArgs:
                 block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
-                num_blocks_override=self.num_blocks_override,
+                num_blocks_override=self.num_blocks_override, kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
@@ -78,6 +80,10 @@ class EngineArgs:
         g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
         g.add_argument("--kv-cache-memory", default=None,
                        help="KV-cache budget, e.g. 2GiB or 512MB (default: the platform decides)")
+        g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                       help="KV-cache storage: auto (the model dtype), or 8-bit floats with "
+                            "about twice the blocks of bf16 (fp8 = fp8_e4m3: the platform's "
+                            "e4m3; fp8_e5m2); `pllm platforms` says what the selected platform stores")
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="fraction of accelerator memory pllm may use (GPU platforms)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,

@@ -79,7 +79,23 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"\nno platform selected for --device {args.device}: {error}", file=out)
         return 1
     print(f"\nselected: {selected.name} (--device {args.device})", file=out)
+    try:
+        caps = selected.platform_cls().capabilities
+    except Exception as exc:  # noqa: BLE001 - a plugin's constructor may fail; say so, do not crash
+        print(f"capabilities unavailable: {type(exc).__name__}: {exc}", file=out)
+        return 0
+    print(_describe(caps), file=out)
     return 0
+
+
+def _describe(caps) -> str:
+    def names(dtypes) -> str:
+        return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+    kv = names(caps.kv_cache_dtypes) or "none"
+    return (f"dtypes: {names(caps.dtypes)} (default {names([caps.default_dtype])}); "
+            f"8-bit KV cache (--kv-cache-dtype): {kv}; block sizes: "
+            f"{', '.join(map(str, caps.block_sizes))}")
 
 
 def check(name: str, manager: PluginManager) -> int:

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+from pllm.core.kv_cache.fp8 import is_fp8
 
 
 @dataclass
@@ -97,16 +98,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the layer's cache, then attends through the
-    platform's backend."""
+    platform's backend. ``k_scale``/``v_scale`` are what an 8-bit cache
+    stores K and V divided by (1.0 unless the checkpoint gives them)."""
 
     def __init__(self, layer_idx: int, scale: float, sliding_window: int | None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.scale = scale
         self.sliding_window = sliding_window
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         cache = ctx.kv_caches[self.layer_idx]
-        ctx.backend.write_kv(k, v, cache, ctx.metadata.slot_mapping)
+        # Scales go only with an 8-bit cache: backends that store none need not take them.
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale} if is_fp8(cache.dtype) else {}
+        ctx.backend.write_kv(k, v, cache, ctx.metadata.slot_mapping, **scales)
         return ctx.backend.forward(q, cache, ctx.metadata, scale=self.scale,
-                                   sliding_window=self.sliding_window)
+                                   sliding_window=self.sliding_window, **scales)

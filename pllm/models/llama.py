@@ -173,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.spec.tie:
                 continue  # tied: the embedding serves as the head
             parts = name.split(".")
+            if self._load_kv_scale(parts, tensor):
+                continue
             if len(parts) >= 2 and parts[-2] in self._FUSED:
                 fused, slot = self._FUSED[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
@@ -197,6 +199,34 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
         self.tie_weights()
+
+    # Per-layer scales of an 8-bit KV cache, under the names quantization
+    # tools write them (``layers.N.self_attn.<suffix>``).
+    _KV_SCALES = {"k_scale": ("k_scale",), "v_scale": ("v_scale",),
+                  "kv_scale": ("k_scale", "v_scale"), "k_proj.output_scale": ("k_scale",),
+                  "v_proj.output_scale": ("v_scale",)}
+
+    def _load_kv_scale(self, parts: list[str], tensor: torch.Tensor) -> bool:
+        """Set a layer's KV-cache scale from a checkpoint tensor of that name;
+        False when ``parts`` names no such scale."""
+        if len(parts) < 4 or parts[0] != "layers" or parts[2] != "self_attn":
+            return False
+        attrs = self._KV_SCALES.get(".".join(parts[3:]))
+        if attrs is None:
+            return False
+        name = ".".join(parts)
+        if tensor.numel() != 1:
+            raise ValueError(f"{name}: only per-tensor KV-cache scales are supported, "
+                             f"got shape {tuple(tensor.shape)}")
+        value = float(tensor.float().reshape(()))
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{name}: a KV-cache scale must be finite and > 0, got {value}")
+        if not parts[1].isdigit() or int(parts[1]) >= len(self.layers):
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {self.spec.model_type}")
+        attn = self.layers[int(parts[1])].self_attn.attn
+        for attr in attrs:
+            setattr(attn, attr, value)
+        return True
 
     @staticmethod
     def _copy(params, name: str, tensor: torch.Tensor) -> None:

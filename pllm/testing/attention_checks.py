@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata, PlatformCapabilities
+from pllm.core.kv_cache.fp8 import dequantize, is_fp8, quantize
 from pllm.platforms.cpu.attention import reference_attention
 from pllm.testing.metadata import build_metadata, context_slot_mapping, num_blocks_needed
 
@@ -112,8 +113,18 @@ def check_attention_case(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    kv_cache_dtype: torch.dtype | None = None,
+    k_scale: float = 0.5,
+    v_scale: float = 2.0,
 ) -> None:
-    """Raise ``AssertionError`` unless ``backend`` matches the reference on ``case``."""
+    """Raise ``AssertionError`` unless ``backend`` matches the reference on ``case``.
+
+    ``kv_cache_dtype`` (default: ``dtype``) may be an 8-bit float; then K/V
+    are drawn already on that format's grid times the scales (powers of two,
+    so the division in ``write_kv`` is exact whatever its rounding), and the
+    reference sees exactly the values the backend must store."""
+    kv_dtype = kv_cache_dtype or dtype
+    scales = {"k_scale": k_scale, "v_scale": v_scale} if is_fp8(kv_dtype) else {}
     default_atol, default_rtol = default_tolerances(dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
@@ -123,13 +134,19 @@ def check_attention_case(
     md_cpu = build_metadata(case.seqs, bs, num_blocks, generator=gen)
     md = backend.prepare_metadata(metadata_to(md_cpu, device))
 
-    cache = torch.zeros(backend.kv_cache_shape(num_blocks, bs, hkv, d), dtype=dtype, device=device)
+    cache = torch.zeros(backend.kv_cache_shape(num_blocks, bs, hkv, d), dtype=kv_dtype,
+                        device=device)
     ref_cache = torch.zeros(2, num_blocks, bs, hkv, d)
 
-    def write(slots: torch.Tensor, scale: float = 1.0) -> None:
-        k = (torch.randn(len(slots), hkv, d, generator=gen) * scale).to(dtype)
-        v = (torch.randn(len(slots), hkv, d, generator=gen) * scale).to(dtype)
-        backend.write_kv(k.to(device), v.to(device), cache, slots.to(device))
+    def draw(n: int, size: float, kv_scale: float) -> torch.Tensor:
+        x = torch.randn(n, hkv, d, generator=gen) * size
+        if is_fp8(kv_dtype):
+            x = dequantize(quantize(x, kv_scale, kv_dtype), kv_scale)
+        return x.to(dtype)
+
+    def write(slots: torch.Tensor, size: float = 1.0) -> None:
+        k, v = draw(len(slots), size, k_scale), draw(len(slots), size, v_scale)
+        backend.write_kv(k.to(device), v.to(device), cache, slots.to(device), **scales)
         reference_write_kv(k.float(), v.float(), ref_cache, slots)
 
     write(torch.arange(num_blocks * bs), GARBAGE_SCALE)  # stale data everywhere
@@ -139,12 +156,13 @@ def check_attention_case(
     query = torch.randn(md_cpu.num_tokens, case.num_heads, d, generator=gen).to(dtype)
     scale = d**-0.5
     out = backend.forward(
-        query.to(device), cache, md, scale=scale, sliding_window=case.sliding_window
+        query.to(device), cache, md, scale=scale, sliding_window=case.sliding_window, **scales
     )
     expected = reference_attention(
         query.float(), ref_cache, md_cpu, scale=scale, sliding_window=case.sliding_window
     )
-    where = f"{type(backend).__name__} on case {case.name!r} ({dtype}, {device})"
+    cache_note = f", {kv_dtype} cache" if kv_dtype != dtype else ""
+    where = f"{type(backend).__name__} on case {case.name!r} ({dtype}{cache_note}, {device})"
     assert tuple(out.shape) == tuple(query.shape), f"{where}: output shape {tuple(out.shape)}"
     assert out.dtype == dtype, f"{where}: output dtype {out.dtype}"
     assert out.device.type == torch.device(device).type, f"{where}: output on {out.device}"
@@ -163,6 +181,7 @@ def check_attention_backend(
     cases: Sequence[AttentionCase] = DEFAULT_CASES,
     capabilities: PlatformCapabilities | None = None,
     seed: int = 0,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Run every case ``capabilities`` allow (all when ``None``); raise
     ``AssertionError`` on the first mismatch. Returns the names of cases skipped
@@ -174,6 +193,7 @@ def check_attention_backend(
             skipped.append(f"{case.name}: {why}")
             continue
         check_attention_case(
-            backend, case, device=device, dtype=dtype, atol=atol, rtol=rtol, seed=seed
+            backend, case, device=device, dtype=dtype, atol=atol, rtol=rtol, seed=seed,
+            kv_cache_dtype=kv_cache_dtype,
         )
     return skipped

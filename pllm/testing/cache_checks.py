@@ -11,6 +11,7 @@ import torch
 
 from pllm.core.config import CacheConfig
 from pllm.core.interfaces import AttentionBackend, KVCacheAllocator, MemoryInfo
+from pllm.core.kv_cache.fp8 import dequantize, grid, is_fp8, quantize
 
 
 def _filled_cache(
@@ -20,13 +21,76 @@ def _filled_cache(
     num_blocks: int,
     block_size: int,
     device: torch.device | str,
+    cache_dtype: torch.dtype | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """A cache whose every slot ``i`` holds ``keys[i]`` / ``values[i]``."""
     _, heads, dim = keys.shape
     shape = backend.kv_cache_shape(num_blocks, block_size, heads, dim)
-    cache = torch.zeros(shape, dtype=keys.dtype, device=device)
-    backend.write_kv(keys, values, cache, torch.arange(num_blocks * block_size, device=device))
+    cache = torch.zeros(shape, dtype=cache_dtype or keys.dtype, device=device)
+    kwargs = {"k_scale": scales[0], "v_scale": scales[1]} if is_fp8(cache.dtype) else {}
+    backend.write_kv(keys, values, cache, torch.arange(num_blocks * block_size, device=device),
+                     **kwargs)
     return cache
+
+
+def _grid_step(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Distance from ``|x|`` (fp32, on the grid of ``dtype``) to the next
+    representable magnitude below or above: one step of the format there."""
+    _, min_exponent, mantissa_bits = grid(dtype)
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0**min_exponent)))
+    return torch.exp2(exponent - mantissa_bits)
+
+
+def check_write_kv_fp8(
+    backend: AttentionBackend,
+    kv_cache_dtype: torch.dtype,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    block_size: int = 16,
+    num_kv_heads: int = 2,
+    head_dim: int = 64,
+    k_scale: float = 0.37,
+    v_scale: float = 3.1,
+    seed: int = 0,
+) -> int:
+    """Quantization by ``write_kv`` into an 8-bit cache, compared (layout
+    agnostic) with the backend's write of the same values rounded by torch
+    first: every element the same or one step of the format apart (rounding
+    modes differ, e.g. under an interpreter), none inf or NaN, and values
+    beyond the format's range saturated to exactly its largest finite value.
+    Returns how many elements were one step apart."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 2
+    num_slots = num_blocks * block_size
+    fmax = torch.finfo(kv_cache_dtype).max
+    where = f"{type(backend).__name__}.write_kv ({dtype} into {kv_cache_dtype}, {device})"
+
+    def draw(scale: float) -> torch.Tensor:
+        return (torch.randn(num_slots, num_kv_heads, head_dim, generator=gen) * scale * 4).to(dtype)
+
+    def fill(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _filled_cache(backend, k.to(device), v.to(device), num_blocks, block_size, device,
+                             kv_cache_dtype, (k_scale, v_scale)).float().cpu()
+
+    keys, values = draw(k_scale), draw(v_scale)
+    got = fill(keys, values)
+    want = fill(dequantize(quantize(keys, k_scale, kv_cache_dtype), k_scale).to(dtype),
+                dequantize(quantize(values, v_scale, kv_cache_dtype), v_scale).to(dtype))
+    assert torch.isfinite(got).all(), f"{where}: inf or NaN stored"
+    diff = (got - want).abs()
+    far = diff > _grid_step(torch.maximum(got.abs(), want.abs()), kv_cache_dtype)
+    assert not far.any(), (
+        f"{where}: {int(far.sum())} elements more than one step from torch's rounding "
+        f"(worst {float(diff.max())})")
+
+    # Twice the range (inf where ``dtype`` cannot hold that): exactly +-max stored.
+    signs = torch.randn(2, num_slots, num_kv_heads, head_dim, generator=gen).sign()
+    big = fill((signs[0] * 2 * fmax * k_scale).to(dtype), (signs[1] * 2 * fmax * v_scale).to(dtype))
+    assert bool((big.abs() == fmax).all()), f"{where}: out-of-range values not saturated to {fmax}"
+    assert int((big > 0).sum()) == int((signs > 0).sum()), f"{where}: saturation lost signs"
+    return int((diff > 0).sum())
 
 
 def check_write_kv(
@@ -81,14 +145,16 @@ def check_copy_blocks(
     head_dim: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> None:
     """``copy_blocks`` copies whole blocks in every layer (one source may feed
-    several destinations) and leaves everything else alone."""
+    several destinations) and leaves everything else alone, bit for bit
+    (caches in ``dtype``, or in ``kv_cache_dtype`` when given)."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 8
     num_slots = num_blocks * block_size
     pairs = [(1, 5), (6, 2), (1, 7)]
-    where = f"{type(backend).__name__}.copy_blocks ({dtype}, {device})"
+    where = f"{type(backend).__name__}.copy_blocks ({kv_cache_dtype or dtype}, {device})"
     data = [
         [
             torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
@@ -96,10 +162,11 @@ def check_copy_blocks(
         ]
         for _ in range(num_layers)
     ]
-    caches = [_filled_cache(backend, k, v, num_blocks, block_size, device) for k, v in data]
+    caches = [_filled_cache(backend, k, v, num_blocks, block_size, device, kv_cache_dtype)
+              for k, v in data]
     before = [c.clone() for c in caches]
     backend.copy_blocks(caches, [])
-    assert all(torch.equal(a, b) for a, b in zip(caches, before, strict=True)), (
+    assert all(_same_bits(a, b) for a, b in zip(caches, before, strict=True)), (
         f"{where}: [] changed caches"
     )
 
@@ -112,8 +179,14 @@ def check_copy_blocks(
                 slice(dst * block_size, (dst + 1) * block_size),
             )
             keys[d], values[d] = keys[s], values[s]
-        expected = _filled_cache(backend, keys, values, num_blocks, block_size, device)
-        assert torch.equal(caches[layer], expected), f"{where}: layer {layer} differs"
+        expected = _filled_cache(backend, keys, values, num_blocks, block_size, device,
+                                 kv_cache_dtype)
+        assert _same_bits(caches[layer], expected), f"{where}: layer {layer} differs"
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (``torch.equal`` has no fp8 kernel on the CPU)."""
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def check_kv_cache_allocator(

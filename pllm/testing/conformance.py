@@ -29,7 +29,12 @@ from pllm.testing.attention_checks import (
     metadata_to,
     reference_write_kv,
 )
-from pllm.testing.cache_checks import check_copy_blocks, check_kv_cache_allocator, check_write_kv
+from pllm.testing.cache_checks import (
+    check_copy_blocks,
+    check_kv_cache_allocator,
+    check_write_kv,
+    check_write_kv_fp8,
+)
 from pllm.testing.collectives import check_communicator, free_tcp_init_method
 from pllm.testing.metadata import build_metadata, context_slot_mapping, num_blocks_needed
 
@@ -46,6 +51,7 @@ __all__ = [
     "check_kv_cache_allocator",
     "check_platform_basics",
     "check_write_kv",
+    "check_write_kv_fp8",
     "context_slot_mapping",
     "default_tolerances",
     "float_dtypes",

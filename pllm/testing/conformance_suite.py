@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from pllm.core.interfaces import Platform
+from pllm.core.kv_cache.fp8 import FP8_DTYPES
 from pllm.testing import conformance as cf
 from pllm.testing.pytest_plugin import platform_name
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in cf.FLOAT_DTYPES]
+KV_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in FP8_DTYPES]
 CASES = [pytest.param(c, id=c.name) for c in cf.DEFAULT_CASES]
 
 
@@ -78,6 +80,23 @@ def test_copy_blocks(platform, backend, dtype) -> None:  # noqa: ANN001
         dtype=dtype,
         block_size=min(platform.capabilities.block_sizes),
     )
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_fp8_kv_cache(platform, backend, kv_dtype) -> None:  # noqa: ANN001
+    """Quantizing writes, block copies and attention over an 8-bit cache (in
+    the platform's default dtype), for each format the platform stores."""
+    caps = platform.capabilities
+    if not caps.supports_kv_cache_dtype(kv_dtype):
+        pytest.skip(f"{platform.name} does not store the KV cache as {kv_dtype}")
+    device, dtype = platform.device(0), caps.default_dtype
+    block_size = min(caps.block_sizes)
+    cf.check_write_kv_fp8(backend, kv_dtype, device=device, dtype=dtype, block_size=block_size)
+    cf.check_copy_blocks(backend, device=device, dtype=dtype, block_size=block_size,
+                         kv_cache_dtype=kv_dtype)
+    skipped = cf.check_attention_backend(backend, device=device, dtype=dtype, capabilities=caps,
+                                         kv_cache_dtype=kv_dtype)
+    assert len(skipped) < len(cf.DEFAULT_CASES), f"every case skipped: {skipped}"
 
 
 def test_kv_cache_allocator(platform: Platform) -> None:

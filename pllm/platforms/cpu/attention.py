@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+from pllm.core.kv_cache.fp8 import dequantize, is_fp8, quantize
 from pllm.platforms.cpu.kernels import cpu_ops, paged_decode_op
 
 
@@ -36,19 +37,24 @@ def reference_attention(
     *,
     scale: float,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Sequence by sequence, in fp32, with an explicit mask: slow and obvious."""
+    """Sequence by sequence, in fp32, with an explicit mask: slow and obvious.
+    An 8-bit cache is read as ``k_scale * K``, ``v_scale * V``."""
     num_heads = query.shape[1]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
+    if not is_fp8(kv_cache.dtype):
+        k_scale = v_scale = 1.0
     out = torch.empty_like(query)
     starts = metadata.query_start_loc_cpu
     for s in range(metadata.num_seqs):
         q = query[starts[s] : starts[s + 1]].float()  # [q_len, H, D]
         q_len, seq_len = q.shape[0], metadata.seq_lens_cpu[s]
         k, v = gather_kv(kv_cache, metadata.block_tables[s], seq_len)
-        k = k.float().repeat_interleave(group, dim=1)
-        v = v.float().repeat_interleave(group, dim=1)
+        k = dequantize(k, k_scale).repeat_interleave(group, dim=1)
+        v = dequantize(v, v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
         k_pos = torch.arange(seq_len).unsqueeze(0)
@@ -71,6 +77,9 @@ class CPUAttentionBackend(AttentionBackend):
     (``csrc/paged_decode.cpp``); without a compiler, in one padded gather +
     matmul per group of similar lengths. Neither loops over sequences in
     Python. Prefill chunks go through SDPA one sequence at a time.
+
+    An fp8 cache (e4m3fn or e5m2) takes the torch paths: K/V are quantized
+    on the way in and the gathered blocks converted back, scales applied.
     """
 
     name = "torch-sdpa"
@@ -78,8 +87,13 @@ class CPUAttentionBackend(AttentionBackend):
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
-    def write_kv(self, key, value, kv_cache, slot_mapping):
-        if key.dtype == value.dtype == kv_cache.dtype == torch.float32 and (ops := cpu_ops()) is not None:
+    def write_kv(self, key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
+        if is_fp8(kv_cache.dtype):
+            key = quantize(key, k_scale, kv_cache.dtype)
+            value = quantize(value, v_scale, kv_cache.dtype)
+            kv_cache = kv_cache.view(torch.uint8)  # index_copy_ has no fp8 kernel
+            key, value = key.view(torch.uint8), value.view(torch.uint8)
+        elif key.dtype == value.dtype == kv_cache.dtype == torch.float32 and (ops := cpu_ops()) is not None:
             key = key if key.stride(-1) == 1 else key.contiguous()
             value = value if value.stride(-1) == 1 else value.contiguous()
             ops.write_kv_(key, value, kv_cache, slot_mapping)
@@ -100,35 +114,43 @@ class CPUAttentionBackend(AttentionBackend):
         for cache in kv_caches:
             cache[:, :, dst] = cache[:, :, src]
 
-    def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None):
+    def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None, k_scale=1.0,
+                v_scale=1.0):
+        kv_scales = (k_scale, v_scale) if is_fp8(kv_cache.dtype) else None
         nd = metadata.num_decodes
         if nd == metadata.num_seqs:  # decodes only: the common step
-            return self._decode(query, kv_cache, metadata, scale, sliding_window)
+            return self._decode(query, kv_cache, metadata, scale, sliding_window, kv_scales)
         out = torch.empty_like(query)
         if nd:
-            out[:nd] = self._decode(query[:nd], kv_cache, metadata, scale, sliding_window)
+            out[:nd] = self._decode(query[:nd], kv_cache, metadata, scale, sliding_window,
+                                    kv_scales)
         starts = metadata.query_start_loc_cpu
         for s in range(nd, metadata.num_seqs):
             lo, hi = starts[s], starts[s + 1]
             out[lo:hi] = self._prefill(
                 query[lo:hi], kv_cache, metadata.block_tables[s], metadata.seq_lens_cpu[s],
-                scale, sliding_window,
+                scale, sliding_window, kv_scales,
             )
         return out
 
     @staticmethod
-    def _gather(kv_cache: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of the blocks in ``table`` (any leading shape):
-        ``[kv_head, *table.shape[:-1], num_blocks * block_size, head_dim]``."""
+    def _gather(kv_cache: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
+                kv_scales: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the blocks in ``table`` (any leading shape) in ``dtype``:
+        ``[kv_head, *table.shape[:-1], num_blocks * block_size, head_dim]``.
+        ``kv_scales``: the cache is fp8, read back as ``k_scale * K``, ``v_scale * V``."""
         # index_select on a flat index is ~2.5x faster than advanced indexing here.
         kv = kv_cache.index_select(2, table.reshape(-1).long())  # [2, H, n*nb, bs, D]
         two, heads, _, block_size, head_dim = kv.shape
         kv = kv.view(two, heads, *table.shape[:-1], table.shape[-1] * block_size, head_dim)
-        return kv[0], kv[1]
+        if kv_scales is None:
+            return kv[0], kv[1]
+        return dequantize(kv[0], kv_scales[0], dtype), dequantize(kv[1], kv_scales[1], dtype)
 
-    def _prefill(self, q, kv_cache, block_table, seq_len, scale, sliding_window):
+    def _prefill(self, q, kv_cache, block_table, seq_len, scale, sliding_window, kv_scales=None):
         q_len, block_size = q.shape[0], kv_cache.shape[3]
-        k, v = self._gather(kv_cache, block_table[: -(-seq_len // block_size)])
+        k, v = self._gather(kv_cache, block_table[: -(-seq_len // block_size)], q.dtype,
+                            kv_scales)
         k, v = k[:, :seq_len], v[:, :seq_len]  # [Hkv, L, D]
         # 4-D inputs take SDPA's fused CPU kernel (3-D ones fall back to the
         # unfused math path: about 3x slower here).
@@ -153,30 +175,32 @@ class CPUAttentionBackend(AttentionBackend):
             metadata.extras["cpu.decode_groups"] = _plan_decode_groups(metadata)
         return metadata
 
-    def _decode(self, q, kv_cache, metadata, scale, sliding_window):
+    def _decode(self, q, kv_cache, metadata, scale, sliding_window, kv_scales=None):
         nd = q.shape[0]
         if q.dtype == torch.float32 and kv_cache.dtype == torch.float32 and q.shape[-1] % 8 == 0:
             op = paged_decode_op()
             if op is not None:  # reads K/V straight from the blocks, once
                 return op(q, kv_cache, metadata.block_tables[:nd], metadata.seq_lens[:nd],
                           scale, sliding_window or 0)
-        groups = metadata.extras.get("cpu.decode_groups") or _plan_decode_groups(metadata)
+        groups = metadata.extras.get("cpu.decode_groups")
+        if groups is None:  # planned once per step, on the first layer that needs it
+            groups = metadata.extras["cpu.decode_groups"] = _plan_decode_groups(metadata)
         if len(groups) == 1 and groups[0].index is None:
-            return self._decode_group(q, kv_cache, groups[0], scale, sliding_window)
+            return self._decode_group(q, kv_cache, groups[0], scale, sliding_window, kv_scales)
         out = torch.empty_like(q)
         for g in groups:
             out.index_copy_(0, g.index, self._decode_group(q.index_select(0, g.index), kv_cache, g,
-                                                           scale, sliding_window))
+                                                           scale, sliding_window, kv_scales))
         return out
 
-    def _decode_group(self, q, kv_cache, group, scale, sliding_window):
+    def _decode_group(self, q, kv_cache, group, scale, sliding_window, kv_scales=None):
         """Single-token queries of one group at once, by KV head (GQA)::
 
             q [n, Hq, D] -> [Hkv, n, group, D]
             K [Hkv, n, L, D]  (L = the group's longest context, shorter ones masked)
         """
         n, num_heads, head_dim = q.shape
-        k, v = self._gather(kv_cache, group.block_table)
+        k, v = self._gather(kv_cache, group.block_table, q.dtype, kv_scales)
         num_kv_heads = k.shape[0]
         qg = q.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
         scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, n, group, L]

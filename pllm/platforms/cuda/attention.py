@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+from pllm.core.kv_cache.fp8 import is_fp8
 from pllm.platforms.cuda.kernels.cache import copy_blocks as copy_cache_blocks
 from pllm.platforms.cuda.kernels.cache import reshape_and_cache
 from pllm.platforms.cuda.kernels.common import check_inputs
@@ -29,7 +30,10 @@ _MAX_DECODE_LEN = "triton.max_decode_len"  # metadata.extras key set by prepare_
 
 class TritonAttentionBackend(AttentionBackend):
     """Triton PagedAttention: fp32/fp16/bf16, GQA/MQA, any block size, any
-    head_dim (padded to a power of two inside the kernels), sliding window.
+    head_dim (padded to a power of two inside the kernels), sliding window;
+    the cache in the model dtype or an 8-bit float (K/V converted to the
+    query dtype as they load, k_scale folded into the softmax scale and
+    v_scale into the output).
 
     ``min_partition`` (keys per split-KV partition, at least), ``max_splits``
     and ``num_sms`` (multiprocessors to fill; read from the device when None)
@@ -53,8 +57,10 @@ class TritonAttentionBackend(AttentionBackend):
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
-    def write_kv(self, key, value, kv_cache, slot_mapping):
-        reshape_and_cache(key, value, kv_cache, slot_mapping)
+    def write_kv(self, key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
+        if not is_fp8(kv_cache.dtype):
+            k_scale = v_scale = 1.0
+        reshape_and_cache(key, value, kv_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
     def copy_blocks(self, kv_caches, src_to_dst):
         copy_cache_blocks(kv_caches, src_to_dst)
@@ -67,8 +73,11 @@ class TritonAttentionBackend(AttentionBackend):
         metadata.extras[_MAX_DECODE_LEN] = self._max_decode_len(metadata)
         return metadata
 
-    def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None):
+    def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None, k_scale=1.0,
+                v_scale=1.0):
         check_inputs(query, kv_cache)
+        if not is_fp8(kv_cache.dtype):
+            k_scale = v_scale = 1.0
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
         window = sliding_window or 0
@@ -81,6 +90,7 @@ class TritonAttentionBackend(AttentionBackend):
             decode_attention(
                 query, kv_cache, out, metadata.seq_lens, metadata.block_tables,
                 num_seqs=nd, scale=scale, num_splits=num_splits, sliding_window=window,
+                k_scale=k_scale, v_scale=v_scale,
             )
         if metadata.num_prefills:
             starts = metadata.query_start_loc_cpu
@@ -90,7 +100,7 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata.block_tables, first_seq=nd, num_seqs=metadata.num_prefills,
                 first_token=first,
                 num_query_tokens=metadata.num_tokens - first, scale=scale,
-                sliding_window=window,
+                sliding_window=window, k_scale=k_scale, v_scale=v_scale,
             )
         return out
 

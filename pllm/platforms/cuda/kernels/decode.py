@@ -26,7 +26,7 @@ from pllm.platforms.cuda.kernels.common import LOG2E, load_kv_tile, online_softm
 def _decode_split_kernel(
     q_ptr, cache_ptr, out_ptr, part_ptr,
     seq_lens_ptr, block_tables_ptr,
-    scale_log2, window, group, head_dim, num_heads, num_splits,
+    scale_log2, v_scale, window, group, head_dim, num_heads, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_cb, stride_co, stride_ch, stride_bt,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -64,7 +64,8 @@ def _decode_split_kernel(
         scores = tl.where(k_ok[None, :], scores, float("-inf"))
         m_i, l_i, acc = online_softmax_step(scores, m_i, l_i, acc, v.to(q.dtype))
 
-    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty split stores zeros
+    # An empty split stores zeros; v_scale dequantizes an 8-bit V (1.0 otherwise).
+    acc = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
     mask = g_ok[:, None] & d_ok[None, :]
     if SINGLE_SPLIT:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -136,13 +137,16 @@ def decode_attention(
     scale: float,
     num_splits: int,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     config: tuple[int, int, int] | None = None,
 ) -> None:
     """One query token per sequence for the first ``num_seqs`` sequences:
     row ``n`` of ``query``/``out`` (``[tokens, num_heads, head_dim]``) attends
     to the first ``seq_lens[n]`` cached positions of ``block_tables[n]``
-    (later rows are untouched, so a mixed batch needs no slicing). ``config``
-    overrides ``(BLOCK_N, num_warps, num_stages)``, for tuning."""
+    (later rows are untouched, so a mixed batch needs no slicing). The cache
+    is read as ``k_scale * K``, ``v_scale * V``. ``config`` overrides
+    ``(BLOCK_N, num_warps, num_stages)``, for tuning."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     if num_seqs == 0:
         return
@@ -157,7 +161,7 @@ def decode_attention(
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, kv_cache, out, part,
         seq_lens, block_tables,
-        scale * LOG2E, sliding_window, group, head_dim, num_heads, num_splits,
+        scale * k_scale * LOG2E, v_scale, sliding_window, group, head_dim, num_heads, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),

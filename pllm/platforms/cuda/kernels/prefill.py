@@ -44,7 +44,7 @@ def _find_seq(qsl_ptr, tile, num_seqs, tok_base, BLOCK_M: tl.constexpr):
 def _prefill_kernel(
     q_ptr, cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
-    seq_base, num_seqs, tok_base, scale_log2, window, group, head_dim,
+    seq_base, num_seqs, tok_base, scale_log2, v_scale, window, group, head_dim,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_cb, stride_co, stride_ch, stride_bt,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -97,7 +97,7 @@ def _prefill_kernel(
         scores = tl.where(allowed, scores, float("-inf"))
         m_i, l_i, acc = online_softmax_step(scores, m_i, l_i, acc, v.to(q.dtype))
 
-    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    acc = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -127,6 +127,8 @@ def prefill_attention(
     num_query_tokens: int,
     scale: float,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     config: tuple[int, int, int, int] | None = None,
 ) -> None:
     """Attention for sequences ``first_seq .. first_seq + num_seqs`` of the
@@ -134,8 +136,8 @@ def prefill_attention(
     ``query_start_loc[s] .. query_start_loc[s + 1]`` of ``query``/``out``
     (``[tokens, num_heads, head_dim]``). ``first_token`` and
     ``num_query_tokens`` are ``query_start_loc[first_seq]`` and the number of
-    their query rows, as host ints (no device sync). ``config`` overrides the
-    tile choice ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, for tuning."""
+    their query rows, as host ints (no device sync). The cache is read as
+    ``k_scale * K``, ``v_scale * V``. ``config`` overrides the tile choice ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, for tuning."""
     if num_seqs == 0:
         return
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -148,7 +150,8 @@ def prefill_attention(
     _prefill_kernel[grid](
         query, kv_cache, out,
         query_start_loc, seq_lens, block_tables,
-        first_seq, num_seqs, first_token, scale * LOG2E, sliding_window, group, head_dim,
+        first_seq, num_seqs, first_token, scale * k_scale * LOG2E, v_scale, sliding_window, group,
+        head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.core.interfaces import AttentionMetadata
+from pllm.core.kv_cache.fp8 import dequantize, quantize
 from pllm.platforms.cpu.attention import reference_attention
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,6 +47,15 @@ class Case:
     min_partition: int = 256  # backend knob: small values force split-KV
     expect_split: bool = False  # the decodes must go through split-KV + reduce
     fused_qkv: bool = False  # q/k/v are strided views of one [T, (H + 2 Hkv) D] tensor
+    # An 8-bit cache ("float8_e4m3fn", ...): K/V drawn on its grid times the
+    # scales (powers of two, so the write is exact under any rounding mode).
+    kv_dtype: str | None = None
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+    def scales(self) -> dict[str, float]:
+        """The scale keywords the backend gets (only with an 8-bit cache)."""
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale} if self.kv_dtype else {}
 
 
 SMALL_CASES = (
@@ -69,6 +79,12 @@ SMALL_CASES = (
     # Not a power of two: padded to 128 inside the kernels.
     Case("head_dim_80_one_token_chunks", prefills=((1, 40), (1, 17)), num_heads=2,
          num_kv_heads=1, head_dim=80),
+    Case("fp8_e4m3_mixed_gqa", decode_lens=(5, 33), prefills=((7, 40), (20, 20)),
+         num_heads=8, num_kv_heads=2, kv_dtype="float8_e4m3fn", k_scale=0.5, v_scale=2.0),
+    Case("fp8_e5m2_split_window", decode_lens=(300, 40), sliding_window=130, min_partition=32,
+         block_size=32, expect_split=True, kv_dtype="float8_e5m2", k_scale=2.0, v_scale=0.25),
+    Case("fp8_e4m3fnuz_mqa", decode_lens=(9, 64), prefills=((17, 50),), num_heads=4,
+         num_kv_heads=1, kv_dtype="float8_e4m3fnuz", k_scale=0.25),
 )
 
 # Realistic shapes for a GPU (too slow for the interpreter).
@@ -86,6 +102,12 @@ LARGE_CASES = (
          num_heads=16, num_kv_heads=4, head_dim=128, sliding_window=1024),
     Case("mixed_d256_bs32", decode_lens=(1000, 2000), prefills=((256, 1024),),
          num_heads=8, num_kv_heads=1, head_dim=256, block_size=32),
+    Case("fp8_e4m3_mixed_32dec_ctx2k", decode_lens=tuple(1500 + 17 * i for i in range(32)),
+         prefills=((512, 2048), (300, 1800)), num_heads=32, num_kv_heads=8, head_dim=128,
+         kv_dtype="float8_e4m3fn", k_scale=0.5, v_scale=0.5),
+    Case("fp8_e5m2_decode_4x16k_split", decode_lens=(16384, 9000, 12345, 700),
+         num_heads=32, num_kv_heads=8, head_dim=128, expect_split=True,
+         kv_dtype="float8_e5m2"),
 )
 
 
@@ -124,8 +146,15 @@ def build_batch(case: Case, dtype: torch.dtype, device: torch.device | str, seed
 
     kv = torch.randn(2, len(slots_all), hkv, d, generator=data_gen, device=device)
     q = torch.randn(num_tokens, h, d, generator=data_gen, device=device)
-    expected = torch.full((2, num_blocks, bs, hkv, d), float("nan"), dtype=dtype, device=device)
-    expected.view(2, -1, hkv, d)[:, slots_all] = kv.to(dtype)
+    cache_dtype, stored = dtype, kv.to(dtype)
+    if case.kv_dtype:
+        cache_dtype = getattr(torch, case.kv_dtype)
+        stored = torch.stack([quantize(kv[0], case.k_scale, cache_dtype),
+                              quantize(kv[1], case.v_scale, cache_dtype)])
+        kv = torch.stack([dequantize(stored[0], case.k_scale), dequantize(stored[1], case.v_scale)])
+    expected = torch.full((2, num_blocks, bs, hkv, d), float("nan"), dtype=cache_dtype,
+                          device=device)
+    expected.view(2, -1, hkv, d)[:, slots_all] = stored
     cache = expected.clone()
     cache.view(2, -1, hkv, d)[:, slot_mapping] = float("nan")  # not written yet
     key, value = kv[0, new_rows], kv[1, new_rows]
@@ -163,18 +192,40 @@ def _same_cache(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.float().nan_to_num(12345.0), b.float().nan_to_num(12345.0))
 
 
+def fp8_formats(device) -> tuple[str, ...]:
+    """The 8-bit cache formats to check on ``device``: all under the
+    interpreter; on a GPU, those its platform's capabilities list (OCP e4m3fn
+    and e5m2 on NVIDIA sm89+, e4m3fnuz on MI300)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz")
+    if torch.version.hip:
+        from pllm.platforms.rocm.platform import rocm_capabilities
+
+        caps = rocm_capabilities(torch.cuda.get_device_properties(device).gcnArchName)
+    else:
+        from pllm.platforms.cuda.platform import cuda_capabilities
+
+        caps = cuda_capabilities(torch.cuda.get_device_capability(device))
+    return tuple(str(d).removeprefix("torch.") for d in caps.kv_cache_dtypes)
+
+
 def check_case(backend_cls, case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
     """Runs one case; returns a JSON-able result (``ok`` says whether it passed)."""
+    if case.kv_dtype and case.kv_dtype not in fp8_formats(device):
+        return {"case": case.name, "dtype": str(dtype).replace("torch.", ""), "ok": True,
+                "skipped": f"{case.kv_dtype} is not a KV-cache format of this GPU"}
     backend = backend_cls(min_partition=case.min_partition)
     q, key, value, cache, expected, metadata = build_batch(case, dtype, device, seed)
     metadata = backend.prepare_metadata(metadata)
-    backend.write_kv(key, value, cache, metadata.slot_mapping)
+    backend.write_kv(key, value, cache, metadata.slot_mapping, **case.scales())
     cache_ok = _same_cache(cache, expected)
     scale = 1.0 / math.sqrt(case.head_dim)
-    out = backend.forward(q, cache, metadata, scale=scale, sliding_window=case.sliding_window)
+    out = backend.forward(q, cache, metadata, scale=scale, sliding_window=case.sliding_window,
+                          **case.scales())
     # The reference runs on the CPU (it builds its masks there).
     ref = reference_attention(q.cpu(), expected.cpu(), metadata_to(metadata, "cpu"),
-                              scale=scale, sliding_window=case.sliding_window)
+                              scale=scale, sliding_window=case.sliding_window, **case.scales())
     out = out.cpu()
     atol, rtol = TOLERANCES[dtype]
     err = (out.float() - ref.float()).abs()
@@ -211,6 +262,21 @@ def check_write_kv_padding(backend_cls, dtype: torch.dtype, device) -> dict:
     backend_cls().write_kv(key.to(device), value.to(device), cache, slots.to(device))
     ok = torch.equal(cache.cpu(), expected)
     return {"case": "write_kv_padding", "dtype": str(dtype).replace("torch.", ""), "ok": ok}
+
+
+def check_write_kv_fp8(backend_cls, dtype: torch.dtype, device) -> dict:
+    """Quantizing writes into each 8-bit format (``pllm.testing``'s check):
+    torch's rounding to within one step, saturation, no inf/NaN. Reports how
+    many elements were a step off (the interpreter truncates where a GPU
+    rounds to nearest even)."""
+    from pllm.testing.cache_checks import check_write_kv_fp8
+
+    off = {}
+    for name in fp8_formats(device):
+        off[name] = check_write_kv_fp8(backend_cls(), getattr(torch, name), device=device,
+                                       dtype=dtype)
+    return {"case": "write_kv_fp8", "dtype": str(dtype).replace("torch.", ""), "ok": True,
+            "one_step_off": off}
 
 
 def check_graph_padding(backend_cls, dtype: torch.dtype, device) -> dict:
@@ -269,7 +335,8 @@ def check_copy_blocks(backend_cls, dtype: torch.dtype, device) -> dict:
 def check_conformance(backend_cls, dtype: torch.dtype, device) -> dict:
     """pllm's shipped conformance checks (``pllm.testing.conformance``): an
     independent metadata builder, stale garbage in every slot, write_kv with
-    padding and copy_blocks. ``min_partition=16`` makes its decodes split."""
+    padding and copy_blocks, and the quick cases over each 8-bit cache.
+    ``min_partition=16`` makes its decodes split."""
     dtype_name = str(dtype).replace("torch.", "")
     try:
         from pllm.testing import conformance
@@ -283,6 +350,13 @@ def check_conformance(backend_cls, dtype: torch.dtype, device) -> dict:
         atol, rtol = TOLERANCES[dtype]
         conformance.check_attention_backend(backend, device=device, dtype=dtype,
                                             atol=atol, rtol=rtol)
+        for name in fp8_formats(device):  # 8-bit caches: quick cases, block copies
+            kv_dtype = getattr(torch, name)
+            conformance.check_copy_blocks(backend, device=device, dtype=dtype,
+                                          kv_cache_dtype=kv_dtype)
+            conformance.check_attention_backend(backend, device=device, dtype=dtype, atol=atol,
+                                                rtol=rtol, cases=conformance.QUICK_CASES,
+                                                kv_cache_dtype=kv_dtype)
     except AssertionError as exc:
         return {"case": "conformance", "dtype": dtype_name, "ok": False, "error": str(exc)[:2000]}
     return {"case": "conformance", "dtype": dtype_name, "ok": True}
@@ -300,6 +374,7 @@ def run(dtype_names, device, *, large: bool = False, only: str | None = None,
         dtype = DTYPES[dtype_name]
         checks = [
             ("write_kv_padding", lambda: check_write_kv_padding(backend, dtype, device)),
+            ("write_kv_fp8", lambda: check_write_kv_fp8(backend, dtype, device)),
             ("copy_blocks", lambda: check_copy_blocks(backend, dtype, device)),
             ("graph_padding", lambda: check_graph_padding(backend, dtype, device)),
             ("conformance", lambda: check_conformance(backend, dtype, device)),
@@ -314,7 +389,8 @@ def run(dtype_names, device, *, large: bool = False, only: str | None = None,
                        "error": f"{type(exc).__name__}: {exc}"[:2000]}
             results.append(res)
             status = "SKIP" if "skipped" in res else "PASS" if res["ok"] else "FAIL"
-            extra = {k: res[k] for k in ("max_abs_err", "decode_splits", "skipped", "error")
+            extra = {k: res[k] for k in ("max_abs_err", "decode_splits", "skipped", "error",
+                                         "one_step_off")
                      if k in res}
             log(f"{status} {dtype_name:5s} {name:28s} {extra}", flush=True)
     return results
