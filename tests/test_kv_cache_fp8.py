@@ -96,6 +96,24 @@ def test_fp8_cache_matches_transformers_with_the_same_rounding(name, tiny_model_
     assert stats.num_free_blocks == stats.num_total_blocks, stats
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs an NVIDIA GPU of sm89+ (fp8) with a CUDA build of torch")
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_fp8_cache_on_gpu_matches_transformers_with_the_same_rounding(name, tiny_model_dir,
+                                                                      hf_tiny):
+    """The Triton kernels compiled, CUDA graphs on: greedy tokens equal to
+    transformers (on the CPU, fp32) with the same K/V rounding."""
+    prompts = _prompts()
+    expected, _ = _hf_reference(hf_tiny, prompts, Fp8KVRounding(hf_tiny, FORMATS[name]))
+    llm = LLM(tiny_model_dir, device="cuda", dtype="float32", kv_cache_dtype=name,
+              max_model_len=128, gpu_memory_utilization=0.3, max_num_seqs=16)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+
+
 def test_fp8_cache_holds_four_times_the_fp32_blocks(tiny_model_dir, tiny_llm):
     llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="16MB", max_model_len=128,
               kv_cache_dtype="fp8")
