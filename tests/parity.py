@@ -68,9 +68,9 @@ class Fp8KVRounding:
         self._undo = []
 
     def _round(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        from pllm.core.kv_cache.fp8 import dequantize, quantize
+        from pllm.core.kv_cache.fp8 import round_trip
 
-        return dequantize(quantize(x, scale, self.kv_dtype), scale, x.dtype)
+        return round_trip(x, scale, self.kv_dtype)
 
     def __enter__(self):
         import importlib

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata, PlatformCapabilities
-from pllm.core.kv_cache.fp8 import dequantize, is_fp8, quantize
+from pllm.core.kv_cache.fp8 import is_fp8, round_trip
 from pllm.platforms.cpu.attention import reference_attention
 from pllm.testing.metadata import build_metadata, context_slot_mapping, num_blocks_needed
 
@@ -141,7 +141,7 @@ def check_attention_case(
     def draw(n: int, size: float, kv_scale: float) -> torch.Tensor:
         x = torch.randn(n, hkv, d, generator=gen) * size
         if is_fp8(kv_dtype):
-            x = dequantize(quantize(x, kv_scale, kv_dtype), kv_scale)
+            x = round_trip(x, kv_scale, kv_dtype)
         return x.to(dtype)
 
     def write(slots: torch.Tensor, size: float = 1.0) -> None:

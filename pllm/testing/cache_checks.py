@@ -11,7 +11,7 @@ import torch
 
 from pllm.core.config import CacheConfig
 from pllm.core.interfaces import AttentionBackend, KVCacheAllocator, MemoryInfo
-from pllm.core.kv_cache.fp8 import dequantize, grid, is_fp8, quantize
+from pllm.core.kv_cache.fp8 import grid, is_fp8, round_trip
 
 
 def _filled_cache(
@@ -76,8 +76,8 @@ def check_write_kv_fp8(
 
     keys, values = draw(k_scale), draw(v_scale)
     got = fill(keys, values)
-    want = fill(dequantize(quantize(keys, k_scale, kv_cache_dtype), k_scale).to(dtype),
-                dequantize(quantize(values, v_scale, kv_cache_dtype), v_scale).to(dtype))
+    want = fill(round_trip(keys, k_scale, kv_cache_dtype),
+                round_trip(values, v_scale, kv_cache_dtype))
     assert torch.isfinite(got).all(), f"{where}: inf or NaN stored"
     diff = (got - want).abs()
     far = diff > _grid_step(torch.maximum(got.abs(), want.abs()), kv_cache_dtype)

@@ -71,3 +71,9 @@ def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
 def dequantize(x: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``scale * x`` in ``dtype`` (fp32 unless asked otherwise)."""
     return x.to(torch.float32).mul_(scale).to(dtype) if scale != 1.0 else x.to(dtype)
+
+
+def round_trip(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache in ``dtype`` gives it back (``quantize`` then
+    ``dequantize``), in ``x``'s own dtype: what attention reads."""
+    return dequantize(quantize(x, scale, dtype), scale, x.dtype)

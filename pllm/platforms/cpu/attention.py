@@ -219,7 +219,7 @@ class CPUAttentionBackend(AttentionBackend):
 class _DecodeGroup:
     index: torch.Tensor | None  # rows of the decode batch (None: all, in order)
     block_table: torch.Tensor  # [n, blocks of the group's longest sequence]
-    seq_lens: torch.Tensor  # int64 [n]
+    seq_lens: torch.Tensor  # int32 [n]
 
 
 def _plan_decode_groups(metadata: AttentionMetadata, slack: float = 1.25,
@@ -238,7 +238,9 @@ def _plan_decode_groups(metadata: AttentionMetadata, slack: float = 1.25,
             total = 0
         groups[-1].append(i)
         total += nblocks[i]
-    seq_lens = metadata.seq_lens[:nd].long()
+    # Views, not copies, where the plan allows: a padded decode runner keeps
+    # one metadata object (and its plan) for every replay of a batch size.
+    seq_lens = metadata.seq_lens[:nd]
     if len(groups) == 1:
         return [_DecodeGroup(None, metadata.block_tables[:nd, : max(nblocks)], seq_lens)]
     plan = []
