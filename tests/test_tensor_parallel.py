@@ -2,8 +2,8 @@
 
 Greedy tokens must equal transformers' on the same weights, with the step's
 inputs (chunked prefills, prefix-cache hits, copy-on-write forks) reaching
-the second rank; a model that does not split evenly fails before any process
-starts."""
+the second rank; KV heads replicated when there are fewer than ranks; a model
+that does not split evenly fails before any process starts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from parity import hf_greedy
 from pllm import LLM, SamplingParams
@@ -24,6 +24,8 @@ from pllm.core.executor import _worker_main, check_tensor_parallel
 from pllm.core.interfaces import PlatformCapabilities
 from pllm.loader import load_model
 from pllm.loader.testing import make_tiny_model
+from pllm.models.llama import ArchSpec
+from pllm.models.parallel import TensorParallel
 from pllm.platforms.cpu.platform import CPUPlatform
 
 MAX_NEW = 20
@@ -36,7 +38,11 @@ ARCHS = {
     # ranks: the LM head's slices are 161 and 160 rows of the embedding.
     "qwen3_tied": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2, vocab_size=321,
                                  tie_word_embeddings=True)),
+    # One KV head (MQA) on two ranks: both hold it, with its bias (Qwen2's
+    # q/k/v carry biases).
+    "qwen2_mqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1)),
 }
+BIASED = ("llama_biases", "qwen2_mqa")
 
 
 def _random_biases(folder: str) -> None:
@@ -53,7 +59,7 @@ def _random_biases(folder: str) -> None:
 def tp_engine(request, tmp_path_factory):
     arch, overrides = ARCHS[request.param]
     folder = make_tiny_model(tmp_path_factory.mktemp(request.param), arch=arch, **overrides)
-    if any(k.endswith("bias") for k in overrides):
+    if request.param in BIASED:
         _random_biases(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     rng = random.Random(0)
@@ -106,6 +112,27 @@ def test_uneven_split_fails_before_any_process_starts(tiny_model_dir):
         check_tensor_parallel(config, CPUPlatform(), loaded.hf_config)
     with pytest.raises(ValueError, match=r"attention heads \(4\) is not divisible"):
         LLM(tiny_model_dir, device="cpu", kv_cache_memory="4MB", tensor_parallel_size=3)
+
+
+@pytest.mark.parametrize("heads, kv_heads, size", [(4, 2, 2), (4, 1, 2), (8, 2, 4), (8, 2, 8),
+                                                    (9, 3, 9), (12, 4, 4)])
+def test_each_rank_holds_the_kv_heads_its_query_heads_read(heads, kv_heads, size):
+    group = heads // kv_heads
+    for rank in range(size):
+        q_lo, q_hi = rank * heads // size, (rank + 1) * heads // size
+        read = sorted({h // group for h in range(q_lo, q_hi)})
+        lo, hi = TensorParallel(rank, size, comm=object()).kv_head_range(kv_heads)
+        assert list(range(lo, hi)) == read, f"rank {rank}"
+
+
+def test_kv_heads_that_cannot_be_replicated_evenly_are_refused():
+    cfg = LlamaConfig(hidden_size=96, num_attention_heads=12, num_key_value_heads=3,
+                      intermediate_size=96, num_hidden_layers=1, vocab_size=64)
+    assert ArchSpec(cfg, 6).num_kv_heads == 1  # 3 heads on 6 ranks: each held twice
+    with pytest.raises(ValueError, match=r"key/value heads \(3\) is below tensor_parallel_size "
+                                         r"\(4\) and does not divide it"):
+        check_tensor_parallel(EngineConfig(parallel=ParallelConfig(tensor_parallel_size=4)),
+                              CPUPlatform(), cfg)
 
 
 class _OneGPUPlatform(CPUPlatform):

@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 from pllm.models.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
-from pllm.models.parallel import SINGLE, TensorParallel, divide
+from pllm.models.parallel import SINGLE, TensorParallel, divide, kv_head_split
 
 
 class ArchSpec:
     """The differences between family members, read from the HF config.
 
     Head counts and the MLP width are one rank's share under tensor
-    parallelism over ``tp_size`` ranks; ``total_*`` are the model's."""
+    parallelism over ``tp_size`` ranks (KV heads replicated when there are
+    fewer than ranks); ``total_*`` are the model's."""
 
     def __init__(self, cfg, tp_size: int = 1) -> None:
         self.model_type = cfg.model_type
@@ -28,7 +29,7 @@ class ArchSpec:
         self.total_intermediate = cfg.intermediate_size
         self.tp_size = tp_size
         self.num_heads = divide(self.total_heads, tp_size, "the number of attention heads")
-        self.num_kv_heads = divide(self.total_kv_heads, tp_size, "the number of key/value heads")
+        self.num_kv_heads = kv_head_split(self.total_kv_heads, tp_size)
         self.intermediate = divide(self.total_intermediate, tp_size, "intermediate_size")
         self.eps = cfg.rms_norm_eps
         self.qkv_bias = cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
@@ -178,7 +179,7 @@ class LlamaForCausalLM(nn.Module):
             if len(parts) >= 2 and parts[-2] in self._FUSED:
                 fused, slot = self._FUSED[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
-                pending.setdefault(target, {})[slot] = self.tp.shard(tensor, 0)
+                pending.setdefault(target, {})[slot] = self._column_shard(fused, slot, tensor)
                 if len(pending[target]) == (3 if fused == "qkv_proj" else 2):
                     chunks = pending.pop(target)
                     self._copy(params, target, torch.cat([chunks[i] for i in sorted(chunks)]))
@@ -199,6 +200,16 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
         self.tie_weights()
+
+    def _column_shard(self, fused: str, slot: int, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a column-parallel weight or bias: its heads of
+        q/k/v (a replicated KV head when there are fewer than ranks), its
+        columns of gate/up."""
+        if fused != "qkv_proj" or slot == 0 or self.tp.size == 1:
+            return self.tp.shard(tensor, 0)
+        lo, hi = self.tp.kv_head_range(self.spec.total_kv_heads)
+        d = self.spec.head_dim
+        return tensor.narrow(0, lo * d, (hi - lo) * d)
 
     # Per-layer scales of an 8-bit KV cache, under the names quantization
     # tools write them (``layers.N.self_attn.<suffix>``).

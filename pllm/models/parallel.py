@@ -10,6 +10,13 @@ columns, and the full embedding, norms and LM head::
 Two all-reduces per layer; everything between them is local. A row-parallel
 bias is kept by rank 0 only (the others hold zeros), so the sum adds it once.
 
+With fewer KV heads than ranks (GQA/MQA models on many GPUs), each KV head is
+replicated on ``size / num_kv_heads`` consecutive ranks, which are exactly the
+ranks whose query heads read it (``kv_head_range``)::
+
+    8 query heads, 2 KV heads, 4 ranks:
+    rank 0: q 0-1, kv 0   rank 1: q 2-3, kv 0   rank 2: q 4-5, kv 1   rank 3: q 6-7, kv 1
+
 The LM head is split by vocabulary (``vocab_range``): each rank computes its
 slice of the logits, one all-gather joins them. With tied embeddings the
 slice is a view of the embedding rows, so it costs no memory.
@@ -30,6 +37,19 @@ def divide(total: int, size: int, what: str) -> int:
     return total // size
 
 
+def kv_head_split(total: int, size: int) -> int:
+    """KV heads per rank: ``total / size``, or 1 (replicated) when there are
+    fewer heads than ranks and the ranks split evenly over them."""
+    if total >= size:
+        return divide(total, size, "the number of key/value heads")
+    if size % total:
+        raise ValueError(
+            f"the number of key/value heads ({total}) is below tensor_parallel_size ({size}) "
+            f"and does not divide it, so the heads cannot be replicated evenly over the ranks"
+        )
+    return 1
+
+
 class TensorParallel:
     def __init__(self, rank: int = 0, size: int = 1, comm: Communicator | None = None) -> None:
         if size < 1 or not 0 <= rank < size:
@@ -44,6 +64,15 @@ class TensorParallel:
             return tensor
         part = tensor.shape[dim] // self.size
         return tensor.narrow(dim, self.rank * part, part)
+
+    def kv_head_range(self, total: int) -> tuple[int, int]:
+        """This rank's KV heads ``[lo, hi)`` of ``total``: its even share, or
+        the one head its query heads read when heads are replicated."""
+        per_rank = kv_head_split(total, self.size)
+        if total >= self.size:
+            return self.rank * per_rank, (self.rank + 1) * per_rank
+        head = self.rank // (self.size // total)
+        return head, head + 1
 
     def vocab_part(self, vocab: int) -> int:
         """Rows per rank of a ``vocab``-row LM head: ``ceil(vocab / size)``."""
