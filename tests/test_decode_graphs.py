@@ -84,3 +84,112 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_model_dir):
         del llm
         torch.cuda.empty_cache()
     assert results[False] == results[True]
+
+
+# ---- graph capture, checked on the CPU -------------------------------------
+# What a GPU's capture would refuse (host reads, data-dependent shapes, host
+# data copied in), found by watching the torch ops of the step. The Triton
+# kernels are not run here: their launches are recorded instead (the kernels
+# themselves are checked against the reference in test_triton_attention.py).
+
+
+def test_capture_violations_name_each_host_read_and_its_line():
+    from pllm.testing.capture import capture_violations
+
+    t = torch.arange(6)
+    with capture_violations() as clean:
+        torch.full((3,), 2.0) @ torch.ones(3)
+        t.index_select(0, t[:2]).masked_fill(t[:2] > 0, 0)
+        torch.where(t > 2, t, 0).cumsum(0)
+    assert clean == []
+    with torch.inference_mode(), capture_violations() as found:  # as engines run
+        t.max().item()
+        bool(t.any())
+        t[t > 2]
+        t.nonzero()
+        torch.tensor([1, 2])
+        t.tolist()
+    assert len(found) == 6, "\n".join(map(str, found))
+    assert all("test_decode_graphs.py" in v.where for v in found), found
+    assert "reads a device value back" in found[0].why
+    assert "boolean mask" in found[2].why
+    assert "host-to-device copy" in found[4].why
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Triton kernel launches recorded by name instead of compiled and run."""
+    jit = pytest.importorskip("triton.runtime.jit", reason="needs triton")
+    launches: list[str] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(self.fn.__name__)
+
+    monkeypatch.setattr(jit.JITFunction, "run", record)
+    return launches
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, torch.float8_e4m3fn], ids=["fp16", "fp8"])
+def test_the_triton_decode_step_is_capturable(triton_launches, kv_cache_dtype):
+    from pllm.platforms.cuda.attention import TritonAttentionBackend
+    from pllm.testing.capture import check_decode_capturable
+
+    for min_partition in (256, 16):  # without and with split-KV (and its reduce)
+        check_decode_capturable(TritonAttentionBackend(min_partition=min_partition), device="cpu",
+                                dtype=torch.float16, block_size=16, kv_cache_dtype=kv_cache_dtype)
+    assert triton_launches == ["_reshape_and_cache_kernel", "_decode_split_kernel"] * 2 \
+        + ["_decode_reduce_kernel"]
+
+
+def test_a_backend_that_reads_back_is_not_capturable(triton_launches):
+    from pllm.platforms.cuda.attention import TritonAttentionBackend
+    from pllm.testing.capture import check_decode_capturable
+
+    class Syncing(TritonAttentionBackend):
+        def forward(self, query, kv_cache, metadata, **kwargs):
+            if int(metadata.seq_lens.max()) > 0:  # what a GPU's capture refuses
+                return super().forward(query, kv_cache, metadata, **kwargs)
+            return query
+
+    with pytest.raises(AssertionError, match=r"test_decode_graphs.py:\d+ in forward: "
+                                             r"Tensor.__int__ reads a device value back"):
+        check_decode_capturable(Syncing(), device="cpu", dtype=torch.float16, block_size=16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_models_decode_step_is_capturable(tmp_path, triton_launches, monkeypatch, arch):
+    """The whole forward the cuda platform records (the model's own modules,
+    rotary, q/k norms, the Triton backend) at every bucket, as capture_all runs it."""
+    from pllm import LLM
+    from pllm.core.interfaces import Platform
+    from pllm.loader.testing import make_tiny_model
+    from pllm.models.layers import RotaryEmbedding
+    from pllm.platforms.cpu.platform import CPUPlatform
+    from pllm.platforms.cuda.attention import TritonAttentionBackend
+    from pllm.testing.capture import capture_violations
+
+    # The model as the cuda platform runs it: without the CPU's compiled layers.
+    monkeypatch.setattr(CPUPlatform, "prepare_model", Platform.prepare_model)
+    llm = LLM(model=make_tiny_model(tmp_path / arch, arch=arch), kv_cache_memory="4MiB",
+              max_model_len=128)
+    model = llm.llm_engine.executor.worker.runner.model
+    spec = model.spec
+    assert type(model.rotary) is RotaryEmbedding
+    backend = TritonAttentionBackend(min_partition=16)
+    caches = [torch.zeros(backend.kv_cache_shape(16, 16, spec.num_kv_heads, spec.head_dim))
+              for _ in range(model.num_layers)]
+    found = []
+
+    class Checked(StaticDecodeRunner):
+        def capture(self, forward):
+            with capture_violations() as step:
+                forward()
+            found.extend(step)
+            return forward
+
+    runner = Checked(model, backend, caches, block_size=16, max_model_len=128,
+                     batch_sizes=[1, 2, 4], device=torch.device("cpu"))
+    runner.capture_all()
+    assert not found, "\n".join(map(str, found))
+    per_layer = ["_reshape_and_cache_kernel", "_decode_split_kernel", "_decode_reduce_kernel"]
+    assert triton_launches == per_layer * model.num_layers * 3

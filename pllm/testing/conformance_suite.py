@@ -17,6 +17,7 @@ import torch
 from pllm.core.interfaces import Platform
 from pllm.core.kv_cache.fp8 import FP8_DTYPES
 from pllm.testing import conformance as cf
+from pllm.testing.capture import check_decode_capturable
 from pllm.testing.pytest_plugin import platform_name
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in cf.FLOAT_DTYPES]
@@ -97,6 +98,18 @@ def test_fp8_kv_cache(platform, backend, kv_dtype) -> None:  # noqa: ANN001
     skipped = cf.check_attention_backend(backend, device=device, dtype=dtype, capabilities=caps,
                                          kv_cache_dtype=kv_dtype)
     assert len(skipped) < len(cf.DEFAULT_CASES), f"every case skipped: {skipped}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_step_is_capturable(platform, backend, dtype) -> None:  # noqa: ANN001
+    """A platform that records decode steps in graphs (``supports_graphs``)
+    needs a backend whose decode step never reads back from the device."""
+    caps = platform.capabilities
+    if not caps.supports_graphs:
+        pytest.skip(f"{platform.name} does not record decode steps in graphs")
+    _require_dtype(platform, dtype)
+    check_decode_capturable(backend, device=platform.device(0), dtype=dtype,
+                            block_size=min(caps.block_sizes))
 
 
 def test_kv_cache_allocator(platform: Platform) -> None:
