@@ -94,6 +94,7 @@ def _where() -> str:
 # inference mode (where engines run) ``item()`` and the conversions built on
 # it skip the dispatch a mode sees, and ``tolist()`` never goes through it.
 _READ_BACK = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+_TOLIST = "reads device values back to the host (.tolist())"
 
 
 @contextlib.contextmanager
@@ -108,9 +109,9 @@ def capture_violations() -> Iterator[list[Violation]]:
     def watched(name: str, method):  # noqa: ANN001, ANN202
         def read_back(self, *args, **kwargs):  # noqa: ANN001, ANN202
             if not watch.in_conversion:
-                found.append(Violation(f"Tensor.{name}", _FORBIDDEN[aten._local_scalar_dense.default]
-                                       if name != "tolist" else "reads device values back to "
-                                       "the host (.tolist())", _where()))
+                why = (_TOLIST if name == "tolist"
+                       else _FORBIDDEN[aten._local_scalar_dense.default])
+                found.append(Violation(f"Tensor.{name}", why, _where()))
             watch.in_conversion += 1
             try:
                 return method(self, *args, **kwargs)
