@@ -7,7 +7,8 @@
 2. Throughput on the standard workload (BENCHMARKS.md), bf16, pllm (CUDA
    graphs and eager) vs HF transformers `generate` with static batches of 16
    and left padding, on the same GPU in the same run, with the
-   SmolLM2-135M-shaped model; and batch-1 decode speed, graphs vs eager.
+   SmolLM2-135M-shaped model, with an fp8 KV cache too on sm89+; and
+   batch-1 decode speed, graphs vs eager.
 
 Usage: python ci/gpu_e2e.py OUT.json   (needs a CUDA build of torch and pllm installed)
 """
@@ -83,9 +84,9 @@ def workload(n, vocab, seed=0):
     return reqs
 
 
-def bench_pllm(folder, reqs, enforce_eager=False):
+def bench_pllm(folder, reqs, enforce_eager=False, kv_cache_dtype="auto"):
     llm = LLM(folder, device=DEV, dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
-              enforce_eager=enforce_eager)
+              enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
     llm.generate([p for p, _ in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
     sync()
@@ -172,6 +173,9 @@ def main(out_path: str) -> int:
         print("pllm", report["throughput_pllm_bf16"], flush=True)
         report["throughput_pllm_bf16_eager"] = bench_pllm(smol, reqs, enforce_eager=True)
         print("pllm eager", report["throughput_pllm_bf16_eager"], flush=True)
+        if DEV != "cuda" or torch.cuda.get_device_capability(0) >= (8, 9):  # fp8 needs sm89+
+            report["throughput_pllm_bf16_fp8_kv"] = bench_pllm(smol, reqs, kv_cache_dtype="fp8")
+            print("pllm fp8 KV cache", report["throughput_pllm_bf16_fp8_kv"], flush=True)
         report["decode_batch1_tokens_per_s"] = {
             "cuda_graphs": decode_speed(smol, enforce_eager=False),
             "eager": decode_speed(smol, enforce_eager=True)}
