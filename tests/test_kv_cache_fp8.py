@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -144,6 +145,31 @@ def test_checkpoint_scales_are_loaded_and_used(tiny_model_dir, hf_tiny, tmp_path
     expected, ref = _hf_reference(hf_tiny, prompts, rounding)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
     _check_against(llm.generate(prompts, params, use_tqdm=False), expected, ref)
+
+
+def test_e4m3fnuz_doubles_the_checkpoint_scales(tiny_model_dir, hf_tiny, tmp_path, monkeypatch):
+    """MI300's e4m3fnuz: checkpoint scales (calibrated for e4m3fn) double, as
+    in vLLM; scales the checkpoint does not give stay 1.0. Run here on the
+    CPU platform made to store e4m3fnuz (torch converts it on the host)."""
+    caps = replace(CPUPlatform().capabilities, fp8_dtype=torch.float8_e4m3fnuz,
+                   kv_cache_dtypes=(torch.float8_e4m3fnuz,))
+    monkeypatch.setattr(CPUPlatform, "capabilities", property(lambda self: caps))
+    layers = hf_tiny.config.num_hidden_layers
+    folder = _with_scales(tiny_model_dir, tmp_path / "scaled", 0.25, 2.0, layers)
+    llm = LLM(folder, device="cpu", kv_cache_memory="16MB", kv_cache_dtype="fp8")
+    worker = llm.llm_engine.executor.worker
+    assert worker.kv_cache_dtype == torch.float8_e4m3fnuz
+    attns = [layer.self_attn.attn for layer in worker.model.layers]
+    assert {(a.k_scale, a.v_scale) for a in attns} == {(0.5, 4.0)}
+    prompts = _prompts()
+    rounding = Fp8KVRounding(hf_tiny, torch.float8_e4m3fnuz, k_scale=0.5, v_scale=4.0)
+    expected, ref = _hf_reference(hf_tiny, prompts, rounding)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+    _check_against(llm.generate(prompts, params, use_tqdm=False), expected, ref)
+
+    plain = LLM(tiny_model_dir, device="cpu", kv_cache_memory="4MB", kv_cache_dtype="fp8")
+    attn = plain.llm_engine.executor.worker.model.layers[0].self_attn.attn
+    assert (attn.k_scale, attn.v_scale) == (1.0, 1.0)
 
 
 def test_per_head_scales_are_refused_with_the_tensor_name(tiny_model_dir, tmp_path):

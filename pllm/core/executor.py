@@ -29,7 +29,7 @@ import torch.distributed
 
 from pllm.core.config import EngineConfig
 from pllm.core.interfaces import AttentionMetadata, Communicator, Platform
-from pllm.core.kv_cache.fp8 import is_fp8, resolve_kv_cache_dtype
+from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8, resolve_kv_cache_dtype
 from pllm.core.runner import ModelRunner, RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
 from pllm.models import get_model_class
@@ -75,23 +75,36 @@ class Worker:
         cls = get_model_class(loaded.hf_config.model_type)
         with torch.device("meta"):
             model = cls(loaded.hf_config, max_positions=max_model_len, tp=self.tp)
-        model = model.to_empty(device=self.device)
-        model.rotary.reset_tables()
+        # Parameters take the model dtype before they take memory: the
+        # checkpoint's tensors convert as they are copied in, so loading never
+        # holds a second, wider copy of the weights.
+        model = model.to(self.dtype).to_empty(device=self.device)
+        model.rotary.reset_tables()  # fp32, as in transformers
         model.load_weights(loaded.weights())
-        # The rope tables stay fp32 (as in transformers); only weights change dtype.
-        model = model.to(self.dtype).eval().requires_grad_(False)
+        model = model.eval().requires_grad_(False)
         model.tie_weights()
-        model.rotary.cos, model.rotary.sin = model.rotary.cos.float(), model.rotary.sin.float()
         self.model = platform.prepare_model(model, config)
         spec = self.model.spec
         if not caps.supports_head_dim(spec.head_dim):
             raise ValueError(f"head_dim={spec.head_dim} is not supported on {platform.name}")
+        self._adapt_kv_scales()
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, self.dtype, time.perf_counter() - t0)
             if is_fp8(self.kv_cache_dtype):
                 self._log_kv_scales()
         self.backend = platform.make_attention_backend()
         self.spec = spec
+
+    def _adapt_kv_scales(self) -> None:
+        """Checkpoint KV scales made for e4m3fn, fitted to this cache's format."""
+        factor = checkpoint_scale_factor(self.kv_cache_dtype)
+        if factor == 1.0:
+            return
+        for layer in self.model.layers:
+            attn = layer.self_attn.attn
+            if attn.scales_from_checkpoint:
+                attn.k_scale *= factor
+                attn.v_scale *= factor
 
     def _log_kv_scales(self) -> None:
         attns = [layer.self_attn.attn for layer in self.model.layers]
@@ -143,9 +156,9 @@ class Worker:
         """How many KV-cache blocks fit on this rank's device. Ranks that share
         one device (the host) share its budget: a block costs every rank's
         bytes of it."""
-        if self.platform.capabilities.profiles_memory:
-            self.profile_run()
         allocator = self.platform.make_kv_cache_allocator()
+        if self.platform.capabilities.profiles_memory:
+            allocator.profile(self.profile_run)
         per_block = self.bytes_per_block()
         if self.platform.capabilities.ranks_share_device:
             per_block *= self.tp.size

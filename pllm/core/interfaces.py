@@ -15,6 +15,7 @@ Everything the core needs to know about a chip beyond that is data:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -218,6 +219,12 @@ class KVCacheAllocator(abc.ABC):
         self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> list[torch.Tensor]:
         """One zeroed cache tensor of ``shape`` per layer."""
+
+    def profile(self, forward: Callable[[], None]) -> None:
+        """Optional: run the profiling forward pass (platforms whose
+        capabilities say ``profiles_memory``), measuring the device's memory
+        around it for ``num_blocks``. The default just runs it."""
+        forward()
 
 
 class Communicator(abc.ABC):

@@ -108,6 +108,7 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.scales_from_checkpoint = False
 
     def forward(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         cache = ctx.kv_caches[self.layer_idx]

@@ -237,6 +237,7 @@ class LlamaForCausalLM(nn.Module):
         attn = self.layers[int(parts[1])].self_attn.attn
         for attr in attrs:
             setattr(attn, attr, value)
+        attn.scales_from_checkpoint = True
         return True
 
     @staticmethod

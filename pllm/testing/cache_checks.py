@@ -90,6 +90,14 @@ def check_write_kv_fp8(
     big = fill((signs[0] * 2 * fmax * k_scale).to(dtype), (signs[1] * 2 * fmax * v_scale).to(dtype))
     assert bool((big.abs() == fmax).all()), f"{where}: out-of-range values not saturated to {fmax}"
     assert int((big > 0).sum()) == int((signs > 0).sum()), f"{where}: saturation lost signs"
+
+    # -0 and negatives that round to zero: zero, never NaN (0x80 is NaN in the fnuz formats).
+    tiny = -torch.rand(num_slots, num_kv_heads, head_dim, generator=gen) * 1e-7
+    tiny[0] = -0.0
+    zeros = fill((tiny * k_scale).to(dtype), (tiny * v_scale).to(dtype))
+    assert bool((zeros == 0).all()), (
+        f"{where}: -0 or a negative below the format's smallest value stored as "
+        f"{zeros[zeros != 0].unique()[:4].tolist()}, not zero")
     return int((diff > 0).sum())
 
 

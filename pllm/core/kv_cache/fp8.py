@@ -53,6 +53,15 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, caps: PlatformCa
     )
 
 
+def checkpoint_scale_factor(dtype: torch.dtype) -> float:
+    """What a checkpoint's KV scales are multiplied by for a cache in ``dtype``.
+    Quantization tools calibrate them for OCP e4m3fn (largest value 448);
+    e4m3fnuz (MI300) stops at 240, and the same bits read as half the e4m3fn
+    value there, so its scales double (as vLLM does): a calibrated key then
+    fits in the range instead of saturating."""
+    return 2.0 if dtype == torch.float8_e4m3fnuz else 1.0
+
+
 def grid(dtype: torch.dtype) -> tuple[float, int, int]:
     """``(largest finite value, exponent of the smallest normal, mantissa
     bits)`` of an 8-bit float: e4m3fn is (448, -6, 3), e5m2 (57344, -14, 2)."""

@@ -59,19 +59,38 @@ def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCap
 
 class GPUKVCacheAllocator(BudgetKVCacheAllocator):
     """Default budget: what ``gpu_memory_utilization`` of the current GPU's
-    total memory leaves after everything already allocated (weights,
-    profiling peak, other processes)::
+    total memory leaves after this process's peak in torch (weights plus the
+    profiling pass's activations) and the memory torch does not manage (the
+    CUDA context, NCCL buffers, other processes)::
 
-        budget = free - total * (1 - gpu_memory_utilization)
+        budget = util * total - peak_allocated - (total - free - reserved)
+
+    torch's cache of freed blocks counts as free: blocks a previous engine in
+    the same process released (or a load's staging copies) are returned to
+    the driver before measuring, not charged to the KV cache.
     """
 
+    def __init__(self) -> None:
+        self._peak: int | None = None
+
+    def profile(self, forward) -> None:  # noqa: ANN001
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        forward()
+        torch.cuda.synchronize()
+        self._peak = torch.cuda.max_memory_allocated()
+
     def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
+        outside_torch = total - free - torch.cuda.memory_reserved()
+        peak = torch.cuda.memory_allocated() if self._peak is None else self._peak
         util = cache_config.gpu_memory_utilization
-        budget = int(free - total * (1.0 - util))
+        budget = int(util * total) - peak - outside_torch
         return budget, (
-            f"gpu_memory_utilization={util:g} ({free} bytes free of {total}, "
-            f"{int(total * (1.0 - util))} kept back)"
+            f"gpu_memory_utilization={util:g} of {total} bytes, less {peak} bytes of "
+            f"weights and activations and {outside_torch} bytes outside torch "
+            f"(CUDA context, other processes)"
         )
 
 

@@ -20,8 +20,9 @@ def _to_fp8_grid(x, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr, MANTISSA: tl.c
     """``x`` (fp32) saturated to +-FP8_MAX and rounded to the nearest value of
     the 8-bit grid (ties to even), in fp32 arithmetic: the cast that follows
     is then exact, so every Triton target (and the interpreter, whose own
-    fp32 -> fp8 cast mis-rounds across binades) stores torch's bits. Zero
-    keeps no sign, which changes no value read back."""
+    fp32 -> fp8 cast mis-rounds across binades) stores torch's bits, except
+    that zero keeps no sign: the fnuz formats (MI300) have no -0, their 0x80
+    is NaN, and no value read back changes."""
     x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
     bits = x.to(tl.int32, bitcast=True)
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXP) - MANTISSA  # the grid step's exponent
@@ -29,7 +30,7 @@ def _to_fp8_grid(x, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr, MANTISSA: tl.c
     inv_step = ((127 - exp) << 23).to(tl.float32, bitcast=True)
     # |x| / step < 2^(MANTISSA + 1): adding 1.5 * 2^23 rounds it to an integer, ties to even.
     mag = (tl.abs(x) * inv_step + 12582912.0) - 12582912.0
-    return tl.where(x < 0, -mag, mag) * step
+    return tl.where((x < 0) & (mag > 0), -mag, mag) * step
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
