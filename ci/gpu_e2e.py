@@ -62,6 +62,7 @@ def parity(folder, prompts, max_new, settings):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEV).eval()
     expected = hf_greedy(hf, prompts, max_new)
     del hf
+    sync()
     result = {}
     for name, kwargs in settings.items():
         llm = LLM(folder, device=DEV, dtype="float32", **{"enforce_eager": True, **kwargs})
@@ -95,9 +96,18 @@ def bench_pllm(folder, reqs, enforce_eager=False, kv_cache_dtype="auto"):
     sync()
     dt = time.perf_counter() - t
     useful = sum(min(len(o.outputs[0].token_ids), r[1]) for o, r in zip(outs, reqs))
+    replays = _graph_replays(llm)
     del llm
     sync()
-    return {"seconds": dt, "useful_tokens": useful, "tokens_per_s": useful / dt}
+    return {"seconds": dt, "useful_tokens": useful, "tokens_per_s": useful / dt,
+            "graph_replays": replays}
+
+
+def _graph_replays(llm):
+    """Decode steps served from CUDA graphs (None: graphs off), so a graphs-on
+    figure can be told from one that silently ran eager."""
+    runner = llm.llm_engine.executor.worker.runner.decode_runner
+    return None if runner is None else runner.num_replays
 
 
 def decode_speed(folder, enforce_eager, prompt_len=128, new_tokens=128, repeats=3):
@@ -105,6 +115,7 @@ def decode_speed(folder, enforce_eager, prompt_len=128, new_tokens=128, repeats=
     llm = LLM(folder, device=DEV, dtype="bfloat16", enforce_eager=enforce_eager)
     engine = llm.llm_engine
     best = 0.0
+    replays_before = _graph_replays(llm)
     for r in range(repeats + 1):  # the first run warms up
         engine.add_request(f"lat-{r}", list(range(10 + r, 10 + r + prompt_len)),
                            SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
@@ -116,9 +127,11 @@ def decode_speed(folder, enforce_eager, prompt_len=128, new_tokens=128, repeats=
         sync()
         if r:
             best = max(best, (new_tokens - 1) / (time.perf_counter() - t))
+    replays = _graph_replays(llm)
     del llm
     sync()
-    return best
+    return {"tokens_per_s": best,
+            "graph_replays": None if replays is None else replays - replays_before}
 
 
 def bench_hf(folder, reqs, batch=16):

@@ -34,8 +34,13 @@ class CUDAGraphDecodeRunner(StaticDecodeRunner):
         with torch.cuda.stream(side):
             forward()
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # "thread_local": only this thread must not touch the device while it
+        # records. Under tensor parallelism torch's NCCL watchdog thread polls
+        # the warm-up's collectives meanwhile, which the default ("global")
+        # mode turns into a capture error (on ROCm 7 as on CUDA).
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = forward()
 
         def replay() -> torch.Tensor:

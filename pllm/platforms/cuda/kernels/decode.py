@@ -22,7 +22,7 @@ import triton.language as tl
 from pllm.platforms.cuda.kernels.common import LOG2E, load_kv_tile, online_softmax_step
 
 
-@triton.jit(do_not_specialize=["window", "num_splits"])
+@triton.jit(do_not_specialize=["window", "num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, out_ptr, part_ptr,
     seq_lens_ptr, block_tables_ptr,

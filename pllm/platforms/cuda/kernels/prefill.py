@@ -38,9 +38,9 @@ def _find_seq(qsl_ptr, tile, num_seqs, tok_base, BLOCK_M: tl.constexpr):
     return lo - 1
 
 
-# Batch-dependent scalars are not specialised on (e.g. "== 1"), so a new
-# batch shape never triggers a recompile.
-@triton.jit(do_not_specialize=["seq_base", "num_seqs", "tok_base", "window"])
+# Batch-dependent scalars (the block-table width included) are not
+# specialised on (e.g. "== 1"), so a new batch shape never triggers a recompile.
+@triton.jit(do_not_specialize=["seq_base", "num_seqs", "tok_base", "window", "stride_bt"])
 def _prefill_kernel(
     q_ptr, cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
