@@ -20,6 +20,9 @@ from pllm.core.interfaces import AttentionBackend, AttentionMetadata
 from pllm.core.kv_cache.fp8 import dequantize, is_fp8, quantize
 from pllm.platforms.cpu.kernels import cpu_ops, paged_decode_op
 
+# Caches the compiled kernels read and write (fp32 K/V and queries only).
+COMPILED_KV_DTYPES = (torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
     """K and V of one sequence, ``[seq_len, num_kv_heads, head_dim]`` each."""
@@ -78,8 +81,12 @@ class CPUAttentionBackend(AttentionBackend):
     matmul per group of similar lengths. Neither loops over sequences in
     Python. Prefill chunks go through SDPA one sequence at a time.
 
-    An fp8 cache (e4m3fn or e5m2) takes the torch paths: K/V are quantized
-    on the way in and the gathered blocks converted back, scales applied.
+    An fp8 cache (e4m3fn or e5m2) stores ``quantize(K, k_scale)`` and
+    ``quantize(V, v_scale)``. The compiled write (fp32 K/V) rounds as
+    ``quantize`` does, bit for bit; the compiled decode widens each task's
+    K, then V rows to fp32 times the scale, exactly as ``dequantize`` reads
+    them. The torch paths (no compiler, bf16, prefill chunks) quantize with
+    ``quantize`` and convert the gathered blocks back with ``dequantize``.
     """
 
     name = "torch-sdpa"
@@ -88,16 +95,17 @@ class CPUAttentionBackend(AttentionBackend):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def write_kv(self, key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
+        if (key.dtype == value.dtype == torch.float32 and kv_cache.dtype in COMPILED_KV_DTYPES
+                and (ops := cpu_ops()) is not None):
+            key = key if key.stride(-1) == 1 else key.contiguous()
+            value = value if value.stride(-1) == 1 else value.contiguous()
+            ops.write_kv_(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+            return
         if is_fp8(kv_cache.dtype):
             key = quantize(key, k_scale, kv_cache.dtype)
             value = quantize(value, v_scale, kv_cache.dtype)
             kv_cache = kv_cache.view(torch.uint8)  # index_copy_ has no fp8 kernel
             key, value = key.view(torch.uint8), value.view(torch.uint8)
-        elif key.dtype == value.dtype == kv_cache.dtype == torch.float32 and (ops := cpu_ops()) is not None:
-            key = key if key.stride(-1) == 1 else key.contiguous()
-            value = value if value.stride(-1) == 1 else value.contiguous()
-            ops.write_kv_(key, value, kv_cache, slot_mapping)
-            return
         two, heads, num_blocks, block_size, head_dim = kv_cache.shape
         flat = kv_cache.view(2, heads, num_blocks * block_size, head_dim)
         valid = slot_mapping >= 0
@@ -177,11 +185,13 @@ class CPUAttentionBackend(AttentionBackend):
 
     def _decode(self, q, kv_cache, metadata, scale, sliding_window, kv_scales=None):
         nd = q.shape[0]
-        if q.dtype == torch.float32 and kv_cache.dtype == torch.float32 and q.shape[-1] % 8 == 0:
+        if (q.dtype == torch.float32 and kv_cache.dtype in COMPILED_KV_DTYPES
+                and q.shape[-1] % 8 == 0):
             op = paged_decode_op()
             if op is not None:  # reads K/V straight from the blocks, once
+                k_scale, v_scale = kv_scales or (1.0, 1.0)
                 return op(q, kv_cache, metadata.block_tables[:nd], metadata.seq_lens[:nd],
-                          scale, sliding_window or 0)
+                          scale, sliding_window or 0, k_scale, v_scale)
         groups = metadata.extras.get("cpu.decode_groups")
         if groups is None:  # planned once per step, on the first layer that needs it
             groups = metadata.extras["cpu.decode_groups"] = _plan_decode_groups(metadata)

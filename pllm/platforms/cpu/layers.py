@@ -18,7 +18,7 @@ from torch import nn
 
 from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from pllm.models.llama import DecoderLayer
-from pllm.platforms.cpu.attention import CPUAttentionBackend
+from pllm.platforms.cpu.attention import COMPILED_KV_DTYPES, CPUAttentionBackend
 from pllm.platforms.cpu.kernels import cpu_ops
 from pllm.platforms.cpu.linear import _FEW_ROWS, _SMALL_BATCH
 
@@ -65,9 +65,9 @@ class CPURotaryEmbedding(RotaryEmbedding):
 class CPUDecoderLayer(DecoderLayer):
     """A decode-only step of up to ``_SMALL_BATCH`` sequences runs the layer
     in one compiled call (two under tensor parallelism, an all-reduce after
-    each), with the products CPULinear would pick; anything
-    else (prefill chunks, larger batches, q/k norms, other dtypes) goes
-    through the modules one by one."""
+    each), with the products CPULinear would pick, over an fp32 or 8-bit
+    (e4m3fn, e5m2) cache; anything else (prefill chunks, larger batches,
+    q/k norms, other dtypes) goes through the modules one by one."""
 
     def forward(self, positions, x, residual, ctx):
         md = ctx.metadata
@@ -78,20 +78,21 @@ class CPUDecoderLayer(DecoderLayer):
             return super().forward(positions, x, residual, ctx)
         attn = self.self_attn.attn
         cache = ctx.kv_caches[attn.layer_idx]
-        if cache.dtype != torch.float32:
+        if cache.dtype not in COMPILED_KV_DTYPES:
             return super().forward(positions, x, residual, ctx)
         window = attn.sliding_window or 0
+        # k_scale / v_scale: what an 8-bit cache holds K, V divided by (unused with fp32).
+        kv = (cache, attn.k_scale, attn.v_scale, md.slot_mapping, md.block_tables, md.seq_lens)
         if self.self_attn.tp.size == 1:
-            return ops.decode_layer(x, residual, positions, *weights, cache, md.slot_mapping,
-                                    md.block_tables, md.seq_lens, attn.scale, window, _FEW_ROWS)
+            return ops.decode_layer(x, residual, positions, *weights, *kv, attn.scale, window,
+                                    _FEW_ROWS)
         # Tensor parallelism: the two halves, each followed by its all-reduce.
         (in_norm, post_norm, eps, qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b,
          heads, kv_heads, head_dim, cos, sin) = weights
         tp = self.self_attn.tp
         o, residual = ops.decode_layer_attn(
             x, residual, positions, in_norm, eps, qkv_w, qkv_b, o_w, o_b, heads, kv_heads, head_dim,
-            cos, sin, cache, md.slot_mapping, md.block_tables, md.seq_lens, attn.scale, window,
-            _FEW_ROWS)
+            cos, sin, *kv, attn.scale, window, _FEW_ROWS)
         down, residual = ops.decode_layer_mlp(tp.all_reduce(o), residual, post_norm, eps,
                                               gate_up_w, gate_up_b, down_w, down_b, _FEW_ROWS)
         return tp.all_reduce(down), residual

@@ -6,7 +6,9 @@
 // the next kernels take as it is); what this saves is the 20-30 Python module
 // calls and torch dispatches per layer, which at batch 1 cost about a third
 // as much time as reading the weights. Returns (mlp_out, residual) as the
-// layer's torch code does.
+// layer's torch code does. The cache is fp32 or 8-bit (float8_e4m3fn,
+// float8_e5m2: K/V stored divided by k_scale/v_scale, as ``write_kv_`` and
+// ``paged_decode`` take them; the scales are unused with an fp32 cache).
 
 namespace {
 
@@ -36,7 +38,8 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_attn(
     torch::Tensor o_w, c10::optional<torch::Tensor> o_b,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     torch::Tensor cos, torch::Tensor sin,
-    torch::Tensor kv_cache, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
+    torch::Tensor kv_cache, double k_scale, double v_scale, torch::Tensor slots,
+    torch::Tensor block_tables, torch::Tensor seq_lens,
     double scale, int64_t sliding_window, int64_t few_rows) {
   const int64_t m = x.size(0);
   torch::Tensor res, h;
@@ -53,8 +56,9 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_attn(
   torch::Tensor k = qkv_heads(qkv, q_size, num_kv_heads, head_dim);
   torch::Tensor v = qkv_heads(qkv, q_size + kv_size, num_kv_heads, head_dim);
   rotary_(q, k, positions, cos, sin);
-  write_kv_(k, v, kv_cache, slots);
-  torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window);
+  write_kv_(k, v, kv_cache, slots, k_scale, v_scale);
+  torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window,
+                                    k_scale, v_scale);
   return {decode_linear(attn.view({m, q_size}), o_w, o_b, few_rows), res};
 }
 
@@ -80,10 +84,12 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     torch::Tensor down_w, c10::optional<torch::Tensor> down_b,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     torch::Tensor cos, torch::Tensor sin,
-    torch::Tensor kv_cache, torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens,
+    torch::Tensor kv_cache, double k_scale, double v_scale, torch::Tensor slots,
+    torch::Tensor block_tables, torch::Tensor seq_lens,
     double scale, int64_t sliding_window, int64_t few_rows) {
   auto [o, res] = decode_layer_attn(x, residual, positions, input_norm, eps, qkv_w, qkv_b, o_w, o_b,
-                                    num_heads, num_kv_heads, head_dim, cos, sin, kv_cache, slots,
-                                    block_tables, seq_lens, scale, sliding_window, few_rows);
+                                    num_heads, num_kv_heads, head_dim, cos, sin, kv_cache,
+                                    k_scale, v_scale, slots, block_tables, seq_lens, scale,
+                                    sliding_window, few_rows);
   return decode_layer_mlp(o, res, post_norm, eps, gate_up_w, gate_up_b, down_w, down_b, few_rows);
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace {
 
@@ -160,32 +161,75 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::T
   }
 }
 
+namespace {
+
+// x / scale rounded to the 8-bit float F8 (nearest, ties to even), saturated to
+// its largest finite value: ``pllm.core.kv_cache.fp8.quantize``, whose clamp
+// and ``.to()`` are these very comparisons and torch's own conversion.
+template <typename F8>
+inline void quantize_row(const float* x, int64_t d, float scale, uint8_t* out) {
+  const float fmax = static_cast<float>(std::numeric_limits<F8>::max());
+  for (int64_t i = 0; i < d; ++i) {
+    const float y = std::min(std::max(x[i] / scale, -fmax), fmax);  // NaN stays NaN, as in clamp_
+    out[i] = F8(y).x;
+  }
+}
+
+}  // namespace
+
 // Store one step's K and V [T, Hk, D] (the last dim contiguous, the others
 // may be strided views of the QKV output) into the head-major cache
-// [2, Hk, blocks, block_size, D] at the flat slots; slot -1 is skipped.
-void write_kv_(torch::Tensor key, torch::Tensor value, torch::Tensor kv_cache, torch::Tensor slots) {
+// [2, Hk, blocks, block_size, D] at the flat slots; slot -1 is skipped. An
+// 8-bit cache (float8_e4m3fn or float8_e5m2) gets K / k_scale and V / v_scale,
+// quantized; an fp32 one the values as they are (the scales unused).
+void write_kv_(torch::Tensor key, torch::Tensor value, torch::Tensor kv_cache, torch::Tensor slots,
+               double k_scale, double v_scale) {
+  const auto cache_dtype = kv_cache.scalar_type();
   TORCH_CHECK(key.dtype() == torch::kFloat32 && value.dtype() == torch::kFloat32 &&
-                  kv_cache.dtype() == torch::kFloat32, "fp32 only");
-  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && kv_cache.is_contiguous(), "layout mismatch");
+                  (cache_dtype == at::kFloat || cache_dtype == at::kFloat8_e4m3fn ||
+                   cache_dtype == at::kFloat8_e5m2),
+              "fp32 K/V into an fp32, float8_e4m3fn or float8_e5m2 cache only");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && kv_cache.is_contiguous(),
+              "layout mismatch");
   TORCH_CHECK(slots.dtype() == torch::kInt64, "slots must be int64");
   slots = slots.contiguous();
   const int64_t tokens = key.size(0), heads = key.size(1), d = key.size(2);
   const int64_t per_head = kv_cache.size(2) * kv_cache.size(3) * d;
-  float* k_cache = kv_cache.data_ptr<float>();
-  float* v_cache = k_cache + heads * per_head;
   const float* kp = key.data_ptr<float>();
   const float* vp = value.data_ptr<float>();
   const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), vs0 = value.stride(0), vs1 = value.stride(1);
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
   const int64_t num_slots = kv_cache.size(2) * kv_cache.size(3);
-  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(sp[t] < num_slots, "slot ", sp[t], " is outside the cache");
-#pragma omp parallel for schedule(static) if (tokens * heads * d >= kParallelElements)
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t slot = sp[t];
-    if (slot < 0) continue;
-    for (int64_t h = 0; h < heads; ++h) {
-      std::copy_n(kp + t * ks0 + h * ks1, d, k_cache + h * per_head + slot * d);
-      std::copy_n(vp + t * vs0 + h * vs1, d, v_cache + h * per_head + slot * d);
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(sp[t] < num_slots, "slot ", sp[t], " is outside the cache");
+  const float k_div = static_cast<float>(k_scale), v_div = static_cast<float>(v_scale);
+  // Rounding to 8 bits costs about as much per element as 8 copies.
+  const int64_t work = tokens * heads * d * (cache_dtype == at::kFloat ? 1 : 8);
+  // row(head vector, element offset in the cache, scale) stores one K or V vector.
+  auto store = [&](auto row) {
+#pragma omp parallel for schedule(static) if (work >= kParallelElements)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t slot = sp[t];
+      if (slot < 0) continue;
+      for (int64_t h = 0; h < heads; ++h) {
+        row(kp + t * ks0 + h * ks1, h * per_head + slot * d, k_div);
+        row(vp + t * vs0 + h * vs1, (heads + h) * per_head + slot * d, v_div);
+      }
     }
+  };
+  if (cache_dtype == at::kFloat) {
+    float* cache = kv_cache.data_ptr<float>();
+    store([&](const float* x, int64_t at, float) { std::copy_n(x, d, cache + at); });
+  } else if (cache_dtype == at::kFloat8_e4m3fn) {
+    uint8_t* cache = static_cast<uint8_t*>(kv_cache.data_ptr());
+    store([&](const float* x, int64_t at, float scale) {
+      quantize_row<c10::Float8_e4m3fn>(x, d, scale, cache + at);
+    });
+  } else {
+    uint8_t* cache = static_cast<uint8_t*>(kv_cache.data_ptr());
+    store([&](const float* x, int64_t at, float scale) {
+      quantize_row<c10::Float8_e5m2>(x, d, scale, cache + at);
+    });
   }
 }

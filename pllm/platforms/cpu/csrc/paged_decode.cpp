@@ -1,5 +1,5 @@
-// Paged attention for single-token decodes, fp32, on the CPU platform's
-// head-major cache layout:
+// Paged attention for single-token decodes (fp32 queries; an fp32 or 8-bit
+// cache), on the CPU platform's head-major cache layout:
 //
 //   kv_cache[0 = K | 1 = V][kv_head][block][offset_in_block][head_dim]
 //
@@ -12,8 +12,14 @@
 //   3. P V: up to 3 heads x 32 output lanes accumulate in registers while the
 //      V rows stream past.
 // head_dim must be a multiple of 8 (the Python side checks).
+//
+// An 8-bit cache (float8_e4m3fn or float8_e5m2) is read as fp32 times
+// k_scale (v_scale), exactly what ``dequantize`` gives (``Fp8Reader``). Each
+// task converts its span of K rows into fp32 scratch, scores them as above,
+// then does the same with the V rows: steps 1-3 run unchanged on the scratch.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -65,6 +71,107 @@ struct SeqView {
   int64_t block_size, start, len;
 };
 
+// scores[g][t - start] = q_g . K[t] for the group's query heads, t in [start, len).
+inline void score_span(const SeqView& sv, const float* k_head, int64_t d, const float* qs,
+                       int64_t group, float* scores, int64_t span) {
+  const int64_t bs = sv.block_size;
+  for (int64_t t = sv.start; t < sv.len;) {
+    const int64_t off = t % bs;
+    const int64_t count = std::min(bs - off, sv.len - t);
+    const float* k = k_head + (static_cast<int64_t>(sv.table[t / bs]) * bs + off) * d;
+    float* sc = scores + (t - sv.start);
+    const int64_t next = (t + count) / bs;
+    const float* next_k =
+        next * bs < sv.len ? k_head + static_cast<int64_t>(sv.table[next]) * bs * d : nullptr;
+    int64_t j = 0;
+    for (; j + 4 <= count; j += 4) {
+      if (next_k != nullptr) prefetch_floats(next_k + j * d, 4 * d);
+      score_tokens<4>(qs, group, d, k + j * d, sc + j, span);
+    }
+    for (; j < count; ++j) {
+      if (next_k != nullptr) prefetch_floats(next_k + j * d, d);
+      score_tokens<1>(qs, group, d, k + j * d, sc + j, span);
+    }
+    t += count;
+  }
+}
+
+// An 8-bit cache format read as fp32 times ``scale``: ``dequantize``, exactly.
+#if defined(__AVX2__) && defined(__F16C__)
+// Both formats widen exactly to fp16, and fp16 -> fp32 is exact: float8_e5m2
+// is the top byte of the fp16 of the same value; float8_e4m3fn's exponent and
+// mantissa moved to bits 7-13 are the fp16 of x / 256 (a bias 8 below fp16's),
+// normal or subnormal alike, and its one NaN (magnitude 0x7F) gets fp16's
+// all-ones exponent. The 256 is folded into the scale (a power of two: exact).
+// ``tests/test_cpu_kernels.py`` reads every byte of both formats back.
+struct Fp8Reader {
+  bool e5m2;
+  float scale;
+
+  inline V8 read8(const uint8_t* src) const {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+    if (e5m2) return v8_mul({_mm256_cvtph_ps(_mm_slli_epi16(b, 8))}, v8_set1(scale));
+    const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7F));
+    const __m128i sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
+    const __m128i nan = _mm_and_si128(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F)),
+                                      _mm_set1_epi16(0x7C00));
+    const __m128i h = _mm_or_si128(_mm_or_si128(_mm_slli_epi16(mag, 7), sign), nan);
+    return v8_mul({_mm256_cvtph_ps(h)}, v8_set1(scale * 256.0f));
+  }
+};
+
+Fp8Reader fp8_reader(c10::ScalarType dtype, double scale) {
+  TORCH_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2,
+              "8-bit caches are float8_e4m3fn or float8_e5m2");
+  return {dtype == at::kFloat8_e5m2, static_cast<float>(scale)};
+}
+#else
+// Portable: a table of every byte's value (torch's own conversion) times the scale.
+struct Fp8Reader {
+  std::array<float, 256> table;
+
+  inline V8 read8(const uint8_t* src) const {
+    float r[8];
+    for (int i = 0; i < 8; ++i) r[i] = table[src[i]];
+    return v8_load(r);
+  }
+};
+
+template <typename F8>
+Fp8Reader fp8_reader(float scale) {
+  Fp8Reader r;
+  for (int b = 0; b < 256; ++b)
+    r.table[b] = static_cast<float>(F8(static_cast<uint8_t>(b), F8::from_bits())) * scale;
+  return r;
+}
+
+Fp8Reader fp8_reader(c10::ScalarType dtype, double scale) {
+  const float s = static_cast<float>(scale);
+  if (dtype == at::kFloat8_e5m2) return fp8_reader<c10::Float8_e5m2>(s);
+  TORCH_CHECK(dtype == at::kFloat8_e4m3fn, "8-bit caches are float8_e4m3fn or float8_e5m2");
+  return fp8_reader<c10::Float8_e4m3fn>(s);
+}
+#endif
+
+// Rows [start, len) of one KV head of an 8-bit cache as fp32, contiguous in out[span][d].
+inline void decode_span(const SeqView& sv, const uint8_t* head, int64_t d, const Fp8Reader& fmt,
+                        float* out) {
+  const int64_t bs = sv.block_size;
+  for (int64_t t = sv.start; t < sv.len;) {
+    const int64_t off = t % bs;
+    const int64_t count = std::min(bs - off, sv.len - t);
+    const uint8_t* src = head + (static_cast<int64_t>(sv.table[t / bs]) * bs + off) * d;
+    const int64_t next = (t + count) / bs;
+    if (next * bs < sv.len) {  // the next block, 64 bytes a line
+      const uint8_t* next_src = head + static_cast<int64_t>(sv.table[next]) * bs * d;
+      for (int64_t i = 0; i < std::min(bs, sv.len - next * bs) * d; i += 64) prefetch(next_src + i);
+    }
+    float* dst = out + (t - sv.start) * d;
+    for (int64_t i = 0; i < count * d; i += 8) v8_store(dst + i, fmt.read8(src + i));
+    t += count;
+  }
+}
+
 // out[g][d0 : d0 + 8 * DB] = inv[g] * sum_t p[g][t] V[t][d0 : ...] for GB heads.
 template <int GB, int DB>
 inline void weighted_values(const SeqView& sv, const float* v_head, int64_t d, int64_t d0,
@@ -113,11 +220,14 @@ inline void weighted_values_heads(const SeqView& sv, const float* v_head, int64_
 }  // namespace
 
 torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
-                           torch::Tensor kv_cache,      // [2, Hkv, NB, BS, D] fp32
+                           torch::Tensor kv_cache,      // [2, Hkv, NB, BS, D] fp32 or 8-bit
                            torch::Tensor block_tables,  // [n, W] int32
                            torch::Tensor seq_lens,      // [n] int32
-                           double scale, int64_t sliding_window) {
-  TORCH_CHECK(query.dtype() == torch::kFloat32 && kv_cache.dtype() == torch::kFloat32, "fp32 only");
+                           double scale, int64_t sliding_window,
+                           double k_scale, double v_scale) {  // 8-bit caches only
+  const bool fp8 = kv_cache.element_size() == 1;
+  TORCH_CHECK(query.dtype() == torch::kFloat32 && (fp8 || kv_cache.dtype() == torch::kFloat32),
+              "fp32 queries, fp32 or 8-bit cache only");
   TORCH_CHECK(query.size(2) % 8 == 0, "head_dim must be a multiple of 8");
   TORCH_CHECK(kv_cache.is_contiguous(), "the KV cache must be contiguous");
   query = query.contiguous();
@@ -128,12 +238,19 @@ torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
   const int64_t group = hq / hkv, width = block_tables.size(1);
   auto out = torch::empty_like(query);
   const float* q = query.data_ptr<float>();
-  const float* k_base = kv_cache.data_ptr<float>();
-  const float* v_base = k_base + hkv * nb * bs * d;
+  const int64_t v_offset = hkv * nb * bs * d;  // elements from K to V
+  const float* k_base = fp8 ? nullptr : kv_cache.data_ptr<float>();
+  const uint8_t* k8_base = fp8 ? static_cast<const uint8_t*>(kv_cache.data_ptr()) : nullptr;
+  Fp8Reader k_fmt{}, v_fmt{};  // 8-bit caches only
+  if (fp8) {
+    k_fmt = fp8_reader(kv_cache.scalar_type(), k_scale);
+    v_fmt = fp8_reader(kv_cache.scalar_type(), v_scale);
+  }
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   float* o = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  static const int32_t kFirstBlock = 0;  // the table of an 8-bit task's fp32 scratch
 
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t s = 0; s < n; ++s) {
@@ -146,41 +263,37 @@ torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
         continue;
       }
       thread_local std::vector<float> scratch;
-      if (static_cast<int64_t>(scratch.size()) < group * (span + 1))
-        scratch.resize(group * (span + 1));
+      const int64_t need = group * (span + 1) + (fp8 ? span * d : 0);
+      if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
       float* scores = scratch.data();        // [group][span]
       float* inv = scores + group * span;    // [group]
+      float* rows = inv + group;             // [span][D], 8-bit caches: K, then V, in fp32
       const SeqView sv{tables + s * width, bs, start, len};
       const float* qs = q + (s * hq + h * group) * d;
-      const float* k_head = k_base + h * nb * bs * d;
-      const float* v_head = v_base + h * nb * bs * d;
+      const int64_t head = h * nb * bs * d;
 
-      for (int64_t t = start; t < len;) {
-        const int64_t off = t % bs;
-        const int64_t count = std::min(bs - off, len - t);
-        const float* k = k_head + (static_cast<int64_t>(sv.table[t / bs]) * bs + off) * d;
-        float* sc = scores + (t - start);
-        const int64_t next = (t + count) / bs;
-        const float* next_k = next * bs < len ? k_head + static_cast<int64_t>(sv.table[next]) * bs * d : nullptr;
-        int64_t j = 0;
-        for (; j + 4 <= count; j += 4) {
-          if (next_k != nullptr) prefetch_floats(next_k + j * d, 4 * d);
-          score_tokens<4>(qs, group, d, k + j * d, sc + j, span);
-        }
-        for (; j < count; ++j) {
-          if (next_k != nullptr) prefetch_floats(next_k + j * d, d);
-          score_tokens<1>(qs, group, d, k + j * d, sc + j, span);
-        }
-        t += count;
+      // An 8-bit cache: both passes read fp32 scratch, as one block of ``span`` tokens.
+      const SeqView flat{&kFirstBlock, span, 0, span};
+      if (fp8) {
+        decode_span(sv, k8_base + head, d, k_fmt, rows);
+        score_span(flat, rows, d, qs, group, scores, span);
+      } else {
+        score_span(sv, k_base + head, d, qs, group, scores, span);
       }
-      for (int64_t g = 0; g < group; ++g) inv[g] = softmax_unnormalised(scores + g * span, span, fscale);
+      for (int64_t g = 0; g < group; ++g)
+        inv[g] = softmax_unnormalised(scores + g * span, span, fscale);
 
+      if (fp8) decode_span(sv, k8_base + v_offset + head, d, v_fmt, rows);
+      const SeqView& v_view = fp8 ? flat : sv;
+      const float* v_head = fp8 ? rows : k_base + v_offset + head;
       float* os = o + (s * hq + h * group) * d;
       int64_t g = 0;
       for (; g + 3 <= group; g += 3)
-        weighted_values_heads<3>(sv, v_head, d, scores + g * span, span, inv + g, os + g * d);
-      if (group - g == 2) weighted_values_heads<2>(sv, v_head, d, scores + g * span, span, inv + g, os + g * d);
-      if (group - g == 1) weighted_values_heads<1>(sv, v_head, d, scores + g * span, span, inv + g, os + g * d);
+        weighted_values_heads<3>(v_view, v_head, d, scores + g * span, span, inv + g, os + g * d);
+      if (group - g == 2)
+        weighted_values_heads<2>(v_view, v_head, d, scores + g * span, span, inv + g, os + g * d);
+      if (group - g == 1)
+        weighted_values_heads<1>(v_view, v_head, d, scores + g * span, span, inv + g, os + g * d);
     }
   }
   return out;
