@@ -94,7 +94,7 @@ def test_compiled_fp8_decode_matches_the_reference(kv_dtype, window, scales):
 def test_compiled_fp8_decode_reads_every_byte_exactly(kv_dtype, v_scale):
     """A one-token context gives back its V row exactly (probability 1), so a
     row of all 256 bytes must come back as ``dequantize`` reads them: NaN,
-    infinities, subnormals and signed zeros included."""
+    infinities and subnormals included."""
     head_dim = 256
     cache = torch.zeros(2, 1, 2, 16, head_dim, dtype=torch.uint8)
     every_byte = torch.arange(256, dtype=torch.uint8)

@@ -109,11 +109,28 @@ def test_capture_violations_name_each_host_read_and_its_line():
         t.nonzero()
         torch.tensor([1, 2])
         t.tolist()
-    assert len(found) == 6, "\n".join(map(str, found))
+        t.cpu()
+        t.clone()[t > 2] = t[:1]
+    assert len(found) == 8, "\n".join(map(str, found))
     assert all("test_decode_graphs.py" in v.where for v in found), found
     assert "reads a device value back" in found[0].why
     assert "boolean mask" in found[2].why
     assert "host-to-device copy" in found[4].why
+    assert "copies to the host" in found[6].why
+    assert "boolean mask" in found[7].why and "index_put" in found[7].op
+
+
+def test_capture_violations_ignore_other_threads():
+    import threading
+
+    from pllm.testing.capture import capture_violations
+
+    t = torch.arange(6)
+    with capture_violations() as found:
+        other = threading.Thread(target=lambda: (t.max().item(), t.tolist()))
+        other.start()
+        other.join()
+    assert found == []
 
 
 @pytest.fixture
@@ -156,10 +173,14 @@ def test_a_backend_that_reads_back_is_not_capturable(triton_launches):
         check_decode_capturable(Syncing(), device="cpu", dtype=torch.float16, block_size=16)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", [torch.float32, torch.float8_e4m3fn],
+                         ids=["fp32-cache", "fp8-cache"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_the_models_decode_step_is_capturable(tmp_path, triton_launches, monkeypatch, arch):
+def test_the_models_decode_step_is_capturable(tmp_path, triton_launches, monkeypatch, arch,
+                                              kv_cache_dtype):
     """The whole forward the cuda platform records (the model's own modules,
-    rotary, q/k norms, the Triton backend) at every bucket, as capture_all runs it."""
+    rotary, q/k norms, the Triton backend with and without split-KV) at every
+    bucket, as capture_all runs it."""
     from pllm import LLM
     from pllm.core.interfaces import Platform
     from pllm.loader.testing import make_tiny_model
@@ -175,9 +196,6 @@ def test_the_models_decode_step_is_capturable(tmp_path, triton_launches, monkeyp
     model = llm.llm_engine.executor.worker.runner.model
     spec = model.spec
     assert type(model.rotary) is RotaryEmbedding
-    backend = TritonAttentionBackend(min_partition=16)
-    caches = [torch.zeros(backend.kv_cache_shape(16, 16, spec.num_kv_heads, spec.head_dim))
-              for _ in range(model.num_layers)]
     found = []
 
     class Checked(StaticDecodeRunner):
@@ -187,9 +205,15 @@ def test_the_models_decode_step_is_capturable(tmp_path, triton_launches, monkeyp
             found.extend(step)
             return forward
 
-    runner = Checked(model, backend, caches, block_size=16, max_model_len=128,
-                     batch_sizes=[1, 2, 4], device=torch.device("cpu"))
-    runner.capture_all()
-    assert not found, "\n".join(map(str, found))
-    per_layer = ["_reshape_and_cache_kernel", "_decode_split_kernel", "_decode_reduce_kernel"]
-    assert triton_launches == per_layer * model.num_layers * 3
+    # 16 keys a partition: 128-token contexts split (and reduce); 256: one split.
+    for min_partition, reduce in ((16, ["_decode_reduce_kernel"]), (256, [])):
+        triton_launches.clear()
+        backend = TritonAttentionBackend(min_partition=min_partition)
+        caches = [torch.zeros(backend.kv_cache_shape(16, 16, spec.num_kv_heads, spec.head_dim),
+                              dtype=kv_cache_dtype) for _ in range(model.num_layers)]
+        runner = Checked(model, backend, caches, block_size=16, max_model_len=128,
+                         batch_sizes=[1, 2, 4], device=torch.device("cpu"))
+        runner.capture_all()
+        assert not found, "\n".join(map(str, found))
+        per_layer = ["_reshape_and_cache_kernel", "_decode_split_kernel"] + reduce
+        assert triton_launches == per_layer * model.num_layers * 3

@@ -81,30 +81,19 @@ class Worker:
         model = model.to(self.dtype).to_empty(device=self.device)
         model.rotary.reset_tables()  # fp32, as in transformers
         model.load_weights(loaded.weights())
+        _adapt_kv_scales(model, self.kv_cache_dtype)
         model = model.eval().requires_grad_(False)
         model.tie_weights()
         self.model = platform.prepare_model(model, config)
         spec = self.model.spec
         if not caps.supports_head_dim(spec.head_dim):
             raise ValueError(f"head_dim={spec.head_dim} is not supported on {platform.name}")
-        self._adapt_kv_scales()
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, self.dtype, time.perf_counter() - t0)
             if is_fp8(self.kv_cache_dtype):
                 self._log_kv_scales()
         self.backend = platform.make_attention_backend()
         self.spec = spec
-
-    def _adapt_kv_scales(self) -> None:
-        """Checkpoint KV scales made for e4m3fn, fitted to this cache's format."""
-        factor = checkpoint_scale_factor(self.kv_cache_dtype)
-        if factor == 1.0:
-            return
-        for layer in self.model.layers:
-            attn = layer.self_attn.attn
-            if attn.scales_from_checkpoint:
-                attn.k_scale *= factor
-                attn.v_scale *= factor
 
     def _log_kv_scales(self) -> None:
         attns = [layer.self_attn.attn for layer in self.model.layers]
@@ -123,10 +112,11 @@ class Worker:
         return 2 * bs * spec.num_kv_heads * spec.head_dim * elem * self.model.num_layers
 
     @torch.inference_mode()
-    def profile_run(self) -> None:
+    def profile_run(self) -> int:
         """One forward pass of a full step's token budget (one sequence, a
         throwaway cache), plus the LM head for ``max_num_seqs`` rows: the
-        activation peak the KV cache must leave room for."""
+        activation peak the KV cache must leave room for. Returns the bytes
+        of the throwaway cache."""
         bs = self.config.cache.block_size
         num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.model.rotary.max_positions)
         num_blocks = -(-num_tokens // bs)
@@ -149,8 +139,10 @@ class Worker:
         hidden = self.model(ids, positions, ForwardContext(self.backend, metadata, caches))
         rows = min(self.config.scheduler.max_num_seqs, num_tokens)
         self.model.compute_logits(hidden[:rows])
+        cache_bytes = sum(c.numel() * c.element_size() for c in caches)
         del caches, hidden
         self.platform.synchronize()
+        return cache_bytes
 
     def available_blocks(self) -> int:
         """How many KV-cache blocks fit on this rank's device. Ranks that share
@@ -403,6 +395,18 @@ class MultiprocExecutor:
                     return str(err)
             time.sleep(0.05)
         return None
+
+
+def _adapt_kv_scales(model, kv_cache_dtype: torch.dtype) -> None:
+    """Checkpoint KV scales (made for e4m3fn) fitted to the cache's format."""
+    factor = checkpoint_scale_factor(kv_cache_dtype)
+    if factor == 1.0:
+        return
+    for layer in model.layers:
+        attn = layer.self_attn.attn
+        if attn.scales_from_checkpoint:
+            attn.k_scale *= factor
+            attn.v_scale *= factor
 
 
 def _free_port() -> int:

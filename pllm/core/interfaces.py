@@ -220,10 +220,12 @@ class KVCacheAllocator(abc.ABC):
     ) -> list[torch.Tensor]:
         """One zeroed cache tensor of ``shape`` per layer."""
 
-    def profile(self, forward: Callable[[], None]) -> None:
+    def profile(self, forward: Callable[[], int]) -> None:
         """Optional: run the profiling forward pass (platforms whose
         capabilities say ``profiles_memory``), measuring the device's memory
-        around it for ``num_blocks``. The default just runs it."""
+        around it for ``num_blocks``. ``forward`` returns how many of the
+        bytes it held were its own throwaway KV cache, which the real cache
+        replaces (not to be counted twice). The default just runs it."""
         forward()
 
 

@@ -23,6 +23,7 @@ suite runs it for every platform that claims graph support.
 from __future__ import annotations
 
 import contextlib
+import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ _FORBIDDEN = {
                              "a host-to-device copy on every step",
 }
 _DATA_DEPENDENT = ("unique", "repeat_interleave.Tensor", "masked_scatter")
+_INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+             aten._index_put_impl_.default)
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])
 
@@ -63,18 +66,31 @@ class _Watch(TorchDispatchMode):
         super().__init__()
         self.found = found
         self.in_conversion = 0  # inside a watched Tensor method (already recorded)
+        self.owner = threading.get_ident()  # other threads' ops are not this step's
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         why = None if self.in_conversion else _FORBIDDEN.get(func)
         name = str(func.overloadpacket.__name__) + "." + func._overloadname
         if why is None and any(part in name for part in _DATA_DEPENDENT):
             why = f"has an output shape that depends on device data ({name})"
-        if why is None and func is aten.index.Tensor:
+        if why is None and func in _INDEXING:
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
                 why = "indexes with a boolean mask: its shape depends on device data"
-        if why is not None:
+        if why is None and _to_host(func, args, kwargs or {}):
+            why = "copies a device tensor to the host"
+        if why is not None and threading.get_ident() == self.owner:
             self.found.append(Violation(str(func), why, _where()))
         return func(*args, **(kwargs or {}))
+
+
+def _to_host(func, args, kwargs) -> bool:  # noqa: ANN001
+    """A device-to-host copy (on a CPU-only run there is none to see)."""
+    if func is aten._to_copy.default:
+        target = kwargs.get("device")
+        return target is not None and target.type == "cpu" and args[0].device.type != "cpu"
+    if func is aten.copy_.default:
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
 
 
 def _where() -> str:
@@ -92,9 +108,13 @@ def _where() -> str:
 
 # Tensor methods that read device values back. Watched as methods too: under
 # inference mode (where engines run) ``item()`` and the conversions built on
-# it skip the dispatch a mode sees, and ``tolist()`` never goes through it.
-_READ_BACK = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-_TOLIST = "reads device values back to the host (.tolist())"
+# it skip the dispatch a mode sees, ``tolist()`` never goes through it, and on
+# a CPU-only run ``.cpu()`` copies nothing a mode could see.
+_READ_BACK = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+_WHY = {"tolist": "reads device values back to the host (.tolist())",
+        "cpu": "copies to the host (.cpu())", "numpy": "copies to the host (.numpy())"}
+# The Tensor methods are patched for the whole process: one block at a time.
+_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -103,14 +123,11 @@ def capture_violations() -> Iterator[list[Violation]]:
     graph capture cannot record."""
     found: list[Violation] = []
     watch = _Watch(found)
-    originals = {name: getattr(torch.Tensor, name) for name in _READ_BACK}
-    own = {name for name in _READ_BACK if name in vars(torch.Tensor)}  # not inherited
 
     def watched(name: str, method):  # noqa: ANN001, ANN202
         def read_back(self, *args, **kwargs):  # noqa: ANN001, ANN202
-            if not watch.in_conversion:
-                why = (_TOLIST if name == "tolist"
-                       else _FORBIDDEN[aten._local_scalar_dense.default])
+            if not watch.in_conversion and threading.get_ident() == watch.owner:
+                why = _WHY.get(name, _FORBIDDEN[aten._local_scalar_dense.default])
                 found.append(Violation(f"Tensor.{name}", why, _where()))
             watch.in_conversion += 1
             try:
@@ -119,17 +136,20 @@ def capture_violations() -> Iterator[list[Violation]]:
                 watch.in_conversion -= 1
         return read_back
 
-    for name, method in originals.items():
-        setattr(torch.Tensor, name, watched(name, method))
-    try:
-        with watch:
-            yield found
-    finally:
+    with _LOCK:
+        originals = {name: getattr(torch.Tensor, name) for name in _READ_BACK}
+        own = {name for name in _READ_BACK if name in vars(torch.Tensor)}  # not inherited
         for name, method in originals.items():
-            if name in own:
-                setattr(torch.Tensor, name, method)
-            else:
-                delattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, watched(name, method))
+        try:
+            with watch:
+                yield found
+        finally:
+            for name, method in originals.items():
+                if name in own:
+                    setattr(torch.Tensor, name, method)
+                else:
+                    delattr(torch.Tensor, name)
 
 
 def check_decode_capturable(

@@ -60,8 +60,8 @@ def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCap
 class GPUKVCacheAllocator(BudgetKVCacheAllocator):
     """Default budget: what ``gpu_memory_utilization`` of the current GPU's
     total memory leaves after this process's peak in torch (weights plus the
-    profiling pass's activations) and the memory torch does not manage (the
-    CUDA context, NCCL buffers, other processes)::
+    profiling pass's activations; not its throwaway KV cache) and the memory
+    torch does not manage (the CUDA context, NCCL buffers, other processes)::
 
         budget = util * total - peak_allocated - (total - free - reserved)
 
@@ -76,9 +76,9 @@ class GPUKVCacheAllocator(BudgetKVCacheAllocator):
     def profile(self, forward) -> None:  # noqa: ANN001
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        forward()
+        throwaway_cache = forward()
         torch.cuda.synchronize()
-        self._peak = torch.cuda.max_memory_allocated()
+        self._peak = torch.cuda.max_memory_allocated() - throwaway_cache
 
     def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
         torch.cuda.empty_cache()
