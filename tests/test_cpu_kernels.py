@@ -88,20 +88,43 @@ def test_compiled_fp8_decode_matches_the_reference(kv_dtype, window, scales):
     assert not out[-2:].any(), "padding rows must be zeros"
 
 
+@pytest.fixture(scope="module")
+def table_paged_decode():
+    """``paged_decode`` built with the portable 8-bit reader (a table of the
+    256 values), which builds without AVX2/F16C use; this host would
+    otherwise never compile it."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load_inline
+
+    csrc = Path(cpu_attention.__file__).parent / "csrc"
+    module = load_inline(
+        name="pllm_cpu_paged_decode_table",
+        cpp_sources=[(csrc / name).read_text() for name in ("vec.h", "paged_decode.cpp")],
+        functions=["paged_decode"],
+        extra_cflags=["-O2", "-march=native", "-fopenmp", "-DPLLM_FP8_TABLE"],
+        extra_ldflags=["-fopenmp"],
+    )
+    return module.paged_decode
+
+
 @needs_compiler
+@pytest.mark.parametrize("reader", ["simd", "table"])
 @pytest.mark.parametrize("kv_dtype", FP8_FORMATS, ids=str)
 @pytest.mark.parametrize("v_scale", [1.0, 0.37, 3.0])
-def test_compiled_fp8_decode_reads_every_byte_exactly(kv_dtype, v_scale):
+def test_compiled_fp8_decode_reads_every_byte_exactly(kv_dtype, v_scale, reader, request):
     """A one-token context gives back its V row exactly (probability 1), so a
     row of all 256 bytes must come back as ``dequantize`` reads them: NaN,
-    infinities and subnormals included."""
+    infinities and subnormals included; through the fp16 widening (AVX2) and
+    through the portable table."""
+    op = paged_decode_op() if reader == "simd" else request.getfixturevalue("table_paged_decode")
     head_dim = 256
     cache = torch.zeros(2, 1, 2, 16, head_dim, dtype=torch.uint8)
     every_byte = torch.arange(256, dtype=torch.uint8)
     cache[1, 0, 1, 0] = every_byte  # V of the token in block 1, offset 0
     query = torch.randn(1, 2, head_dim)
-    out = paged_decode_op()(query, cache.view(kv_dtype), torch.tensor([[1]], dtype=torch.int32),
-                            torch.tensor([1], dtype=torch.int32), head_dim**-0.5, 0, 1.0, v_scale)
+    out = op(query, cache.view(kv_dtype), torch.tensor([[1]], dtype=torch.int32),
+             torch.tensor([1], dtype=torch.int32), head_dim**-0.5, 0, 1.0, v_scale)
     want = dequantize(every_byte.view(kv_dtype), v_scale)
     torch.testing.assert_close(out[0], want.expand(2, -1), rtol=0, atol=0, equal_nan=True)
 

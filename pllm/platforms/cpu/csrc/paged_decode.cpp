@@ -97,7 +97,7 @@ inline void score_span(const SeqView& sv, const float* k_head, int64_t d, const 
 }
 
 // An 8-bit cache format read as fp32 times ``scale``: ``dequantize``, exactly.
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__F16C__) && !defined(PLLM_FP8_TABLE)
 // Both formats widen exactly to fp16, and fp16 -> fp32 is exact: float8_e5m2
 // is the top byte of the fp16 of the same value; float8_e4m3fn's exponent and
 // mantissa moved to bits 7-13 are the fp16 of x / 256 (a bias 8 below fp16's),
