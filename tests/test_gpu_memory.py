@@ -60,7 +60,7 @@ def test_budget_is_util_of_total_less_peak_and_memory_outside_torch(monkeypatch)
     allocator.profile(profile_run)
     budget, why = allocator.default_budget(CacheConfig(gpu_memory_utilization=0.9))
     assert budget == int(0.9 * 80 * GiB) - (16 + 5) * GiB - 3 * GiB
-    assert "gpu_memory_utilization=0.9" in why and str(3 * GiB) in why
+    assert "gpu_memory_utilization=0.9" in why and "3.00 GiB outside torch" in why
 
 
 def test_a_second_engine_in_one_process_gets_the_same_cache(monkeypatch):
@@ -107,3 +107,16 @@ def test_weights_are_allocated_in_the_model_dtype(tiny_model_dir, monkeypatch):
     model = llm.llm_engine.executor.worker.model
     assert created and set(created) == {torch.bfloat16}
     assert model.rotary.cos.dtype == torch.float32  # rope tables stay fp32, as in transformers
+
+
+def test_a_full_gpu_says_which_setting_to_change(monkeypatch):
+    from pllm.platforms.cpu.allocator import KVCacheMemoryError
+
+    gpu = FakeGPU(total=24 * GiB, outside=10 * GiB)  # another process holds 10 GiB
+    gpu.install(monkeypatch)
+    gpu.alloc(8 * GiB)
+    with pytest.raises(KVCacheMemoryError, match=r"gpu_memory_utilization=0.5 of the GPU's "
+                                                 r"24.00 GiB \(12.00 GiB\), less 8.00 GiB .* "
+                                                 r"and 10.00 GiB outside torch .* leaves "
+                                                 r"-6.00 GiB; raise --gpu-memory-utilization"):
+        GPUKVCacheAllocator().num_blocks(CacheConfig(gpu_memory_utilization=0.5), 1 << 20)

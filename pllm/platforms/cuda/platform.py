@@ -25,7 +25,7 @@ from pllm.core.interfaces import (
     Platform,
     PlatformCapabilities,
 )
-from pllm.platforms.cpu.allocator import BudgetKVCacheAllocator
+from pllm.platforms.cpu.allocator import BudgetKVCacheAllocator, KVCacheMemoryError
 
 GPU_SCORE = 100
 
@@ -87,11 +87,19 @@ class GPUKVCacheAllocator(BudgetKVCacheAllocator):
         peak = torch.cuda.memory_allocated() if self._peak is None else self._peak
         util = cache_config.gpu_memory_utilization
         budget = int(util * total) - peak - outside_torch
-        return budget, (
-            f"gpu_memory_utilization={util:g} of {total} bytes, less {peak} bytes of "
-            f"weights and activations and {outside_torch} bytes outside torch "
-            f"(CUDA context, other processes)"
-        )
+        source = (f"gpu_memory_utilization={util:g} of the GPU's {_gib(total)} "
+                  f"({_gib(util * total)}), less {_gib(peak)} of weights and activations "
+                  f"and {_gib(outside_torch)} outside torch (CUDA context, other processes)")
+        if budget <= 0:
+            raise KVCacheMemoryError(
+                f"no memory left for the KV cache: {source} leaves {_gib(budget)}; raise "
+                f"--gpu-memory-utilization, free the GPU, or lower --max-num-batched-tokens "
+                f"(the activation peak)")
+        return budget, source
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
 
 
 class CudaPlatform(Platform):
