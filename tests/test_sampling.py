@@ -126,6 +126,25 @@ def test_penalties_lower_seen_tokens():
                   presence_penalty=0.5)]).token_ids == [2]
 
 
+def test_plain_greedy_rows_leave_the_logits_where_they_are(monkeypatch):
+    """A batch of plain greedy rows (the common serving step) takes the argmax
+    where the logits are: on an accelerator only the ids are copied back.
+    Anything that needs the whole row (logprobs, penalties, min_tokens,
+    sampling) copies it to the host, as before."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    plain = [_seq([3, 4], 1, temperature=0) for _ in range(4)]
+
+    def no_copy(self, *args, **kwargs):
+        raise AssertionError("the logits were copied to the host")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_copy)
+    assert sample(logits, plain).token_ids == logits.float().argmax(-1).tolist()
+    for needs_row in (dict(temperature=0, logprobs=2), dict(temperature=0, presence_penalty=0.5),
+                      dict(temperature=0, min_tokens=3), dict(temperature=0.7)):
+        with pytest.raises(AssertionError, match="copied to the host"):
+            sample(logits, plain[:3] + [_seq([3, 4], 1, **needs_row)])
+
+
 @pytest.mark.parametrize("field,kwargs", [
     ("temperature", dict(temperature=-0.1)),
     ("top_p", dict(top_p=0.0)),

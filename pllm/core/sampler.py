@@ -95,9 +95,24 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return (probs / noise).argmax(-1)
 
 
+def _plain_greedy(seqs: list[Sequence]) -> bool:
+    """Every row takes its argmax of the raw logits: greedy, no penalties, no
+    min_tokens still to hold, no logprobs."""
+    for s in seqs:
+        p = s.request.params
+        if (not p.greedy or p.has_penalties or p.logprobs is not None
+                or s.num_output_tokens < p.min_tokens):
+            return False
+    return True
+
+
 @torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """``logits`` ``[len(seqs), vocab]`` (any dtype/device) -> one token per sequence."""
+    if _plain_greedy(seqs):
+        # The argmax where the logits are (widening to fp32 changes no order):
+        # only the token ids cross to the host, not [rows, vocab] logits.
+        return SampleResult(logits.argmax(-1).tolist(), [None] * len(seqs))
     logits = logits.float().cpu()
     _apply_penalties(logits, seqs)
     _apply_min_tokens(logits, seqs)
