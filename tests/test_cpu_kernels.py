@@ -93,18 +93,10 @@ def table_paged_decode():
     """``paged_decode`` built with the portable 8-bit reader (a table of the
     256 values), which builds without AVX2/F16C use; this host would
     otherwise never compile it."""
-    from pathlib import Path
+    from pllm.platforms.cpu.kernels import build
 
-    from torch.utils.cpp_extension import load_inline
-
-    csrc = Path(cpu_attention.__file__).parent / "csrc"
-    module = load_inline(
-        name="pllm_cpu_paged_decode_table",
-        cpp_sources=[(csrc / name).read_text() for name in ("vec.h", "paged_decode.cpp")],
-        functions=["paged_decode"],
-        extra_cflags=["-O2", "-march=native", "-fopenmp", "-DPLLM_FP8_TABLE"],
-        extra_ldflags=["-fopenmp"],
-    )
+    module = build("pllm_cpu_paged_decode_table", ("vec.h", "paged_decode.cpp"),
+                   ["paged_decode"], defines=["PLLM_FP8_TABLE"])
     return module.paged_decode
 
 

@@ -97,14 +97,12 @@ class Worker:
 
     def _log_kv_scales(self) -> None:
         attns = [layer.self_attn.attn for layer in self.model.layers]
-        scales = {(a.k_scale, a.v_scale) for a in attns}
-        if scales == {(1.0, 1.0)}:
+        name = str(self.kv_cache_dtype).removeprefix("torch.")
+        if all(not a.scales_from_checkpoint for a in attns):
             logger.warning("KV cache in %s with scales 1.0 (the checkpoint gives none): keys "
-                           "or values beyond the format's range are clipped",
-                           str(self.kv_cache_dtype).removeprefix("torch."))
+                           "or values beyond the format's range are clipped", name)
         else:
-            logger.info("KV cache in %s with the checkpoint's per-layer scales",
-                        str(self.kv_cache_dtype).removeprefix("torch."))
+            logger.info("KV cache in %s with the checkpoint's per-layer scales", name)
 
     def bytes_per_block(self) -> int:
         spec, bs = self.spec, self.config.cache.block_size

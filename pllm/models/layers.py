@@ -9,7 +9,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
-from pllm.core.kv_cache.fp8 import is_fp8
+from pllm.core.kv_cache.fp8 import scale_kwargs
 
 
 @dataclass
@@ -112,8 +112,7 @@ class PagedAttention(nn.Module):
 
     def forward(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         cache = ctx.kv_caches[self.layer_idx]
-        # Scales go only with an 8-bit cache: backends that store none need not take them.
-        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale} if is_fp8(cache.dtype) else {}
+        scales = scale_kwargs(cache.dtype, self.k_scale, self.v_scale)
         ctx.backend.write_kv(k, v, cache, ctx.metadata.slot_mapping, **scales)
         return ctx.backend.forward(q, cache, ctx.metadata, scale=self.scale,
                                    sliding_window=self.sliding_window, **scales)

@@ -205,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
         """This rank's rows of a column-parallel weight or bias: its heads of
         q/k/v (a replicated KV head when there are fewer than ranks), its
         columns of gate/up."""
-        if fused != "qkv_proj" or slot == 0 or self.tp.size == 1:
+        if fused != "qkv_proj" or slot == 0:
             return self.tp.shard(tensor, 0)
         lo, hi = self.tp.kv_head_range(self.spec.total_kv_heads)
         d = self.spec.head_dim

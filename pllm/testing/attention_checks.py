@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata, PlatformCapabilities
-from pllm.core.kv_cache.fp8 import is_fp8, round_trip
+from pllm.core.kv_cache.fp8 import is_fp8, round_trip, scale_kwargs
 from pllm.platforms.cpu.attention import reference_attention
 from pllm.testing.metadata import build_metadata, context_slot_mapping, num_blocks_needed
 
@@ -124,7 +124,7 @@ def check_attention_case(
     so the division in ``write_kv`` is exact whatever its rounding), and the
     reference sees exactly the values the backend must store."""
     kv_dtype = kv_cache_dtype or dtype
-    scales = {"k_scale": k_scale, "v_scale": v_scale} if is_fp8(kv_dtype) else {}
+    scales = scale_kwargs(kv_dtype, k_scale, v_scale)
     default_atol, default_rtol = default_tolerances(dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol

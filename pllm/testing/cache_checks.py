@@ -11,7 +11,7 @@ import torch
 
 from pllm.core.config import CacheConfig
 from pllm.core.interfaces import AttentionBackend, KVCacheAllocator, MemoryInfo
-from pllm.core.kv_cache.fp8 import grid, is_fp8, round_trip
+from pllm.core.kv_cache.fp8 import grid, round_trip, scale_kwargs
 
 
 def _filled_cache(
@@ -28,9 +28,8 @@ def _filled_cache(
     _, heads, dim = keys.shape
     shape = backend.kv_cache_shape(num_blocks, block_size, heads, dim)
     cache = torch.zeros(shape, dtype=cache_dtype or keys.dtype, device=device)
-    kwargs = {"k_scale": scales[0], "v_scale": scales[1]} if is_fp8(cache.dtype) else {}
     backend.write_kv(keys, values, cache, torch.arange(num_blocks * block_size, device=device),
-                     **kwargs)
+                     **scale_kwargs(cache.dtype, *scales))
     return cache
 
 

@@ -33,6 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+from pllm.core.kv_cache.fp8 import scale_kwargs
 
 aten = torch.ops.aten
 
@@ -195,7 +196,7 @@ def check_decode_capturable(
     query = torch.randn(num_seqs, num_heads, head_dim, generator=gen, device=device).to(dtype)
     key = torch.randn(num_seqs, num_kv_heads, head_dim, generator=gen, device=device).to(dtype)
     value = torch.randn_like(key)
-    scales = {"k_scale": 0.5, "v_scale": 2.0} if kv_cache_dtype is not None else {}
+    scales = scale_kwargs(cache_dtype, 0.5, 2.0)
     with capture_violations() as found:
         backend.write_kv(key, value, kv_cache, metadata.slot_mapping, **scales)
         backend.forward(query, kv_cache, metadata, scale=head_dim ** -0.5, **scales)

@@ -34,6 +34,13 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+def scale_kwargs(cache_dtype: torch.dtype, k_scale: float, v_scale: float) -> dict[str, float]:
+    """The ``k_scale``/``v_scale`` keywords of ``write_kv`` and ``forward`` for
+    a cache in ``cache_dtype``: given only with an 8-bit cache, so a backend
+    that stores none need not take them."""
+    return {"k_scale": k_scale, "v_scale": v_scale} if is_fp8(cache_dtype) else {}
+
+
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, caps: PlatformCapabilities,
                            platform_name: str) -> torch.dtype:
     """The cache dtype ``--kv-cache-dtype name`` means on a platform with

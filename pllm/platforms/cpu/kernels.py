@@ -25,24 +25,32 @@ _FUNCTIONS = ["paged_decode", "linear_small", "rms_norm", "add_rms_norm_", "silu
               "write_kv_", "decode_layer", "decode_layer_attn", "decode_layer_mlp", "shm_all_reduce_"]
 
 
+def build(name: str, sources, functions, defines=()):
+    """Compile ``sources`` (file names under ``csrc``, in order) into the
+    extension ``name`` exposing ``functions``; ``defines`` are extra
+    preprocessor macros (e.g. ``PLLM_FP8_TABLE``, the portable 8-bit reader)."""
+    from torch.utils.cpp_extension import load_inline
+
+    csrc = Path(__file__).parent / "csrc"
+    return load_inline(
+        name=name,
+        cpp_sources=[(csrc / source).read_text() for source in sources],
+        functions=list(functions),
+        # No contraction of a*b+c into FMAs beyond the explicit ones, so the
+        # elementwise kernels round as torch's own ops do.
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
+                      *(f"-D{d}" for d in defines)],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
 @functools.cache
 def _module():
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        csrc = Path(__file__).parent / "csrc"
-        return load_inline(
-            name="pllm_cpu_kernels",
-            cpp_sources=[(csrc / name).read_text() for name in _SOURCES],
-            functions=_FUNCTIONS,
-            # No contraction of a*b+c into FMAs beyond the explicit ones, so the
-            # elementwise kernels round as torch's own ops do.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return build("pllm_cpu_kernels", _SOURCES, _FUNCTIONS)
     except Exception as exc:  # no compiler, no ninja, ...: fall back, but say so
         logger.warning("CPU kernels unavailable (%s); using the torch paths", exc)
         return None

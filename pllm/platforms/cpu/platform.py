@@ -25,7 +25,7 @@ CPU_SCORE = 10  # below every accelerator (100); third-party host plugins go low
 _CAPABILITIES = PlatformCapabilities(
     dtypes=(torch.float32, torch.bfloat16),
     default_dtype=torch.float32,
-    kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),  # through the torch paths
+    kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
     distributed_backend="gloo",
     ranks_share_device=True,  # tensor-parallel ranks split the cores
 )
