@@ -17,3 +17,26 @@ def tiny_llm(tiny_model_dir):
     from pllm import LLM
 
     return LLM(tiny_model_dir, device="cpu", kv_cache_memory="16MB", max_model_len=128)
+
+
+@pytest.fixture(scope="session")
+def fake_platform():
+    """The third-party fake accelerator (tests/plugins/pllm-fakeaccel: its own
+    cache layout, the reference attention, no compiled kernels), discoverable
+    as ``--device fakeaccel`` for the whole session; yields its class."""
+    import fakeaccel_inprocess
+
+    with pytest.MonkeyPatch.context() as mp:
+        fakeaccel_inprocess.install(mp)
+        yield fakeaccel_inprocess.platform_cls()
+
+
+@pytest.fixture(scope="session")
+def fake_llm(tiny_model_dir, fake_platform):
+    """The tiny model on the fake platform: what the core's tests run on, so
+    that none passes only because the CPU platform's kernels are there."""
+    from pllm import LLM
+
+    llm = LLM(tiny_model_dir, device="fakeaccel", kv_cache_memory="16MB", max_model_len=128)
+    assert llm.llm_engine.platform.name == "fakeaccel"
+    return llm

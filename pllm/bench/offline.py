@@ -78,5 +78,4 @@ def decode_weight_bytes(engine) -> int:
 
 def engine_dtype_and_device(engine) -> tuple[str, str]:
     """The dtype and torch device pllm runs on, for the baselines to match."""
-    worker = engine.executor.worker
-    return str(worker.dtype).removeprefix("torch."), str(worker.device)
+    return engine.config.model.dtype, str(engine.executor.worker.device)

@@ -3,13 +3,25 @@
 Values a user can get wrong are validated in ``__post_init__`` with a
 ``ValueError`` naming the field; a platform adjusts a config by returning a
 changed copy (``dataclasses.replace``), never by editing it in place.
+
+Some fields start as "decide for me" (``dtype="auto"``, ``max_model_len``
+and ``block_size`` of None, ``kv_cache_dtype="fp8"``) and are resolved once,
+against the platform and the model, by ``pllm.core.resolve`` when the engine
+starts; after that ``EngineConfig.resolved`` holds and the concrete values
+(``ModelConfig.torch_dtype``, ``CacheConfig.torch_cache_dtype``) are read
+from the config instead of being passed around.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+# What a resolved cache dtype may be: a model dtype, or an 8-bit float format.
+_CACHE_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz",
+                 "float8_e5m2")
 # KV-cache storage (vLLM's names): "auto" keeps the model dtype; "fp8" is the
 # platform's e4m3 flavour (OCP e4m3fn on NVIDIA, e4m3fnuz on MI300).
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
@@ -20,7 +32,7 @@ class ModelConfig:
     model: str | None = None  # folder, .gguf file, or None for the default model
     tokenizer: str | None = None
     dtype: str = "auto"  # resolved against the platform's capabilities
-    max_model_len: int | None = None  # None: the model's own context length
+    max_model_len: int | None = None  # None: the model's own context length (resolved)
     seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None  # a Jinja template, or a path to one
@@ -31,31 +43,60 @@ class ModelConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The weights' and activations' dtype (once resolved: not "auto")."""
+        if self.dtype == "auto":
+            raise RuntimeError("ModelConfig.dtype is still 'auto': resolve the config first")
+        return getattr(torch, self.dtype)
+
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
+    block_size: int | None = None  # None: the platform's default_block_size (resolved)
     kv_cache_memory: int | None = None  # bytes; None: the platform decides
-    gpu_memory_utilization: float = 0.9
+    # Fraction of the device's memory pllm may use (weights, activations and
+    # KV cache); None: the platform's default (0.9 on GPUs, as vLLM's).
+    memory_utilization: float | None = None
     enable_prefix_caching: bool = True
-    num_blocks_override: int | None = None  # for tests: exactly this many blocks
-    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES, resolved against the platform
+    num_blocks_override: int | None = None  # for tests: exactly this many blocks (the core applies it)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES (the user's choice)
+    cache_dtype: str | None = None  # the resolved storage dtype's torch name
+    # vLLM's spelling of memory_utilization, kept as an alias.
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
+        if self.gpu_memory_utilization is not None:
+            if self.memory_utilization not in (None, self.gpu_memory_utilization):
+                raise ValueError("give memory_utilization or its alias gpu_memory_utilization, "
+                                 "not both")
+            object.__setattr__(self, "memory_utilization", self.gpu_memory_utilization)
+            object.__setattr__(self, "gpu_memory_utilization", None)
+        if self.cache_dtype is not None and self.cache_dtype not in _CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={self.cache_dtype!r} is not one of "
+                             f"{', '.join(_CACHE_DTYPES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}"
             )
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 1
+                                            or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if self.memory_utilization is not None and not 0.0 < self.memory_utilization <= 1.0:
             raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+                f"memory_utilization must be in (0, 1], got {self.memory_utilization}"
             )
         if self.num_blocks_override is not None and self.num_blocks_override < 1:
             raise ValueError(f"num_blocks_override must be >= 1, got {self.num_blocks_override}")
+
+    @property
+    def torch_cache_dtype(self) -> torch.dtype:
+        """What K/V are stored as (once resolved)."""
+        if self.cache_dtype is None:
+            raise RuntimeError("CacheConfig.cache_dtype is unresolved: resolve the config first")
+        return getattr(torch, self.cache_dtype)
 
 
 @dataclass(frozen=True)
@@ -96,6 +137,12 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every "decide for me" value has been decided."""
+        return (self.model.dtype != "auto" and self.model.max_model_len is not None
+                and self.cache.block_size is not None and self.cache.cache_dtype is not None)
 
 
 def parse_memory(value: str | int | None) -> int | None:

@@ -12,6 +12,7 @@ is always a prefix of the final text and a matched stop string never leaks.
 
 from __future__ import annotations
 
+from pllm.core.outputs import LogprobsDict
 from pllm.core.request import Sequence
 
 _CONTEXT_TOKENS = 5
@@ -24,6 +25,11 @@ class Detokenizer:
     def start(self, seq: Sequence) -> None:
         seq.prefix_offset = max(seq.num_prompt_tokens - _CONTEXT_TOKENS, 0)
         seq.read_offset = seq.num_prompt_tokens
+
+    def decode_logprobs(self, entry: LogprobsDict) -> None:
+        """Give each candidate of a logprobs entry its text."""
+        for tid, lp in entry.items():
+            lp.decoded_token = self.tokenizer.decode([tid])
 
     def step(self, seq: Sequence) -> str:
         """Append the newest token's text to ``seq.text``; return the new text."""

@@ -3,6 +3,7 @@ threaded; the server's async engine drives it from one thread."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -10,13 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from pllm.core.config import EngineConfig
-from pllm.core.detokenizer import Detokenizer, find_stop_string, visible_text
+from pllm.core.detokenizer import Detokenizer
 from pllm.core.executor import make_executor
 from pllm.core.interfaces import Platform
 from pllm.core.kv_cache.manager import KVCacheManager
 from pllm.core.outputs import RequestOutput
-from pllm.core.request import Request, Sequence, SequenceStatus
-from pllm.core.sampler import sample, top_logprobs
+from pllm.core.request import Request, SequenceStatus
+from pllm.core.resolve import resolve_config
 from pllm.core.sampling_params import SamplingParams, SamplingParamsError
 from pllm.core.scheduler import Scheduler
 
@@ -43,55 +44,53 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, platform: Platform | None = None, loaded=None) -> None:
         from pllm.loader import load_model
+        from pllm.models import describe_model
         from pllm.plugins.manager import PluginManager
 
         t0 = time.perf_counter()
         plugins = PluginManager()
         self.platform = platform or plugins.select_platform(config.device.device)
         # The platform's own policy, then every plugin's pllm_update_config hook.
-        self.config = config = plugins.update_config(self.platform, config)
-        self._threads_before = torch.get_num_threads()  # given back at shutdown
-        if config.device.num_threads:
-            torch.set_num_threads(config.device.num_threads)
-        torch.manual_seed(config.model.seed)
+        config = plugins.update_config(self.platform, config)
         mc = config.model
         self.loaded = loaded or load_model(mc.model, tokenizer=mc.tokenizer, chat_template=mc.chat_template)
+        # Every "decide for me" value decided once, against platform and model.
+        info = describe_model(self.loaded.hf_config, config.parallel.tensor_parallel_size)
+        self.config = config = resolve_config(config, self.platform, info)
+        self.platform.setup_process(config, 0)
+        torch.manual_seed(mc.seed)
         self.tokenizer = self.loaded.tokenizer
         self.model_name = mc.served_model_name or self.loaded.name
         self.eos_token_ids = frozenset(self.loaded.eos_token_ids)
-        model_max = int(getattr(self.loaded.hf_config, "max_position_embeddings", 0) or 2048)
-        if mc.max_model_len and mc.max_model_len > model_max:
-            raise ValueError(f"max_model_len={mc.max_model_len} exceeds the model's context ({model_max})")
-        self.max_model_len = mc.max_model_len or model_max
 
-        self.executor = make_executor(config, self.platform, self.loaded, self.max_model_len)
+        self.executor = None
         try:
+            self.executor = make_executor(config, self.platform, self.loaded)
             num_blocks = self.executor.init_kv_cache()
         except BaseException:
-            self.executor.shutdown()  # no worker process outlives a failed start
+            self.shutdown()  # no worker process outlives a failed start
             raise
         block_size = config.cache.block_size
         capacity = num_blocks * block_size
+        self.max_model_len = config.model.max_model_len
         if capacity < self.max_model_len:
             if mc.max_model_len:
-                self.executor.shutdown()
+                self.shutdown()
                 raise ValueError(
                     f"max_model_len={mc.max_model_len} needs {self.max_model_len} tokens of KV cache, "
                     f"only {capacity} fit; raise --kv-cache-memory or lower --max-model-len"
                 )
             logger.warning("max_model_len lowered from %d to the KV capacity %d", self.max_model_len, capacity)
             self.max_model_len = capacity
+            self.config = config = dataclasses.replace(
+                config, model=dataclasses.replace(config.model, max_model_len=capacity))
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.detokenizer = Detokenizer(self.tokenizer)
-        self.requests: dict[str, Request] = {}
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.detokenizer, self.max_model_len)
         logger.info(
             "pllm engine on %s: %s, KV cache %d blocks x %d = %d tokens (%s), max_model_len %d "
             "(%.1fs)", self.platform.name, self.model_name, num_blocks, block_size, capacity,
-            str(self.executor.worker.kv_cache_dtype).removeprefix("torch."), self.max_model_len,
-            time.perf_counter() - t0,
+            config.cache.cache_dtype, self.max_model_len, time.perf_counter() - t0,
         )
 
     @classmethod
@@ -102,10 +101,24 @@ class LLMEngine:
         """Stop the executor's worker processes (tensor parallelism) and give
         the process its torch thread count back; the engine cannot step
         afterwards. Worker processes also stop at interpreter exit."""
-        self.executor.shutdown()
-        torch.set_num_threads(self._threads_before)
+        if self.executor is not None:
+            self.executor.shutdown()
+        self.platform.teardown_process()
 
     # ---- requests ----------------------------------------------------------
+    # Prompts are tokenized and chat templates rendered here and nowhere else:
+    # the offline API and the server both come through these methods.
+    def tokenize(self, prompt: str) -> list[int]:
+        """A text prompt's token ids, with the model's special tokens (BOS)."""
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def render_chat(self, messages: list[dict],
+                    add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """A conversation as prompt text and token ids. The template writes
+        the special tokens it wants, so none are added when tokenizing."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.loaded.chat_template:
             raise ValueError("this model has no chat template; pass --chat-template")
@@ -117,12 +130,23 @@ class LLMEngine:
         except Exception as exc:  # jinja errors on malformed messages
             raise ValueError(f"messages do not fit the chat template: {exc}") from exc
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
-        if request_id in self.requests:
+        """``prompt``: text (tokenized here), token ids, or vLLM's dict form
+        ``{"prompt": text, "prompt_token_ids": ids}`` for a prompt tokenized
+        already (the text is then only reported back)."""
+        if request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict):
+            text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+            if token_ids is None:
+                if not isinstance(text, str):
+                    raise SamplingParamsError("a prompt dict needs 'prompt' or 'prompt_token_ids'",
+                                              "prompt")
+                token_ids = self.tokenize(text)
+            token_ids = list(token_ids)
+        elif isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenize(prompt)
         else:
             text, token_ids = None, list(prompt)
         if not token_ids:
@@ -135,34 +159,23 @@ class LLMEngine:
                 f"prompt is {len(token_ids)} tokens; this model's context is {self.max_model_len} "
                 f"tokens, which must also hold at least one output token"
             )
-        req = Request(request_id, text, token_ids, params, self.eos_token_ids,
-                      arrival_time=arrival_time or time.time())
-        seq = Sequence(req, 0, list(token_ids), len(token_ids), generator=self._generator(params, 0))
-        self.detokenizer.start(seq)
-        if params.logprobs is not None:
-            seq.logprobs = []
-        req.seqs.append(seq)
-        self.requests[request_id] = req
-        self.scheduler.add(seq)
-
-    @staticmethod
-    def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
-        if params.seed is None:
-            return None
-        return torch.Generator().manual_seed(params.seed + index * 1_000_003)
+        self.scheduler.add_request(Request(request_id, text, token_ids, params, self.eos_token_ids,
+                                           arrival_time=arrival_time or time.time()))
 
     def abort_request(self, request_id: str | list[str]) -> None:
-        for rid in [request_id] if isinstance(request_id, str) else request_id:
-            req = self.requests.pop(rid, None)
-            if req is None:
-                continue
-            for seq in req.seqs:
-                if not seq.is_finished:
-                    seq.status = SequenceStatus.FINISHED_ABORTED
-                    self.scheduler.remove(seq)
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        self.scheduler.finish_requests(ids, SequenceStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return self.scheduler.has_unfinished_requests()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.scheduler.num_prompt_tokens
+
+    @property
+    def num_generation_tokens(self) -> int:
+        return self.scheduler.num_generation_tokens
 
     def get_stats(self) -> EngineStats:
         pool = self.kv.pool
@@ -176,108 +189,15 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """schedule -> execute -> update: the scheduler decides, the executor
+        computes (and samples), the scheduler turns the result into state."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
                 self._fail_unschedulable()
             return []
-        now = time.time()
-        for item in sched.scheduled:
-            m = item.seq.request.metrics
-            m.first_scheduled_time = m.first_scheduled_time or now
         result = self.executor.execute(sched)
-
-        touched: dict[str, Request] = {}
-        for item in sched.scheduled:
-            seq = item.seq
-            if seq.seq_id in result.prompt_logits:
-                self._add_prompt_logprobs(seq, item.num_new_tokens, result.prompt_logits[seq.seq_id])
-            seq.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_computed_blocks(seq)
-
-        seqs: list[Sequence] = []
-        rows: list[int] = []
-        for row, item in enumerate(result.sampling):
-            seq, req = item.seq, item.seq.request
-            family = [seq]
-            if not req.forked and req.params.n > 1:
-                family += self._fork(seq)
-            req.forked = True
-            seqs += family
-            rows += [row] * len(family)
-        if seqs:
-            logits = result.logits if len(rows) == len(result.sampling) else result.logits[rows]
-            sampled = sample(logits, seqs)
-            now = time.time()
-            for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
-                self._append_token(seq, token, logprobs, now)
-                touched[seq.request.request_id] = seq.request
-        return [self._output(req) for req in touched.values()]
-
-    def _fork(self, parent: Sequence) -> list[Sequence]:
-        children = []
-        for index in range(1, parent.request.params.n):
-            child = parent.fork(index, self._generator(parent.request.params, index))
-            self.kv.share_blocks(child)
-            parent.request.seqs.append(child)
-            self.scheduler.add_running(child)
-            children.append(child)
-        return children
-
-    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:
-        req, params = seq.request, seq.request.params
-        seq.token_ids.append(token)
-        self.num_generation_tokens += 1
-        if seq.num_output_tokens == 1 and seq.index == 0:
-            req.metrics.first_token_time = now
-            self.num_prompt_tokens += seq.num_prompt_tokens
-        req.metrics.last_token_time = now
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token].logprob
-            for tid, lp in logprobs.items():
-                lp.decoded_token = self.tokenizer.decode([tid])
-
-        stopped_by_token = False
-        if token in params.stop_token_ids:
-            seq.status, seq.stop_reason, stopped_by_token = SequenceStatus.FINISHED_STOPPED, token, True
-        elif token in req.eos_token_ids and not params.ignore_eos:
-            seq.status, stopped_by_token = SequenceStatus.FINISHED_STOPPED, True
-        if not stopped_by_token:  # the stop token's own text is never shown
-            delta = self.detokenizer.step(seq)
-            if seq.num_output_tokens >= params.min_tokens:
-                stop = find_stop_string(seq, delta)
-                if stop is not None:
-                    seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-        if not seq.is_finished and (
-            (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
-            or seq.num_tokens >= self.max_model_len
-        ):
-            seq.status = SequenceStatus.FINISHED_LENGTH
-        if seq.is_finished:
-            self.scheduler.remove(seq)
-            if req.finished:
-                req.metrics.finished_time = now
-                self.requests.pop(req.request_id, None)
-
-    def _add_prompt_logprobs(self, seq: Sequence, num_new: int, logits: torch.Tensor) -> None:
-        k = seq.request.params.prompt_logprobs
-        logp = logits.float().log_softmax(-1).cpu()
-        start = seq.num_computed_tokens
-        for i in range(num_new):
-            nxt = start + i + 1
-            if nxt >= seq.num_prompt_tokens:
-                break
-            if len(seq.request.prompt_logprobs) != nxt:  # recomputed after preemption
-                continue
-            entry = top_logprobs(logp[i], seq.token_ids[nxt], k)
-            for tid, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([tid])
-            seq.request.prompt_logprobs.append(entry)
-
-    def _output(self, req: Request) -> RequestOutput:
-        ordered = sorted(req.seqs, key=lambda s: s.index)
-        return req.output([visible_text(s) for s in ordered])
+        return self.scheduler.update_from_output(sched, result)
 
     def _fail_unschedulable(self) -> None:
         seq = self.scheduler.waiting[0]

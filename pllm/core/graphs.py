@@ -28,8 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from pllm.core.interfaces import AttentionBackend, AttentionMetadata
-from pllm.models.layers import ForwardContext
+from pllm.core.interfaces import AttentionBackend, AttentionMetadata, ForwardContext
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -43,34 +43,33 @@ class Detection:
 
 
 @dataclass(frozen=True)
-class MemoryInfo:
-    free_bytes: int
-    total_bytes: int
-
-
-@dataclass(frozen=True)
 class PlatformCapabilities:
-    """What a platform can do, as data. The core reads these fields instead of
-    checking which platform it runs on."""
+    """What a platform can do, as data. The core reads every field (where is
+    listed in ``docs/plugins.md``) instead of checking which platform it
+    runs on."""
 
     dtypes: tuple[torch.dtype, ...] = (torch.float32,)
     default_dtype: torch.dtype = torch.float32
     block_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    # What --block-size is when not given (the one of block_sizes nearest 16
+    # when 16 is not among them).
+    default_block_size: int = 16
     head_dims: tuple[int, ...] | None = None  # None: any head_dim
+    # Whether attention takes ``sliding_window``; a model with one is refused otherwise.
     supports_sliding_window: bool = True
-    fp8_dtype: torch.dtype | None = None  # e.g. float8_e4m3fn (CUDA), float8_e4m3fnuz (ROCm)
     # 8-bit float formats the attention backend can store K/V in (scaled,
     # besides the model dtype): ``--kv-cache-dtype fp8`` picks from these.
     kv_cache_dtypes: tuple[torch.dtype, ...] = ()
-    supports_graphs: bool = False  # can capture/replay the decode step (CUDA graphs)
+    # Whether ``Platform.make_decode_runner`` is worth asking (graph capture).
+    supports_graphs: bool = False
     # Run one forward pass of a full token budget before sizing the KV cache,
     # so that the allocator's "free memory" already excludes peak activations.
     profiles_memory: bool = False
-    # Static-shape devices (XLA) compile once per shape: the runner pads the
-    # flat batch up to these buckets. Empty tuples mean dynamic shapes.
+    # Static-shape devices (XLA) compile once per shape: the runner pads each
+    # step's token count and sequence count up to these buckets, and block
+    # tables to the width of ``max_model_len``. Empty: dynamic shapes.
     token_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
-    distributed_backend: str = "gloo"  # torch.distributed backend of the communicator
     # Tensor-parallel ranks may share one device (the host's cores); otherwise
     # each rank needs a device of its own (``device(rank)``).
     ranks_share_device: bool = False
@@ -78,6 +77,15 @@ class PlatformCapabilities:
     def __post_init__(self) -> None:
         if self.default_dtype not in self.dtypes:
             raise ValueError(f"default_dtype {self.default_dtype} not in dtypes {self.dtypes}")
+        if self.default_block_size not in self.block_sizes:
+            default = min(self.block_sizes, key=lambda b: abs(b - 16))
+            object.__setattr__(self, "default_block_size", default)
+        if bool(self.token_buckets) != bool(self.seq_buckets):
+            raise ValueError("token_buckets and seq_buckets go together (both or neither)")
+        for name in ("token_buckets", "seq_buckets"):
+            buckets = getattr(self, name)
+            if list(buckets) != sorted(set(buckets)) or (buckets and buckets[0] < 1):
+                raise ValueError(f"{name} must be increasing positive sizes, got {buckets}")
 
     @property
     def max_block_size(self) -> int:
@@ -85,7 +93,7 @@ class PlatformCapabilities:
 
     @property
     def supports_fp8(self) -> bool:
-        return self.fp8_dtype is not None
+        return bool(self.kv_cache_dtypes)
 
     @property
     def static_shapes(self) -> bool:
@@ -119,6 +127,12 @@ class AttentionMetadata:
     ``[i * block_size, (i + 1) * block_size)`` of sequence ``s``.
     ``slot_mapping[t] = block * block_size + offset`` is where token ``t``'s
     K/V go; a negative slot means padding (nothing is written).
+
+    On a platform with static shapes (``token_buckets``) the runner pads:
+    sequences past the real ones have query length 0 and ``seq_lens`` 0,
+    and token rows from ``query_start_loc[-1]`` to ``num_tokens`` belong to
+    no sequence (slot -1; their output is never read). ``max_query_len`` and
+    ``max_seq_len`` stay those of the real sequences.
     """
 
     num_seqs: int
@@ -203,6 +217,53 @@ class AttentionBackend(abc.ABC):
         return metadata
 
 
+@dataclass
+class ForwardContext:
+    """What every layer needs in one step, set once by the runner."""
+
+    backend: AttentionBackend
+    metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]
+
+
+class AttentionLayer(Protocol):
+    """One layer's paged attention as the engine sees it: which cache it
+    uses, and the scales an 8-bit cache stores K and V divided by."""
+
+    layer_idx: int
+    k_scale: float
+    v_scale: float
+    scales_from_checkpoint: bool
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the core relies on from a model (``pllm.models`` builds them):
+
+    * ``model(input_ids, positions, ctx)``: hidden states ``[num_tokens,
+      hidden]`` of one flat step; attention goes through ``ctx.backend``
+      into ``ctx.kv_caches[layer]``, nothing else of the step is kept;
+    * ``compute_logits(hidden)``: ``[rows, vocab]`` logits of the given rows
+      (under tensor parallelism every rank calls it, with the same rows);
+    * ``num_layers`` (one KV-cache tensor each) and ``attention_layers()``,
+      in layer order.
+
+    Platforms may swap a model's modules in ``Platform.prepare_model`` only
+    through the hooks ``pllm.models`` documents for that (see
+    ``pllm.models.layers``), never by reaching into a model's own classes.
+    """
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 ctx: ForwardContext) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def attention_layers(self) -> list[AttentionLayer]: ...
+
+
 class KVCacheAllocator(abc.ABC):
     """Physical KV-cache memory on one device."""
 
@@ -230,16 +291,11 @@ class KVCacheAllocator(abc.ABC):
 
 
 class Communicator(abc.ABC):
-    """Collectives among the ranks of one tensor-parallel group. All ops are
-    in place where the tensor argument is also the result."""
-
-    @property
-    @abc.abstractmethod
-    def rank(self) -> int: ...
-
-    @property
-    @abc.abstractmethod
-    def world_size(self) -> int: ...
+    """Collectives among the ranks of one tensor-parallel group: what the
+    model's tensor-parallel layers call (``pllm.models.parallel``), and the
+    ``close`` the engine calls on shutdown. Ranks, point-to-point sends and
+    barriers are the communicator's own business (a torch.distributed one
+    has them; see ``pllm.platforms.common.communicator``)."""
 
     @abc.abstractmethod
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -250,25 +306,10 @@ class Communicator(abc.ABC):
         """Concatenate every rank's ``tensor`` along ``dim`` (rank order)."""
 
     @abc.abstractmethod
-    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Sum over ranks, then return this rank's ``1/world_size`` slice along ``dim``."""
-
-    @abc.abstractmethod
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Copy ``src``'s tensor into every rank's ``tensor``, in place."""
-
-    @abc.abstractmethod
-    def send(self, tensor: torch.Tensor, dst: int) -> None: ...
-
-    @abc.abstractmethod
-    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """Receive into ``tensor`` in place; returns it."""
-
-    @abc.abstractmethod
-    def barrier(self) -> None: ...
-
     def close(self) -> None:
-        """Optional, defaults to doing nothing: release the process group."""
+        """Release the group (the process group, shared memory, device
+        streams), so that a second engine in the same process can build a new
+        one. The engine calls it once per communicator, at shutdown."""
 
 
 class Platform(abc.ABC):
@@ -291,10 +332,9 @@ class Platform(abc.ABC):
         """The torch device tensors of rank ``index`` live on."""
 
     @abc.abstractmethod
-    def device_count(self) -> int: ...
-
-    @abc.abstractmethod
-    def memory_info(self, index: int = 0) -> MemoryInfo: ...
+    def device_count(self) -> int:
+        """How many devices ranks can be placed on (tensor parallelism needs
+        one per rank unless the capabilities say ``ranks_share_device``)."""
 
     @abc.abstractmethod
     def make_attention_backend(self) -> AttentionBackend: ...
@@ -318,14 +358,25 @@ class Platform(abc.ABC):
         (a faster GEMM path, say) from outside the model definition."""
         return model
 
-    def synchronize(self) -> None:
-        """Optional, defaults to nothing: wait for queued device work."""
+    def setup_process(self, config: EngineConfig, rank: int) -> None:
+        """Optional, defaults to nothing: called in every rank's process (rank
+        0 in the engine's own) before the model is built, e.g. to set thread
+        counts. Undo it in ``teardown_process``."""
 
-    def make_decode_runner(self, model: torch.nn.Module, backend: AttentionBackend,
-                           kv_caches: list[torch.Tensor], config: EngineConfig,
-                           max_model_len: int):
-        """Optional, defaults to None (every step runs eagerly): a
-        ``pllm.core.graphs.StaticDecodeRunner`` (or subclass) that serves
-        decode-only steps from persistent buffers, e.g. by replaying captured
-        graphs. Called once the KV cache exists; the engine calls its
-        ``capture_all`` right after."""
+    def teardown_process(self) -> None:
+        """Optional, defaults to nothing: called at engine shutdown, in rank
+        0's process, to undo ``setup_process``."""
+
+    def synchronize(self) -> None:
+        """Optional, defaults to nothing: wait for queued device work (the
+        engine calls it after the profiling pass)."""
+
+    def make_decode_runner(self, model: Model, backend: AttentionBackend,
+                           kv_caches: list[torch.Tensor], config: EngineConfig):
+        """Optional, defaults to None (every step runs eagerly); asked only when
+        the capabilities say ``supports_graphs`` and ``enforce_eager`` is off.
+        Returns a ``pllm.core.graphs.StaticDecodeRunner`` (or subclass) that
+        serves decode-only steps from persistent buffers, e.g. by replaying
+        captured graphs. Called once the KV cache exists; the engine calls its
+        ``capture_all`` right after. ``config.model.max_model_len`` is resolved."""
+        return None

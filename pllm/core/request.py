@@ -41,13 +41,19 @@ _FINISHED = {SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
 _seq_ids = itertools.count()
 
 
+def sample_seed(params: SamplingParams, index: int) -> int | None:
+    """The seed of sample ``index`` of a request (None when it has no seed)."""
+    return None if params.seed is None else params.seed + index * 1_000_003
+
+
 @dataclass(eq=False)
 class Sequence:
     request: Request
     index: int  # which of the request's n samples
     token_ids: list[int]
     num_prompt_tokens: int
-    generator: torch.Generator | None = None
+    seed: int | None = None  # of this sample's random stream (None: the global one)
+    generator: torch.Generator | None = None  # the stream, made by the sampler on first draw
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
@@ -82,12 +88,12 @@ class Sequence:
     def is_prefilling_prompt(self) -> bool:
         return self.num_computed_tokens < self.num_prompt_tokens
 
-    def fork(self, index: int, generator: torch.Generator | None) -> Sequence:
+    def fork(self, index: int) -> Sequence:
         """A sibling sharing every token and block (the caller increments the
-        blocks' reference counts)."""
+        blocks' reference counts), with its own random stream."""
         child = Sequence(
             request=self.request, index=index, token_ids=list(self.token_ids),
-            num_prompt_tokens=self.num_prompt_tokens, generator=generator,
+            num_prompt_tokens=self.num_prompt_tokens, seed=sample_seed(self.request.params, index),
             status=self.status, num_computed_tokens=self.num_computed_tokens,
             block_ids=list(self.block_ids), block_hashes=list(self.block_hashes),
             num_cached_blocks=self.num_cached_blocks, text=self.text,

@@ -1,28 +1,51 @@
-"""Continuous batching over a token budget.
+"""Continuous batching over a token budget, and the one owner of request state.
 
-Each step: running sequences first (in arrival order), each asking for the
-rest of its tokens (one, for a decode; a chunk, for a long prefill); then
-waiting sequences, first come first served, while budget, sequence slots and
-blocks last. When blocks run out for a running sequence, the newest running
-sequence is preempted: its blocks are freed and it goes back to the front of
-the waiting queue to be recomputed later (its tokens are kept, so the result
-is unchanged).
+``schedule()``: running sequences first (in arrival order), each asking for
+the rest of its tokens (one, for a decode; a chunk, for a long prefill);
+then waiting sequences, first come first served, while budget, sequence
+slots and blocks last. When blocks run out for a running sequence, the
+newest running sequence is preempted: its blocks are freed and it goes back
+to the front of the waiting queue to be recomputed later (its tokens are
+kept, so the result is unchanged).
+
+``update_from_output()``: what the executor computed becomes request state:
+progress, sampled tokens, forks, stops, finished requests freed.
+
+Who writes each field of a request's state (nothing else does)::
+
+    Scheduler     Sequence.status, num_computed_tokens, token_ids, stop_reason,
+                  logprobs, cumulative_logprob; Request.metrics, prompt_logprobs,
+                  num_cached_tokens, forked; the waiting/running queues
+    KVCacheManager  Sequence.block_ids, block_hashes, num_cached_blocks
+    Detokenizer   Sequence.text, prefix_offset, read_offset
+    sampler       Sequence.generator (a seeded sample's random stream)
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pllm.core.config import SchedulerConfig
+from pllm.core.detokenizer import Detokenizer, visible_text
 from pllm.core.kv_cache.manager import KVCacheManager
-from pllm.core.request import Sequence, SequenceStatus
+from pllm.core.outputs import LogprobsDict, RequestOutput
+from pllm.core.request import Request, Sequence, SequenceStatus
+from pllm.core.stop import length_stop, text_stop, token_stop
+
+if TYPE_CHECKING:
+    from pllm.core.runner import RunnerOutput
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
+    # Siblings made this step (a request with n > 1 samples its first token):
+    # each samples from the same logits row and joins the batch afterwards.
+    forks: list[Sequence] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -46,28 +69,51 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, detokenizer: Detokenizer,
+                 max_model_len: int) -> None:
         self.config = config
         self.kv = kv
+        self.detokenizer = detokenizer
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}  # unfinished ones
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
 
-    def add(self, seq: Sequence) -> None:
+    # ---- requests in and out ----------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """A new request, with its one sequence, joins the waiting queue."""
+        seq = Sequence(req, 0, list(req.prompt_token_ids), len(req.prompt_token_ids),
+                       seed=req.params.seed)
+        self.detokenizer.start(seq)
+        if req.params.logprobs is not None:
+            seq.logprobs = []
+        req.seqs.append(seq)
+        self.requests[req.request_id] = req
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A forked sibling joins its parent in the running set."""
-        self.running.append(seq)
+    def finish_requests(self, request_ids: list[str], status: SequenceStatus) -> None:
+        """End these requests (an abort) and free their blocks; unknown ids are ignored."""
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            for seq in req.seqs if req is not None else ():
+                if not seq.is_finished:
+                    seq.status = status
+                    self._remove(seq)
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks."""
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def _remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq)
 
+    # ---- schedule -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -93,6 +139,13 @@ class Scheduler:
 
         if not out.preempted:
             self._admit_waiting(out, budget)
+        now = time.time()
+        for item in out.scheduled:
+            metrics = item.seq.request.metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or now
+            req = item.seq.request
+            if item.samples and not req.forked and req.params.n > 1:
+                item.forks = [item.seq.fork(i) for i in range(1, req.params.n)]
         out.block_copies = self.kv.take_pending_copies()
         return out
 
@@ -100,16 +153,17 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
-            num_computed = seq.num_computed_tokens + len(cached) * self.kv.block_size
-            num_new = seq.num_tokens - num_computed
+            num_cached_tokens = len(cached) * self.kv.block_size
+            num_new = seq.num_tokens - seq.num_computed_tokens - num_cached_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(seq, num_new, cached):
                 break
+            seq.num_computed_tokens += num_cached_tokens
             if seq.status is SequenceStatus.WAITING and seq.request.metrics.first_scheduled_time is None:
-                self.kv.pool.record_query(seq.num_tokens, len(cached) * self.kv.block_size)
-                seq.request.num_cached_tokens = len(cached) * self.kv.block_size
+                self.kv.pool.record_query(seq.num_tokens, num_cached_tokens)
+                seq.request.num_cached_tokens = num_cached_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -134,3 +188,68 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
         self.num_preemptions += 1
+
+    # ---- update -------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Apply one executed step; returns the outputs of the requests it changed."""
+        for item in sched.scheduled:
+            seq, samples = item.seq, item.samples
+            if seq.seq_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(seq, result.prompt_logprobs[seq.seq_id])
+            seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_computed_blocks(seq)
+            for child in item.forks:  # share the prompt's blocks from now on
+                child.num_computed_tokens = seq.num_computed_tokens
+                child.status = SequenceStatus.RUNNING
+                self.kv.share_blocks(child, seq)
+                seq.request.seqs.append(child)
+                self.running.append(child)
+            if samples:
+                seq.request.forked = True
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq, token, logprobs in zip(result.sampled, result.token_ids, result.logprobs):
+            self._append_token(seq, token, logprobs, now)
+            touched[seq.request.request_id] = seq.request
+        return [self._output(req) for req in touched.values()]
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: LogprobsDict | None,
+                      now: float) -> None:
+        req = seq.request
+        seq.token_ids.append(token)
+        self.num_generation_tokens += 1
+        if seq.num_output_tokens == 1 and seq.index == 0:
+            req.metrics.first_token_time = now
+            self.num_prompt_tokens += seq.num_prompt_tokens
+        req.metrics.last_token_time = now
+        if logprobs is not None:
+            self.detokenizer.decode_logprobs(logprobs)
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        stop = token_stop(seq, token)
+        if stop is None:  # the stop token's own text is never shown
+            stop = text_stop(seq, self.detokenizer.step(seq))
+        if stop is not None:
+            seq.status, seq.stop_reason = stop
+        elif (status := length_stop(seq, self.max_model_len)) is not None:
+            seq.status = status
+        if seq.is_finished:
+            self._remove(seq)
+            if req.finished:
+                req.metrics.finished_time = now
+                self.requests.pop(req.request_id, None)
+
+    def _add_prompt_logprobs(self, seq: Sequence, entries: list[LogprobsDict]) -> None:
+        """Entries for the prompt positions after those computed so far; a
+        chunk recomputed after preemption adds nothing twice."""
+        have = len(seq.request.prompt_logprobs)
+        start = seq.num_computed_tokens + 1  # the position the first entry scores
+        for i, entry in enumerate(entries):
+            if start + i == have and start + i < seq.num_prompt_tokens:
+                self.detokenizer.decode_logprobs(entry)
+                seq.request.prompt_logprobs.append(entry)
+                have += 1
+
+    def _output(self, req: Request) -> RequestOutput:
+        ordered = sorted(req.seqs, key=lambda s: s.index)
+        return req.output([visible_text(s) for s in ordered])

@@ -21,7 +21,6 @@ from pllm.bench.runs import run_serve as _serve
 from pllm.bench.runs import run_throughput as _throughput
 from pllm.entrypoints.engine_args import EngineArgs
 
-
 # ---------------------------------------------------------------- arguments
 
 

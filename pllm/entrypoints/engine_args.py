@@ -24,10 +24,11 @@ class EngineArgs:
     device: str = "auto"
     dtype: str = "auto"
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int | None = None  # None: the platform's default
     kv_cache_memory: int | str | None = None
     kv_cache_dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
+    memory_utilization: float | None = None  # None: the platform's default
+    gpu_memory_utilization: float | None = None  # vLLM's name for memory_utilization
     enable_prefix_caching: bool = True
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -48,6 +49,7 @@ class EngineArgs:
             ),
             cache=CacheConfig(
                 block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
+                memory_utilization=self.memory_utilization,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
                 num_blocks_override=self.num_blocks_override, kv_cache_dtype=self.kv_cache_dtype,
@@ -77,15 +79,19 @@ class EngineArgs:
                        help="weight and activation dtype (auto: the platform's default)")
         g.add_argument("--max-model-len", type=int, default=None,
                        help="context length (prompt + output); default: the model's")
-        g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+        g.add_argument("--block-size", type=int, default=None,
+                       help="tokens per KV-cache block (default: the platform's, 16 on most)")
         g.add_argument("--kv-cache-memory", default=None,
                        help="KV-cache budget, e.g. 2GiB or 512MB (default: the platform decides)")
         g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                        help="KV-cache storage: auto (the model dtype), or 8-bit floats with "
                             "about twice the blocks of bf16 (fp8 = fp8_e4m3: the platform's "
                             "e4m3; fp8_e5m2); `pllm platforms` says what the selected platform stores")
-        g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                       help="fraction of accelerator memory pllm may use (GPU platforms)")
+        g.add_argument("--memory-utilization", "--gpu-memory-utilization", type=float,
+                       default=None, dest="memory_utilization",
+                       help="fraction of the device's memory pllm may use for weights, "
+                            "activations and KV cache when --kv-cache-memory is not given "
+                            "(default: the platform's; 0.9 on GPUs)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse KV blocks of shared prompt prefixes (on by default)")
         g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")

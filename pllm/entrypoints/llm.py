@@ -79,20 +79,14 @@ class LLM:
     ) -> list[RequestOutput]:
         """One conversation (a list of ``{"role", "content"}``) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            self.llm_engine.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
-            for c in conversations
-        ]
-        # The template already carries BOS and special tokens.
-        tok = self.llm_engine.tokenizer
-        token_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        outputs = self.generate(token_ids, sampling_params, use_tqdm=use_tqdm)
-        for out, text in zip(outputs, prompts):
-            out.prompt = text
-        return outputs
+        prompts = []
+        for conversation in conversations:
+            text, ids = self.llm_engine.render_chat(conversation, add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     @staticmethod
-    def _normalize(prompts, prompt_token_ids) -> list[str | list[int]]:
+    def _normalize(prompts, prompt_token_ids) -> list[str | list[int] | dict]:
         if prompt_token_ids is not None:
             return [list(p) for p in prompt_token_ids]
         if prompts is None:
@@ -101,12 +95,7 @@ class LLM:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
-        items = []
-        for p in prompts:
-            if isinstance(p, dict):
-                p = p.get("prompt_token_ids", p.get("prompt"))
-            items.append(p)
-        return items
+        return list(prompts)  # text, ids, or {"prompt", "prompt_token_ids"}: the engine's forms
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

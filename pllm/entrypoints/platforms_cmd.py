@@ -98,12 +98,15 @@ def _describe(caps) -> str:
             f"{', '.join(map(str, caps.block_sizes))}")
 
 
-def check(name: str, manager: PluginManager) -> int:
-    """Run the conformance suite against platform ``name`` in this process."""
+def check(name: str, manager: PluginManager, pytest_args: list[str] | tuple[str, ...] = ()) -> int:
+    """Run the conformance suite against platform ``name`` of ``manager``, in
+    this process (the suite selects from ``manager``, so a plugin registered
+    on it by hand is checked without being installed). ``pytest_args`` are
+    added to pytest's (``-k``, ``-x``, ...)."""
     import pytest
 
     from pllm.testing import conformance_suite
-    from pllm.testing.pytest_plugin import PLATFORM_ENV
+    from pllm.testing.pytest_plugin import PLATFORM_ENV, using_manager
 
     try:
         manager.resolve(name)
@@ -113,7 +116,9 @@ def check(name: str, manager: PluginManager) -> int:
     previous = os.environ.get(PLATFORM_ENV)
     os.environ[PLATFORM_ENV] = name  # read by the suite whether or not its plugin loaded
     try:
-        return int(pytest.main(["-q", "-p", "no:cacheprovider", conformance_suite.__file__]))
+        with using_manager(manager):
+            return int(pytest.main(["-q", "-p", "no:cacheprovider", conformance_suite.__file__,
+                                    *pytest_args]))
     finally:
         if previous is None:
             os.environ.pop(PLATFORM_ENV, None)

@@ -1,8 +1,25 @@
-"""Model definitions: plain torch modules that call the platform's attention."""
+"""Model definitions: plain torch modules implementing the Model contract
+(``pllm.core.interfaces.Model``) and calling the platform's attention.
+
+The core reaches models through three functions only: :func:`describe_model`
+(what the engine must know before it builds anything), :func:`build_model`
+(a rank's shard with its weights loaded) and the contract's methods.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from pllm.core.interfaces import Model
+from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8
 from pllm.models.llama import LlamaForCausalLM
+from pllm.models.parallel import TensorParallel
+
+logger = logging.getLogger("pllm")
 
 # HF model_type -> model class.
 MODEL_REGISTRY = {
@@ -20,3 +37,70 @@ def get_model_class(model_type: str):
         raise ValueError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(MODEL_REGISTRY))}"
         ) from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine checks and sizes before a model exists (one rank's share)."""
+
+    model_type: str
+    num_layers: int
+    num_kv_heads: int  # this rank's
+    head_dim: int
+    sliding_window: int | None
+    max_position_embeddings: int  # the model's own context; 0 when the config has none
+
+
+def describe_model(hf_config, tp_size: int = 1) -> ModelInfo:
+    """Raises ``ValueError`` for an unsupported architecture, or a model whose
+    heads do not split over ``tp_size`` ranks."""
+    spec = get_model_class(hf_config.model_type).spec_class(hf_config, tp_size)
+    return ModelInfo(
+        model_type=hf_config.model_type, num_layers=hf_config.num_hidden_layers,
+        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        sliding_window=spec.sliding_window,
+        max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 0) or 0),
+    )
+
+
+def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_model_len: int,
+                dtype: torch.dtype, device: torch.device, tp: TensorParallel,
+                kv_cache_dtype: torch.dtype,
+                prepare: Callable[[Model], Model] | None = None) -> Model:
+    """This rank's shard of the model on ``device``, weights loaded, in eval
+    mode; ``prepare`` (the platform's ``prepare_model``) runs last."""
+    cls = get_model_class(hf_config.model_type)
+    with torch.device("meta"):
+        model = cls(hf_config, max_positions=max_model_len, tp=tp)
+    # Parameters take the model dtype before they take memory: the
+    # checkpoint's tensors convert as they are copied in, so loading never
+    # holds a second, wider copy of the weights.
+    model = model.to(dtype).to_empty(device=device)
+    model.rotary.reset_tables()  # fp32, as in transformers
+    model.load_weights(weights)
+    _adapt_kv_scales(model, kv_cache_dtype)
+    model = model.eval().requires_grad_(False)
+    model.tie_weights()
+    if tp.rank == 0 and is_fp8(kv_cache_dtype):
+        _log_kv_scales(model, kv_cache_dtype)
+    return prepare(model) if prepare is not None else model
+
+
+def _adapt_kv_scales(model: Model, kv_cache_dtype: torch.dtype) -> None:
+    """Checkpoint KV scales (made for e4m3fn) fitted to the cache's format."""
+    factor = checkpoint_scale_factor(kv_cache_dtype)
+    if factor == 1.0:
+        return
+    for attn in model.attention_layers():
+        if attn.scales_from_checkpoint:
+            attn.k_scale *= factor
+            attn.v_scale *= factor
+
+
+def _log_kv_scales(model: Model, kv_cache_dtype: torch.dtype) -> None:
+    name = str(kv_cache_dtype).removeprefix("torch.")
+    if all(not a.scales_from_checkpoint for a in model.attention_layers()):
+        logger.warning("KV cache in %s with scales 1.0 (the checkpoint gives none): keys "
+                       "or values beyond the format's range are clipped", name)
+    else:
+        logger.info("KV cache in %s with the checkpoint's per-layer scales", name)

@@ -1,24 +1,31 @@
-"""Building blocks shared by the decoder models."""
+"""Building blocks shared by the decoder models, and the hooks through which
+a platform may change how a model runs (``Platform.prepare_model``):
+
+* the blocks here (``RMSNorm``, ``SiluAndMul``, ``RotaryEmbedding``) and the
+  models' ``nn.Linear`` layers may be given a subclass with the same
+  parameters (``module.__class__ = Faster``), or be replaced by a module
+  with the same call signature;
+* a plain dense decoder layer describes itself as :class:`DenseDecoderWeights`
+  and takes a :class:`FusedDecoderLayer` in its ``fused`` attribute, which
+  runs before its modules and may decline a step (return None).
+
+Nothing else of a model's classes is part of what platforms may rely on.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+from pllm.core.interfaces import ForwardContext
 from pllm.core.kv_cache.fp8 import scale_kwargs
 
-
-@dataclass
-class ForwardContext:
-    """What every layer needs in one step, set once by the runner."""
-
-    backend: AttentionBackend
-    metadata: AttentionMetadata
-    kv_caches: list[torch.Tensor]
+__all__ = ["DenseDecoderWeights", "ForwardContext", "FusedDecoderLayer", "PagedAttention",
+           "RMSNorm", "RotaryEmbedding", "SiluAndMul"]
 
 
 class RMSNorm(nn.Module):
@@ -116,3 +123,45 @@ class PagedAttention(nn.Module):
         ctx.backend.write_kv(k, v, cache, ctx.metadata.slot_mapping, **scales)
         return ctx.backend.forward(q, cache, ctx.metadata, scale=self.scale,
                                    sliding_window=self.sliding_window, **scales)
+
+
+@dataclass(frozen=True)
+class DenseDecoderWeights:
+    """A pre-norm decoder layer with fused QKV and gate/up projections, RoPE,
+    RMSNorms and a SiLU-gated MLP, as plain tensors (this rank's shards;
+    row-parallel biases are zero on ranks other than 0)::
+
+        h = x + residual;  a = o(attn(rope(qkv(norm_in(h)))));  h2 = a + h
+        out = down(silu(gate(norm_post(h2))) * up(norm_post(h2)))    -> (out, h2)
+
+    Under tensor parallelism ``a`` and ``out`` are partial sums that
+    ``all_reduce`` completes. ``attention`` is the layer's PagedAttention
+    (its cache index, scale, window and KV scales)."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    eps: float
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_cos: torch.Tensor  # [max_positions, head_dim / 2], fp32
+    rotary_sin: torch.Tensor
+    attention: PagedAttention
+    all_reduce: object  # callable: completes a partial sum over the ranks (identity on one)
+    tp_size: int
+
+
+class FusedDecoderLayer(Protocol):
+    """A platform's whole-layer implementation: ``(out, residual)`` as the
+    layer's modules would return, or None to let them run this step."""
+
+    def __call__(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor] | None: ...

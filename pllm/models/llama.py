@@ -9,7 +9,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from pllm.models.layers import ForwardContext, PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
+from pllm.models.layers import (
+    DenseDecoderWeights,
+    ForwardContext,
+    FusedDecoderLayer,
+    PagedAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+)
 from pllm.models.parallel import SINGLE, TensorParallel, divide, kv_head_split
 
 
@@ -93,10 +101,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
+        self.fused: FusedDecoderLayer | None = None  # a platform's hook (pllm.models.layers)
 
     def forward(self, positions, x, residual, ctx):
         """Returns ``(mlp_out, residual)``: the next layer's norm adds them
         (HF adds first, then normalises: the same sums in the same order)."""
+        if self.fused is not None:
+            out = self.fused(positions, x, residual, ctx)
+            if out is not None:
+                return out
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -104,6 +117,24 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(positions, x, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def dense_weights(self) -> DenseDecoderWeights | None:
+        """This layer as plain tensors; None when it is not a plain dense
+        layer (q/k norms: Qwen3)."""
+        attn, mlp, spec = self.self_attn, self.mlp, self.self_attn.spec
+        if spec.qk_norm:
+            return None
+        return DenseDecoderWeights(
+            input_norm=self.input_layernorm.weight,
+            post_attention_norm=self.post_attention_layernorm.weight, eps=self.input_layernorm.eps,
+            qkv_weight=attn.qkv_proj.weight, qkv_bias=attn.qkv_proj.bias,
+            o_weight=attn.o_proj.weight, o_bias=attn.o_proj.bias,
+            gate_up_weight=mlp.gate_up_proj.weight, gate_up_bias=mlp.gate_up_proj.bias,
+            down_weight=mlp.down_proj.weight, down_bias=mlp.down_proj.bias,
+            num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+            rotary_cos=attn.rotary.cos, rotary_sin=attn.rotary.sin, attention=attn.attn,
+            all_reduce=attn.tp.all_reduce, tp_size=attn.tp.size,
+        )
 
 
 class LlamaForCausalLM(nn.Module):
@@ -130,6 +161,13 @@ class LlamaForCausalLM(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The layers, for platform hooks (``dense_weights``, ``fused``)."""
+        return list(self.layers)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` after the final norm."""

@@ -6,7 +6,7 @@ third-party wheel). The module declares the API version it was written for::
 
     from pllm.plugins.hookspecs import hookimpl
 
-    PLLM_PLUGIN_API_VERSION = 1
+    PLLM_PLUGIN_API_VERSION = 2
 
     @hookimpl
     def pllm_platform():
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pllm.core.interfaces import Platform
 
 PROJECT_NAME = "pllm"
-PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSION = 2
 ENTRY_POINT_GROUP = "pllm.platforms"
 VERSION_ATTRIBUTE = "PLLM_PLUGIN_API_VERSION"
 

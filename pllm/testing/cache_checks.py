@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pllm.core.config import CacheConfig
-from pllm.core.interfaces import AttentionBackend, KVCacheAllocator, MemoryInfo
+from pllm.core.interfaces import AttentionBackend, KVCacheAllocator
 from pllm.core.kv_cache.fp8 import grid, round_trip, scale_kwargs
 
 
@@ -201,25 +201,25 @@ def check_kv_cache_allocator(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    memory_info: MemoryInfo | None = None,
 ) -> None:
-    """``num_blocks`` honours the override and the byte budget; ``allocate``
-    returns distinct zeroed tensors of the asked shape, dtype and device."""
+    """``num_blocks`` honours the byte budget (``kv_cache_memory``) and finds
+    room for a block without one; ``allocate`` returns distinct zeroed
+    tensors of the asked shape, dtype and device. (``num_blocks_override``
+    is the core's business: allocators never see it applied.)"""
     name = type(allocator).__name__
     bytes_per_block = 4096
-    got = allocator.num_blocks(CacheConfig(num_blocks_override=7), bytes_per_block)
-    assert got == 7, f"{name}.num_blocks ignored num_blocks_override=7: {got}"
     budget = 10 * bytes_per_block + 123
     got = allocator.num_blocks(CacheConfig(kv_cache_memory=budget), bytes_per_block)
+    assert isinstance(got, int), f"{name}.num_blocks returned {got!r}, not an int"
     assert 1 <= got <= 10, (
-        f"{name}.num_blocks: {got} blocks of {bytes_per_block} B exceed {budget} B"
+        f"{name}.num_blocks: {got} blocks of {bytes_per_block} B for a budget of {budget} B "
+        f"(kv_cache_memory); want between 1 and 10"
     )
     got = allocator.num_blocks(CacheConfig(), bytes_per_block)
-    assert got >= 1, f"{name}.num_blocks found no room for one {bytes_per_block} B block"
-    if memory_info is not None:
-        assert got * bytes_per_block <= memory_info.total_bytes, (
-            f"{name}.num_blocks: {got} blocks exceed the device's {memory_info.total_bytes} B"
-        )
+    assert isinstance(got, int) and got >= 1, (
+        f"{name}.num_blocks found no room for one {bytes_per_block} B block "
+        f"(no kv_cache_memory given): {got!r}"
+    )
 
     shape = (2, 3, 16, 2, 8)
     tensors = allocator.allocate(3, shape, dtype, torch.device(device))

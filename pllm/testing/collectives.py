@@ -1,13 +1,13 @@
-"""Collectives of a platform's communicator, checked across real processes.
+"""A platform's communicator, checked against values each rank can compute
+alone: the collectives the contract asks for (``all_reduce``,
+``all_gather``) across real processes, and ``close`` by building, closing
+and building again in one process.
 
-:func:`check_communicator` starts ``world_size`` processes; each builds the platform's
-communicator over a shared ``file://`` rendezvous and checks every op of the
-interface against values it can compute alone. A failure in any rank is
-raised in the caller with that rank's traceback; a hang is killed.
-
-Host platforms fork (the children inherit the imported torch: a fraction of
-a second instead of seconds per process); device platforms spawn fresh
-interpreters, because a forked child cannot use an initialized GPU runtime.
+:func:`check_communicator` starts ``world_size`` processes; each builds the
+platform's communicator over a shared ``file://`` rendezvous. A failure in
+any rank is raised in the caller with that rank's traceback; a hang is
+killed. :func:`collectives_plan` says whether that can run on this host and
+how the processes start.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from pllm.core.interfaces import Platform
+from pllm.core.interfaces import Communicator, Platform
 
 
 def free_tcp_init_method() -> str:
@@ -31,6 +31,28 @@ def free_tcp_init_method() -> str:
         return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
+def collectives_plan(platform: Platform, world_size: int = 2) -> tuple[str | None, str]:
+    """``(start_method, why)`` for a ``world_size``-process check of
+    ``platform``; ``start_method`` is ``None`` when the host cannot run it
+    (``why`` says so).
+
+    Ranks that share one device (``capabilities.ranks_share_device``) all
+    use ``device(0)``; otherwise rank ``r`` needs ``device(r)``, so there must
+    be ``world_size`` devices. Ranks on the host fork (the children inherit
+    the imported torch: a fraction of a second instead of seconds each);
+    ranks on a device spawn fresh interpreters, because a forked child
+    cannot use a device runtime its parent already initialized."""
+    caps = platform.capabilities
+    count = platform.device_count()
+    if not caps.ranks_share_device and count < world_size:
+        return None, (f"{platform.name}: {world_size} ranks need {world_size} devices "
+                      f"(ranks do not share one), {count} visible")
+    on_host = platform.device(0).type == "cpu"
+    if caps.ranks_share_device and on_host and "fork" in mp.get_all_start_methods():
+        return "fork", "ranks share the host: fork"
+    return "spawn", "ranks on a device: spawn"
+
+
 def check_communicator(
     platform_cls: type[Platform],
     *,
@@ -39,14 +61,15 @@ def check_communicator(
     start_method: str | None = None,
     timeout_s: float = 120.0,
 ) -> None:
-    """Raise unless all ops of ``platform_cls().make_communicator`` agree
-    across ``world_size`` processes. ``init_method`` defaults to a fresh
-    ``file://`` rendezvous; ``start_method`` to ``"fork"`` when the platform's
-    device is the host and ``"spawn"`` otherwise (then the class must be
-    importable by the children)."""
+    """Raise unless ``all_reduce`` and ``all_gather`` of
+    ``platform_cls().make_communicator`` agree across ``world_size``
+    processes. ``init_method`` defaults to a fresh ``file://`` rendezvous;
+    ``start_method`` to :func:`collectives_plan`'s (with ``spawn`` the class
+    must be importable by the children, as it is for the engine's ranks)."""
     if start_method is None:
-        on_host = platform_cls().device(0).type == "cpu"
-        start_method = "fork" if on_host and "fork" in mp.get_all_start_methods() else "spawn"
+        start_method, why = collectives_plan(platform_cls(), world_size)
+        if start_method is None:
+            raise ValueError(why)
     with tempfile.TemporaryDirectory(prefix="pllm-rdzv-") as tmp:
         method = init_method or f"file://{os.path.join(tmp, 'rendezvous')}"
         context = mp.start_processes(
@@ -68,65 +91,86 @@ def check_communicator(
                 )
 
 
+def _rank_device(platform: Platform, rank: int) -> torch.device:
+    return platform.device(0 if platform.capabilities.ranks_share_device else rank)
+
+
 def _worker(rank: int, platform_cls: type[Platform], world_size: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    platform = platform_cls()
+    platform = platform_cls()  # as the engine's ranks do: zero arguments
     comm = platform.make_communicator(rank, world_size, init_method)
     try:
-        assert (comm.rank, comm.world_size) == (rank, world_size), (comm.rank, comm.world_size)
-        _check_ops(comm, platform.device(rank), rank, world_size)
+        assert isinstance(comm, Communicator), f"make_communicator returned {comm!r}"
+        _check_ops(comm, _rank_device(platform, rank), rank, world_size,
+                   platform.capabilities.default_dtype)
     finally:
         comm.close()
 
 
-def _check_ops(comm, device: torch.device, rank: int, world: int) -> None:  # noqa: ANN001
+def _check_ops(comm: Communicator, device: torch.device, rank: int, world: int,
+               dtype: torch.dtype) -> None:
     def expect(got: torch.Tensor, want: torch.Tensor, op: str) -> None:
-        assert torch.equal(got.cpu(), want), (
+        assert torch.equal(got.cpu().float(), want.float()), (
             f"rank {rank}: {op} gave {got.tolist()}, want {want.tolist()}"
         )
 
-    t = torch.full((4,), float(rank + 1), device=device)
-    out = comm.all_reduce(t)
-    assert out is t, f"rank {rank}: all_reduce must work in place and return its argument"
-    expect(t, torch.full((4,), float(sum(range(1, world + 1)))), "all_reduce")
+    # Small integers: exact in every dtype, so the sums are too.
+    for dt in dict.fromkeys((torch.float32, dtype)):
+        t = torch.full((4,), float(rank + 1), device=device, dtype=dt)
+        out = comm.all_reduce(t)
+        assert out is t, f"rank {rank}: all_reduce must work in place and return its argument"
+        expect(t, torch.full((4,), float(sum(range(1, world + 1)))), f"all_reduce ({dt})")
 
     part = torch.arange(6, dtype=torch.float32).view(2, 3) + 10 * rank
     want0 = torch.cat([torch.arange(6.0).view(2, 3) + 10 * r for r in range(world)], dim=0)
     want1 = torch.cat([torch.arange(6.0).view(2, 3) + 10 * r for r in range(world)], dim=1)
     expect(comm.all_gather(part.to(device), dim=0), want0, "all_gather(dim=0)")
     expect(comm.all_gather(part.to(device), dim=1), want1, "all_gather(dim=1)")
+    # A non-contiguous input (a transposed view), as a sharded layer may pass.
+    expect(comm.all_gather(part.t().to(device), dim=0),
+           torch.cat([(torch.arange(6.0).view(2, 3) + 10 * r).t() for r in range(world)]),
+           "all_gather(a transposed view)")
 
-    full = torch.arange(4.0 * world * 3).view(4 * world, 3) * (rank + 1)
-    total = torch.arange(4.0 * world * 3).view(4 * world, 3) * sum(range(1, world + 1))
-    expect(
-        comm.reduce_scatter(full.to(device), dim=0),
-        total.chunk(world, 0)[rank],
-        "reduce_scatter(0)",
-    )
-    wide = full.view(3, 4 * world)
-    expect(
-        comm.reduce_scatter(wide.to(device), dim=1),
-        total.view(3, 4 * world).chunk(world, 1)[rank],
-        "reduce_scatter(dim=1)",
-    )
 
-    src = world - 1
-    b = torch.full((3,), float(rank), device=device)
-    out = comm.broadcast(b, src=src)
-    assert out is b, f"rank {rank}: broadcast must work in place and return its argument"
-    expect(b, torch.full((3,), float(src)), "broadcast")
+def check_communicator_rebuild(platform: Platform, *, rounds: int = 2) -> None:
+    """In this process: ``make_communicator(0, 1, ...)``, ``all_reduce``,
+    ``close``, and again, ``rounds`` times: what a second engine in the same
+    process does. Fails when ``close`` does not release what the
+    communicator holds (a ``torch.distributed`` process group, say)."""
+    import torch.distributed as dist
 
-    # A ring: every rank sends to the next and receives from the previous;
-    # even ranks send first so that blocking send/recv cannot deadlock.
-    nxt, prev = (rank + 1) % world, (rank - 1) % world
-    message = torch.full((5,), float(rank * 7), device=device)
-    inbox = torch.zeros(5, device=device)
-    if rank % 2 == 0:
-        comm.send(message, nxt)
-        got = comm.recv(inbox, prev)
-    else:
-        got = comm.recv(inbox, prev)
-        comm.send(message, nxt)
-    assert got is inbox, f"rank {rank}: recv must fill and return its argument"
-    expect(inbox, torch.full((5,), float(prev * 7)), "send/recv")
-    comm.barrier()
+    name = type(platform).__name__
+    tracked = dist.is_available()
+    if tracked and dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process; "
+                           "check the communicator's rebuild in a fresh process")
+    device = platform.device(0)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pllm-rdzv-") as tmp:
+            for attempt in range(rounds):
+                method = f"file://{os.path.join(tmp, f'rendezvous-{attempt}')}"
+                try:
+                    comm = platform.make_communicator(0, 1, method)
+                except Exception as exc:
+                    again = " after close()" if attempt else ""
+                    hint = (" close() must release what the first one held (its "
+                            "torch.distributed process group)" if attempt else "")
+                    raise AssertionError(
+                        f"{name}.make_communicator(0, 1, ...) failed{again}: "
+                        f"{type(exc).__name__}: {exc}.{hint}"
+                    ) from exc
+                t = torch.full((3,), 2.0, device=device)
+                out = comm.all_reduce(t)
+                assert out is t and torch.equal(t.cpu(), torch.full((3,), 2.0)), (
+                    f"{name}: a one-rank all_reduce changed its input: {t.tolist()}"
+                )
+                comm.close()
+                assert not (tracked and dist.is_initialized()), (
+                    f"{type(comm).__name__}.close() left the torch.distributed process group "
+                    f"initialized; a second engine in this process could not build its "
+                    f"communicator. close() must call torch.distributed.destroy_process_group()"
+                )
+    finally:
+        # Leave the process as found even when the check failed.
+        if tracked and dist.is_initialized():
+            dist.destroy_process_group()

@@ -15,7 +15,6 @@ from pllm.core.interfaces import (
     AttentionBackend,
     Detection,
     KVCacheAllocator,
-    MemoryInfo,
     Platform,
     PlatformCapabilities,
 )
@@ -23,11 +22,12 @@ from pllm.testing.attention_checks import (
     DEFAULT_CASES,
     QUICK_CASES,
     AttentionCase,
+    AttentionRun,
     check_attention_backend,
     check_attention_case,
     default_tolerances,
     metadata_to,
-    reference_write_kv,
+    run_attention_case,
 )
 from pllm.testing.cache_checks import (
     check_copy_blocks,
@@ -35,23 +35,32 @@ from pllm.testing.cache_checks import (
     check_write_kv,
     check_write_kv_fp8,
 )
-from pllm.testing.collectives import check_communicator, free_tcp_init_method
+from pllm.testing.collectives import (
+    check_communicator,
+    check_communicator_rebuild,
+    collectives_plan,
+    free_tcp_init_method,
+)
 from pllm.testing.metadata import build_metadata, context_slot_mapping, num_blocks_needed
+from pllm.testing.reference import reference_write_kv
 
 __all__ = [
-    "AttentionCase",
     "DEFAULT_CASES",
     "QUICK_CASES",
+    "AttentionCase",
+    "AttentionRun",
     "build_metadata",
     "check_attention_backend",
     "check_attention_case",
     "check_communicator",
+    "check_communicator_rebuild",
     "check_copy_blocks",
     "check_detection",
     "check_kv_cache_allocator",
     "check_platform_basics",
     "check_write_kv",
     "check_write_kv_fp8",
+    "collectives_plan",
     "context_slot_mapping",
     "default_tolerances",
     "float_dtypes",
@@ -59,6 +68,7 @@ __all__ = [
     "metadata_to",
     "num_blocks_needed",
     "reference_write_kv",
+    "run_attention_case",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,17 +92,16 @@ def check_detection(platform_cls: type[Platform]) -> Detection:
 
 
 def check_platform_basics(platform: Platform) -> None:
-    """Capabilities, device, memory and factories have the contract's types."""
+    """Capabilities, devices and factories have the contract's types."""
     name = type(platform).__name__
     caps = platform.capabilities
     assert isinstance(caps, PlatformCapabilities), f"{name}.capabilities is {caps!r}"
+    assert caps.default_block_size in caps.block_sizes, f"{name}: {caps.default_block_size}"
     assert isinstance(platform.device(0), torch.device), f"{name}.device(0)"
     count = platform.device_count()
     assert isinstance(count, int) and count >= 1, f"{name}.device_count() = {count!r}"
-    mem = platform.memory_info(0)
-    assert isinstance(mem, MemoryInfo), f"{name}.memory_info(0) = {mem!r}"
-    assert 0 <= mem.free_bytes <= mem.total_bytes and mem.total_bytes > 0, f"{name}: {mem}"
     backend = platform.make_attention_backend()
     assert isinstance(backend, AttentionBackend), f"{name}.make_attention_backend() = {backend!r}"
     allocator = platform.make_kv_cache_allocator()
     assert isinstance(allocator, KVCacheAllocator), f"{name}.make_kv_cache_allocator()"
+    assert callable(getattr(platform, "make_communicator", None)), f"{name}.make_communicator"

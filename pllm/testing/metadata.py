@@ -92,11 +92,11 @@ def context_slot_mapping(
 ) -> torch.Tensor:
     """Slots of every sequence's *cached* positions (those written in earlier
     steps), flattened in sequence order: what a test writes before ``forward``."""
-    tables = metadata.block_tables.cpu()
+    tables = metadata.block_tables.cpu().long()
     bs = metadata.block_size
-    slots: list[int] = []
+    parts = [torch.zeros(0, dtype=torch.int64)]
     for s in range(metadata.num_seqs):
         q_len = metadata.query_start_loc_cpu[s + 1] - metadata.query_start_loc_cpu[s]
-        for pos in range(metadata.seq_lens_cpu[s] - q_len):
-            slots.append(int(tables[s, pos // bs]) * bs + pos % bs)
-    return torch.tensor(slots, dtype=torch.int64, device=device)
+        pos = torch.arange(metadata.seq_lens_cpu[s] - q_len)  # vectorized: long contexts
+        parts.append(tables[s, pos // bs] * bs + pos % bs)
+    return torch.cat(parts).to(device)

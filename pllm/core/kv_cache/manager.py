@@ -69,39 +69,44 @@ class KVCacheManager:
         have = len(seq.block_ids) + len(cached)
         # Cached blocks sitting in the free list are taken from it, too.
         revived = sum(1 for b in cached if self.pool.ref_counts[b] == 0)
-        return max(total - have, 0) + self._cow_needed(seq) + revived
+        return max(total - have, 0) + self._cow_needed(seq, num_computed) + revived
 
-    def _cow_needed(self, seq: Sequence) -> int:
+    def _cow_needed(self, seq: Sequence, num_computed: int) -> int:
         """1 if the next token lands in a partial block shared with another sequence."""
-        idx = seq.num_computed_tokens // self.block_size
-        if seq.num_computed_tokens % self.block_size == 0 or idx >= len(seq.block_ids):
+        idx = num_computed // self.block_size
+        if num_computed % self.block_size == 0 or idx >= len(seq.block_ids):
             return 0
         return int(self.pool.ref_counts[seq.block_ids[idx]] > 1)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
-        """Make room for ``num_new_tokens`` more computed tokens. Returns False
-        (and changes nothing) if the pool cannot supply the blocks."""
+        """Make room for ``num_new_tokens`` more computed tokens after the
+        ``cached`` prefix-cache hits (which the caller then counts as computed:
+        the scheduler owns ``num_computed_tokens``). Returns False (and changes
+        nothing) if the pool cannot supply the blocks."""
         if not self.can_allocate(seq, num_new_tokens, cached):
             return False
+        num_computed = seq.num_computed_tokens + len(cached) * self.block_size
         if cached:
             self.pool.touch(list(cached))
             seq.block_ids.extend(cached)
-            seq.num_computed_tokens += len(cached) * self.block_size
             seq.num_cached_blocks = len(cached)
-        if self._cow_needed(seq):
-            idx = seq.num_computed_tokens // self.block_size
+        if self._cow_needed(seq, num_computed):
+            idx = num_computed // self.block_size
             old = seq.block_ids[idx]
             (new,) = self.pool.allocate(1)
             self.pending_copies.append((old, new))
             self.pool.release([old])
             seq.block_ids[idx] = new
-        total = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens)
+        total = self.num_blocks_for(num_computed + num_new_tokens)
         if total > len(seq.block_ids):
             seq.block_ids.extend(self.pool.allocate(total - len(seq.block_ids)))
         return True
 
-    def share_blocks(self, child: Sequence) -> None:
-        """``child`` (a fork of another sequence) now shares its blocks."""
+    def share_blocks(self, child: Sequence, parent: Sequence) -> None:
+        """``child`` (a fork of ``parent``) now shares its blocks and their hashes."""
+        child.block_ids = list(parent.block_ids)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_cached_blocks = parent.num_cached_blocks
         self.pool.touch(child.block_ids)
 
     def cache_computed_blocks(self, seq: Sequence) -> None:

@@ -158,9 +158,7 @@ def _ops_router(ctx: ServingContext, metrics: ServerMetrics) -> APIRouter:
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError(400, "give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            text = render_chat_prompt(ctx, req.messages, req.add_generation_prompt)
-            # The template already wrote the special tokens it wants.
-            ids = ctx.tokenizer.encode(text, add_special_tokens=False)
+            ids = render_chat_prompt(ctx, req.messages, req.add_generation_prompt)["prompt_token_ids"]
         else:
             ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.max_model_len)

@@ -61,11 +61,10 @@ class ServingContext:
         if bad:
             raise bad_request(f"token id {bad[0]} is out of range [0, {vocab})", param)
 
-    def check_context(self, prompt: str | list[int], max_tokens: int, param: str) -> None:
+    def check_context(self, prompt_ids: list[int], max_tokens: int, param: str) -> None:
         """As vLLM's server: a prompt plus the tokens asked for must fit the
         context (the offline API instead stops at the limit with "length")."""
-        num_prompt = len(prompt) if isinstance(prompt, list) else len(
-            self.tokenizer.encode(prompt, add_special_tokens=True))
+        num_prompt = len(prompt_ids)
         if num_prompt + max_tokens > self.max_model_len:
             where = "messages" if param == "messages" else "prompt"
             raise bad_request(
@@ -74,15 +73,20 @@ class ServingContext:
                 f"{max_tokens} in the completion). Please reduce the length of the {where} "
                 f"or completion.", param)
 
-    async def add_all(self, request_id: str, prompts: list[str | list[int]],
+    async def add_all(self, request_id: str, prompts: list[str | list[int] | dict],
                       params: SamplingParams, param: str) -> list[RequestStream]:
-        """Add one engine request per prompt (ids ``{request_id}-{i}``); all or none."""
+        """Add one engine request per prompt (ids ``{request_id}-{i}``); all or none.
+        Text is tokenized once, here (by the engine's ``tokenize``), and the ids
+        travel with it."""
         if params.n > self.max_num_seqs:
             raise bad_request(f"n must be <= {self.max_num_seqs} (--max-num-seqs), got {params.n}",
                               "n")
+        prompts = [{"prompt": p, "prompt_token_ids": self.engine.tokenize(p)}
+                   if isinstance(p, str) else p for p in prompts]
         if params.max_tokens is not None:
             for prompt in prompts:
-                self.check_context(prompt, params.max_tokens, param)
+                ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+                self.check_context(ids, params.max_tokens, param)
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
             *(self.async_engine.add_request(rid, p, params) for rid, p in zip(ids, prompts)),

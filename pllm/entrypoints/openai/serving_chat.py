@@ -53,14 +53,17 @@ def _flatten(message: ChatMessage, index: int) -> dict:
 
 
 def render_chat_prompt(ctx: ServingContext, messages: list[ChatMessage],
-                       add_generation_prompt: bool) -> str:
+                       add_generation_prompt: bool) -> dict:
+    """The engine's prompt form ``{"prompt", "prompt_token_ids"}``, rendered
+    and tokenized by the engine (as ``LLM.chat`` does)."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     flat = [_flatten(m, i) for i, m in enumerate(messages)]
     try:
-        return ctx.engine.apply_chat_template(flat, add_generation_prompt=add_generation_prompt)
+        text, ids = ctx.engine.render_chat(flat, add_generation_prompt=add_generation_prompt)
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from exc
+    return {"prompt": text, "prompt_token_ids": ids}
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
@@ -92,9 +95,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = sampling_params(req, max_tokens=max_tokens,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    # The template already wrote the special tokens it wants (as LLM.chat does).
-    prompt_ids = ctx.tokenizer.encode(prompt, add_special_tokens=False)
-    streams = await ctx.add_all(request_id, [prompt_ids], params, "messages")
+    streams = await ctx.add_all(request_id, [prompt], params, "messages")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_stream(ctx, req, request_id, streams, include_usage),

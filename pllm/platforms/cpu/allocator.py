@@ -8,54 +8,18 @@ the weights are in memory), so the cache never pushes the host into swap.
 from __future__ import annotations
 
 import psutil
-import torch
 
 from pllm.core.config import CacheConfig
-from pllm.core.interfaces import KVCacheAllocator
+from pllm.platforms.common.allocator import BudgetKVCacheAllocator, KVCacheMemoryError
 
-
-class KVCacheMemoryError(ValueError):
-    """The memory budget holds no block; the message names budget and block size."""
-
-
-class BudgetKVCacheAllocator(KVCacheAllocator):
-    """Sizes the cache from a byte budget; subclasses say what the default
-    budget is on their device. Shared by the host and GPU allocators."""
-
-    def num_blocks(self, cache_config: CacheConfig, bytes_per_block: int) -> int:
-        if bytes_per_block <= 0:
-            raise ValueError(f"bytes_per_block must be > 0, got {bytes_per_block}")
-        if cache_config.num_blocks_override is not None:
-            return cache_config.num_blocks_override
-        if cache_config.kv_cache_memory is not None:
-            budget, source = cache_config.kv_cache_memory, "kv_cache_memory"
-        else:
-            budget, source = self.default_budget(cache_config)
-        num_blocks = budget // bytes_per_block
-        if num_blocks < 1:
-            raise KVCacheMemoryError(
-                f"{source} = {budget} bytes holds no KV-cache block of {bytes_per_block} bytes; "
-                f"give at least {bytes_per_block} bytes (kv_cache_memory) or fewer layers/heads"
-            )
-        return num_blocks
-
-    def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
-        """Bytes for the cache when ``kv_cache_memory`` is unset, and a phrase
-        naming where the number came from (for error messages)."""
-        raise NotImplementedError
-
-    def allocate(
-        self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> list[torch.Tensor]:
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+__all__ = ["CPUKVCacheAllocator", "KVCacheMemoryError"]
 
 
 class CPUKVCacheAllocator(BudgetKVCacheAllocator):
-    """Default budget: ``memory_fraction`` of the available RAM (psutil), at
-    most ``max_bytes`` (4 GiB, as vLLM's CPU default): zeroing a cache of
-    half the host's RAM would slow start-up for capacity few workloads use."""
+    """Default budget: ``memory_utilization`` of the available RAM (psutil)
+    when the config gives one; else ``memory_fraction`` of it, at most
+    ``max_bytes`` (4 GiB, as vLLM's CPU default): zeroing a cache of half the
+    host's RAM would slow start-up for capacity few workloads use."""
 
     def __init__(self, memory_fraction: float = 0.5, max_bytes: int = 4 << 30) -> None:
         if not 0.0 < memory_fraction <= 1.0:
@@ -65,6 +29,10 @@ class CPUKVCacheAllocator(BudgetKVCacheAllocator):
 
     def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
         available = psutil.virtual_memory().available
+        util = cache_config.memory_utilization
+        if util is not None:  # the user's fraction, uncapped
+            return int(available * util), (f"memory_utilization={util:g} of the {available} "
+                                           "bytes of available RAM")
         budget = min(int(available * self.memory_fraction), self.max_bytes)
         return budget, (f"min({self.memory_fraction:g} of the {available} bytes of available RAM, "
                         f"{self.max_bytes} bytes)")

@@ -1,13 +1,5 @@
-"""PagedAttention in plain torch: the CPU backend and the reference every
-other backend is tested against.
-
-Cache layout of one layer (K and V stacked in dim 0)::
-
-    kv_cache[0 = K | 1 = V, block, offset_in_block, kv_head, head_dim]
-
-    block_tables[s] = [7, 2, 9]        block_size = 4, seq_len = 10
-    positions  0..3 -> block 7, 4..7 -> block 2, 8..9 -> block 9 (offsets 0, 1)
-"""
+"""PagedAttention on the host: compiled kernels for decodes and the KV
+write, torch's SDPA for prefill chunks (layout in ``CPUAttentionBackend``)."""
 
 from __future__ import annotations
 
@@ -22,52 +14,6 @@ from pllm.platforms.cpu.kernels import cpu_ops, paged_decode_op
 
 # Caches the compiled kernels read and write (fp32 K/V and queries only).
 COMPILED_KV_DTYPES = (torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
-    """K and V of one sequence, ``[seq_len, num_kv_heads, head_dim]`` each."""
-    block_size = kv_cache.shape[2]
-    num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = kv_cache[:, block_table[:num_blocks].long()]  # [2, nb, bs, h, d]
-    blocks = blocks.flatten(1, 2)[:, :seq_len]
-    return blocks[0], blocks[1]
-
-
-def reference_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    *,
-    scale: float,
-    sliding_window: int | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-) -> torch.Tensor:
-    """Sequence by sequence, in fp32, with an explicit mask: slow and obvious.
-    An 8-bit cache is read as ``k_scale * K``, ``v_scale * V``."""
-    num_heads = query.shape[1]
-    num_kv_heads = kv_cache.shape[3]
-    group = num_heads // num_kv_heads
-    if not is_fp8(kv_cache.dtype):
-        k_scale = v_scale = 1.0
-    out = torch.empty_like(query)
-    starts = metadata.query_start_loc_cpu
-    for s in range(metadata.num_seqs):
-        q = query[starts[s] : starts[s + 1]].float()  # [q_len, H, D]
-        q_len, seq_len = q.shape[0], metadata.seq_lens_cpu[s]
-        k, v = gather_kv(kv_cache, metadata.block_tables[s], seq_len)
-        k = dequantize(k, k_scale).repeat_interleave(group, dim=1)
-        v = dequantize(v, v_scale).repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed &= k_pos > q_pos - sliding_window
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[starts[s] : starts[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
-    return out
 
 
 class CPUAttentionBackend(AttentionBackend):

@@ -1,5 +1,5 @@
-"""Collectives over ``torch.distributed``: gloo on the host; the NCCL/RCCL
-communicators subclass this with their backend name and device.
+"""Host collectives: gloo, with tensor parallelism's hot all-reduce through
+a shared-memory segment when every rank is on this host.
 
 Each rank is one process; ``init_method`` is a ``tcp://host:port`` or
 ``file:///path`` rendezvous shared by all ranks.
@@ -8,96 +8,10 @@ Each rank is one process; ``init_method`` is a ``tcp://host:port`` or
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 
-from pllm.core.interfaces import Communicator
-
-
-class TorchDistributedCommunicator(Communicator):
-    """A :class:`Communicator` over the default ``torch.distributed`` group."""
-
-    backend: ClassVar[str] = "gloo"
-
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        init_method: str,
-        timeout: timedelta = timedelta(minutes=5),
-    ) -> None:
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if dist.is_initialized():
-            raise RuntimeError(
-                "torch.distributed is already initialized in this process; "
-                "one communicator per process"
-            )
-        self._rank, self._world_size = rank, world_size
-        self._setup_device()
-        dist.init_process_group(
-            self.backend,
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
-
-    def _setup_device(self) -> None:
-        """Optional, defaults to nothing: bind this process to its device
-        before the process group starts (GPU subclasses)."""
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
-        dist.all_gather(parts, tensor)
-        return torch.cat(parts, dim=dim)
-
-    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        size = tensor.shape[dim]
-        if size % self._world_size:
-            raise ValueError(
-                f"reduce_scatter needs dim {dim} (size {size}) divisible by "
-                f"world_size {self._world_size}"
-            )
-        # gloo has no reduce_scatter: sum everything, keep this rank's slice.
-        total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total.chunk(self._world_size, dim=dim)[self._rank].contiguous()
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(tensor, src=src)
-        return tensor
-
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        dist.send(tensor.contiguous(), dst=dst)
-
-    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        dist.recv(tensor, src=src)
-        return tensor
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+from pllm.platforms.common.communicator import TorchDistributedCommunicator
 
 
 class GlooCommunicator(TorchDistributedCommunicator):

@@ -15,7 +15,6 @@ from pllm.core.interfaces import (
     Communicator,
     Detection,
     KVCacheAllocator,
-    MemoryInfo,
     Platform,
     PlatformCapabilities,
 )
@@ -26,7 +25,6 @@ _CAPABILITIES = PlatformCapabilities(
     dtypes=(torch.float32, torch.bfloat16),
     default_dtype=torch.float32,
     kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
-    distributed_backend="gloo",
     ranks_share_device=True,  # tensor-parallel ranks split the cores
 )
 
@@ -57,10 +55,6 @@ class CPUPlatform(Platform):
     def device_count(self) -> int:
         return 1
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        mem = psutil.virtual_memory()
-        return MemoryInfo(free_bytes=mem.available, total_bytes=mem.total)
-
     def make_attention_backend(self) -> AttentionBackend:
         from pllm.platforms.cpu.attention import CPUAttentionBackend
 
@@ -83,6 +77,18 @@ class CPUPlatform(Platform):
             cores = os.cpu_count() or 1
         return dataclasses.replace(
             config, device=dataclasses.replace(config.device, num_threads=max(1, cores // size)))
+
+    def setup_process(self, config, rank: int) -> None:
+        """torch's intra-op threads: ``num_threads`` per rank (``update_config``
+        split the cores among tensor-parallel ranks); restored at teardown."""
+        self._threads_before = torch.get_num_threads()
+        if config.device.num_threads:
+            torch.set_num_threads(config.device.num_threads)
+
+    def teardown_process(self) -> None:
+        before = self.__dict__.pop("_threads_before", None)
+        if before is not None:
+            torch.set_num_threads(before)
 
     def prepare_model(self, model, config):
         from pllm.platforms.cpu.layers import use_cpu_layers

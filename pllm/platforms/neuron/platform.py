@@ -1,5 +1,6 @@
 """The Neuron platform (AWS Trainium / Inferentia): detection and
-capabilities (no backend yet).
+capabilities (no backend yet, so it detects with score 0 even on a
+Trainium host).
 
 Detection never imports the SDK: ``torch_neuronx`` must be findable by
 ``importlib.util.find_spec`` and a ``/dev/neuron<n>`` device file must exist.
@@ -13,7 +14,7 @@ import importlib.util
 import torch
 
 from pllm.core.interfaces import Detection, PlatformCapabilities
-from pllm.platforms.tpu.xla import ACCELERATOR_SCORE, UnimplementedXLAPlatform, device_files
+from pllm.platforms.common.xla import UnimplementedXLAPlatform, device_files
 
 DEVICE_GLOBS = ("/dev/neuron[0-9]*",)
 
@@ -25,7 +26,6 @@ _CAPABILITIES = PlatformCapabilities(
     # neuronx-cc compiles one graph per shape: the runner pads to these.
     token_buckets=(128, 256, 512, 1024, 2048, 4096),
     seq_buckets=(1, 2, 4, 8, 16, 32),
-    distributed_backend="xla",
 )
 
 
@@ -33,6 +33,7 @@ class NeuronPlatform(UnimplementedXLAPlatform):
     name = "neuron"
     device_globs = DEVICE_GLOBS
     hardware = "AWS Neuron devices"
+    label = "Neuron"
 
     @classmethod
     def detect(cls) -> Detection:
@@ -48,10 +49,9 @@ class NeuronPlatform(UnimplementedXLAPlatform):
         if not devices:
             return Detection(0, "torch_neuronx is installed, but no /dev/neuron<n> device exists")
         compiler = "installed" if importlib.util.find_spec("neuronxcc") is not None else "missing"
-        return Detection(
-            ACCELERATOR_SCORE,
+        return cls.no_backend(
             f"{len(devices)} Neuron device(s) ({', '.join(devices)}); torch_neuronx installed, "
-            f"neuronx-cc {compiler}; pllm has no Neuron backend yet (pass --device cpu)",
+            f"neuronx-cc {compiler}"
         )
 
     @property

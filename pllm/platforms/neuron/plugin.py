@@ -12,7 +12,7 @@ from pllm.plugins.hookspecs import hookimpl
 if TYPE_CHECKING:
     from pllm.core.interfaces import Platform
 
-PLLM_PLUGIN_API_VERSION = 1
+PLLM_PLUGIN_API_VERSION = 2
 
 
 @hookimpl

@@ -2,10 +2,10 @@
 
 A ROCm build of torch exposes AMD GPUs through the ``torch.cuda`` API and
 the ``"cuda"`` device type, and RCCL under the ``"nccl"`` backend name, so
-this platform reuses the CUDA platform's device, memory, allocator and
-communicator code; it differs in detection (``torch.version.hip``) and in
-fp8, which is ``float8_e4m3fnuz`` on MI300 (gfx94x) and OCP ``e4m3fn`` on
-gfx950 / RDNA4. Attention uses the same Triton kernels as CUDA.
+this platform shares the GPU code of ``pllm.platforms.triton`` with the CUDA
+platform (device, Triton attention, collectives, graphs, memory budget); it
+differs in detection (``torch.version.hip``) and in fp8, which is
+``float8_e4m3fnuz`` on MI300 (gfx94x) and OCP ``e4m3fn`` on gfx950 / RDNA4.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from pllm.core.interfaces import AttentionBackend, Detection, PlatformCapabilities
-from pllm.platforms.cuda.platform import BLOCK_SIZES, GPU_SCORE, HEAD_DIMS, CudaPlatform
+from pllm.core.interfaces import Detection, KVCacheAllocator, PlatformCapabilities
+from pllm.platforms.triton.platform import BLOCK_SIZES, GPU_SCORE, HEAD_DIMS, TorchGPUPlatform
 
 KFD_PATH = "/dev/kfd"  # the AMD GPU compute driver's device file
 
@@ -36,16 +36,17 @@ def rocm_capabilities(gcn_arch: str | None) -> PlatformCapabilities:
         default_dtype=torch.bfloat16,
         block_sizes=BLOCK_SIZES,
         head_dims=HEAD_DIMS,
-        fp8_dtype=fp8,
         kv_cache_dtypes=(fp8,) if fp8 is not None else (),
         supports_graphs=True,  # HIP graphs, through torch.cuda.CUDAGraph
         profiles_memory=True,
-        distributed_backend="nccl",  # RCCL
     )
 
 
-class RocmPlatform(CudaPlatform):
+class RocmPlatform(TorchGPUPlatform):
     name = "rocm"
+
+    def __init__(self) -> None:
+        self._capabilities: PlatformCapabilities | None = None
 
     @classmethod
     def detect(cls) -> Detection:
@@ -83,11 +84,10 @@ class RocmPlatform(CudaPlatform):
             self._capabilities = rocm_capabilities(arch)
         return self._capabilities
 
-    def make_attention_backend(self) -> AttentionBackend:
-        # Same Triton kernels as CUDA; imported lazily so detection stays cheap.
-        from pllm.platforms.cuda.attention import TritonAttentionBackend
+    def make_kv_cache_allocator(self) -> KVCacheAllocator:
+        from pllm.platforms.rocm.allocator import RocmKVCacheAllocator
 
-        return TritonAttentionBackend()
+        return RocmKVCacheAllocator()
 
 
 def _amdsmi_names() -> str:

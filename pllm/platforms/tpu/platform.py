@@ -1,4 +1,5 @@
-"""The TPU platform: detection and capabilities (no backend yet).
+"""The TPU platform: detection and capabilities (no backend yet, so it
+detects with score 0 even on a TPU host).
 
 Detection never imports jax or torch_xla: it asks ``importlib.util.find_spec``
 whether a TPU runtime is installed and looks for TPU device files
@@ -12,7 +13,7 @@ import importlib.util
 import torch
 
 from pllm.core.interfaces import Detection, PlatformCapabilities
-from pllm.platforms.tpu.xla import ACCELERATOR_SCORE, UnimplementedXLAPlatform, device_files
+from pllm.platforms.common.xla import UnimplementedXLAPlatform, device_files
 
 RUNTIME_PACKAGES = ("libtpu", "torch_xla")  # either one can drive a TPU
 DEVICE_GLOBS = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
@@ -25,7 +26,6 @@ _CAPABILITIES = PlatformCapabilities(
     # XLA compiles one program per shape: the runner pads to these.
     token_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
     seq_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-    distributed_backend="xla",
 )
 
 
@@ -33,6 +33,7 @@ class TPUPlatform(UnimplementedXLAPlatform):
     name = "tpu"
     device_globs = DEVICE_GLOBS
     hardware = "Google TPUs"
+    label = "TPU"
 
     @classmethod
     def detect(cls) -> Detection:
@@ -52,10 +53,9 @@ class TPUPlatform(UnimplementedXLAPlatform):
                 f"{' and '.join(runtimes)} installed, but no TPU device file "
                 f"({', '.join(DEVICE_GLOBS)}) exists: not a TPU host",
             )
-        return Detection(
-            ACCELERATOR_SCORE,
+        return cls.no_backend(
             f"{len(devices)} TPU device file(s) ({', '.join(devices)}); runtime: "
-            f"{', '.join(runtimes)}; pllm has no TPU backend yet (pass --device cpu)",
+            f"{', '.join(runtimes)}"
         )
 
     @property

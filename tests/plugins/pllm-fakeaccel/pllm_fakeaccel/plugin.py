@@ -8,7 +8,7 @@ from pllm.core.config import EngineConfig
 from pllm.core.interfaces import Platform
 from pllm.plugins import hookimpl
 
-PLLM_PLUGIN_API_VERSION = 1
+PLLM_PLUGIN_API_VERSION = 2
 
 
 @hookimpl

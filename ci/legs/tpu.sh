@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# leg-hardware: a Cloud TPU VM (v4, v5e, v5p, v6e: TPU chips under /dev/accel* or /dev/vfio)
+# leg-env: ~/.cache/pllm-ci/tpu: torch + torch_xla[tpu] ($PLLM_TPU_SPEC), pllm editable
+# leg-checks: pllm platforms --check tpu; greedy parity on --device tpu (ci/legs/parity.py); a small throughput benchmark
+# leg-runner: [self-hosted, tpu-v5e]
+#
+# The tpu platform detects TPUs but has no attention backend yet: until it
+# does, this leg fails on a TPU host, and that failure is the to-do list.
+LEG=tpu
+LEG_ARG="${1:-}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+why_not_here() {
+    if ! compgen -G "/dev/accel*" >/dev/null && ! compgen -G "/dev/vfio/[0-9]*" >/dev/null; then
+        echo "needs a TPU host (no /dev/accel* or /dev/vfio/N)"
+    fi
+}
+leg_gate why_not_here
+
+TPU_SPEC="${PLLM_TPU_SPEC:-torch==2.8.0 torch_xla[tpu]==2.8.0 -f https://storage.googleapis.com/libtpu-releases/index.html}"
+ENV_PY="$(cache_dir tpu)/bin/python"
+# shellcheck disable=SC2086  # the spec carries pip options
+check env cache_env tpu $TPU_SPEC
+[ "$LEG_FAILED" = 0 ] || { leg_finish || true; exit 1; }
+check conformance "$ENV_PY" -m pllm.entrypoints.cli platforms --check tpu
+check parity "$ENV_PY" ci/legs/parity.py --device tpu
+check bench bench_smoke "$ENV_PY" tpu
+leg_finish

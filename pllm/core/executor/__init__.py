@@ -1,0 +1,54 @@
+"""Workers behind an executor. The engine talks to the executor only::
+
+    UniProcExecutor     one worker, in this process          (uniproc.py)
+    MultiprocExecutor   tensor parallelism over N ranks: rank 0's worker in
+                        this process, ranks 1..N-1 each in a process of its
+                        own                                    (multiproc.py)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pllm.core.config import EngineConfig
+from pllm.core.interfaces import Platform
+from pllm.core.runner import RunnerOutput
+from pllm.core.scheduler import SchedulerOutput
+from pllm.core.worker import Worker
+
+
+class WorkerProcessError(RuntimeError):
+    """A tensor-parallel rank failed; the message carries its traceback."""
+
+
+class ExecutorBrokenError(RuntimeError):
+    """The executor cannot run another step (a tensor-parallel rank failed or
+    a step broke off mid-way, leaving the ranks out of step); the engine
+    must be rebuilt."""
+
+
+class Executor(Protocol):
+    """What the engine calls. ``worker`` is rank 0's (for introspection:
+    benchmarks read its model and cache)."""
+
+    worker: Worker
+
+    def init_kv_cache(self) -> int:
+        """Size the KV cache (the smallest any rank can hold), allocate it on
+        every rank; returns the number of blocks."""
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one scheduled step on every rank; rank 0's logits come back."""
+
+    def shutdown(self) -> None:
+        """Stop the ranks and close their communicators; idempotent."""
+
+
+def make_executor(config: EngineConfig, platform: Platform, loaded) -> Executor:
+    if config.parallel.tensor_parallel_size == 1:
+        from pllm.core.executor.uniproc import UniProcExecutor
+
+        return UniProcExecutor(config, platform, loaded)
+    from pllm.core.executor.multiproc import MultiprocExecutor
+
+    return MultiprocExecutor(config, platform, loaded)

@@ -1,0 +1,66 @@
+"""The engine config's "decide for me" values, decided once against the
+platform's capabilities and the model, and every refusal a platform's
+capabilities imply, before anything is built::
+
+    dtype "auto"            -> the platform's default_dtype
+    max_model_len None      -> the model's context (max_position_embeddings)
+    block_size None         -> the platform's default_block_size
+    kv_cache_dtype          -> cache_dtype: the model dtype, or the platform's
+                               8-bit format of that name
+
+A value the platform cannot run (a dtype, block size, head_dim, sliding
+window or cache format it lacks) is a ``ValueError`` naming what it can.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pllm.core.config import EngineConfig
+from pllm.core.interfaces import Platform
+from pllm.core.kv_cache.fp8 import resolve_kv_cache_dtype
+
+DEFAULT_CONTEXT = 2048  # for a model config that states none
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineConfig:
+    """``config`` with every value decided; ``model`` is the
+    ``pllm.models.ModelInfo`` of the model to run (one rank's share)."""
+    caps, name = platform.capabilities, platform.name
+    mc, cc = config.model, config.cache
+
+    dtype = caps.default_dtype if mc.dtype == "auto" else getattr(torch, mc.dtype)
+    if not caps.supports_dtype(dtype):
+        raise ValueError(f"dtype={mc.dtype!r} is not supported on {name}; "
+                         f"supported: {_names(caps.dtypes)}")
+
+    model_max = model.max_position_embeddings or DEFAULT_CONTEXT
+    if mc.max_model_len and mc.max_model_len > model_max:
+        raise ValueError(f"max_model_len={mc.max_model_len} exceeds the model's context ({model_max})")
+    max_model_len = mc.max_model_len or model_max
+
+    block_size = cc.block_size or caps.default_block_size
+    if not caps.supports_block_size(block_size):
+        raise ValueError(f"block_size={block_size} is not supported on {name}; "
+                         f"supported: {', '.join(map(str, caps.block_sizes))}")
+    if not caps.supports_head_dim(model.head_dim):
+        raise ValueError(f"head_dim={model.head_dim} is not supported on {name}; "
+                         f"supported: {', '.join(map(str, caps.head_dims or ()))}")
+    if model.sliding_window is not None and not caps.supports_sliding_window:
+        raise ValueError(f"this {model.model_type} model uses a sliding window of "
+                         f"{model.sliding_window} tokens, which {name} attention does not support")
+    cache_dtype = resolve_kv_cache_dtype(cc.kv_cache_dtype, dtype, caps, name)
+
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(mc, dtype=str(dtype).removeprefix("torch."),
+                                  max_model_len=max_model_len),
+        cache=dataclasses.replace(cc, block_size=block_size,
+                                  cache_dtype=str(cache_dtype).removeprefix("torch.")),
+    )

@@ -1,0 +1,134 @@
+"""One rank's worker: its shard of the model and its KV cache on one device.
+
+Every executor runs one per rank (rank 0 in the engine's process). The
+config it gets is resolved (``pllm.core.resolve``): dtypes, block size and
+``max_model_len`` are read from it, never passed alongside.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pllm.core.config import EngineConfig
+from pllm.core.interfaces import AttentionMetadata, Communicator, ForwardContext, Platform
+from pllm.core.runner import ModelRunner, RunnerOutput, StepInputs
+from pllm.core.scheduler import SchedulerOutput
+
+logger = logging.getLogger("pllm")
+
+
+class KVCacheSizeError(ValueError):
+    """The KV-cache budget holds no block."""
+
+
+class Worker:
+    """Holds the model (this rank's shard of it) and the KV cache on one device."""
+
+    def __init__(self, config: EngineConfig, platform: Platform, loaded, rank: int = 0,
+                 comm: Communicator | None = None) -> None:
+        from pllm.models import build_model, describe_model  # the core's one seam to the models
+        from pllm.models.parallel import TensorParallel
+
+        assert config.resolved, "the worker takes a resolved config"
+        self.config, self.platform = config, platform
+        self.tp = TensorParallel(rank, config.parallel.tensor_parallel_size, comm)
+        self.device = platform.device(rank)
+        self.info = describe_model(loaded.hf_config, self.tp.size)
+        t0 = time.perf_counter()
+        self.model = build_model(
+            loaded.hf_config, loaded.weights(), max_model_len=config.model.max_model_len,
+            dtype=config.model.torch_dtype, device=self.device, tp=self.tp,
+            kv_cache_dtype=config.cache.torch_cache_dtype,
+            prepare=lambda model: platform.prepare_model(model, config),
+        )
+        if rank == 0:
+            logger.info("loaded %s (%s) in %.1fs", loaded.name, config.model.dtype,
+                        time.perf_counter() - t0)
+        self.backend = platform.make_attention_backend()
+        self.runner: ModelRunner | None = None
+
+    def bytes_per_block(self) -> int:
+        info, cache = self.info, self.config.cache
+        elem = cache.torch_cache_dtype.itemsize
+        return 2 * cache.block_size * info.num_kv_heads * info.head_dim * elem * info.num_layers
+
+    def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return self.backend.kv_cache_shape(num_blocks, self.config.cache.block_size,
+                                           self.info.num_kv_heads, self.info.head_dim)
+
+    @torch.inference_mode()
+    def profile_run(self) -> int:
+        """One forward pass of a full step's token budget (one sequence, a
+        throwaway cache), plus the LM head for ``max_num_seqs`` rows: the
+        activation peak the KV cache must leave room for. Returns the bytes
+        of the throwaway cache."""
+        bs = self.config.cache.block_size
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.config.model.max_model_len)
+        num_blocks = -(-num_tokens // bs)
+        dev = self.device
+        caches = [torch.zeros(self._cache_shape(num_blocks), dtype=self.config.cache.torch_cache_dtype,
+                              device=dev) for _ in range(self.info.num_layers)]
+        metadata = AttentionMetadata(
+            num_seqs=1, num_tokens=num_tokens, num_decodes=0, max_query_len=num_tokens,
+            max_seq_len=num_tokens, block_size=bs,
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev).unsqueeze(0),
+            slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=dev),
+            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens],
+        )
+        metadata = self.backend.prepare_metadata(metadata)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        positions = torch.arange(num_tokens, device=dev)
+        hidden = self.model(ids, positions, ForwardContext(self.backend, metadata, caches))
+        rows = min(self.config.scheduler.max_num_seqs, num_tokens)
+        self.model.compute_logits(hidden[:rows])
+        cache_bytes = sum(c.numel() * c.element_size() for c in caches)
+        del caches, hidden
+        self.platform.synchronize()
+        return cache_bytes
+
+    def available_blocks(self) -> int:
+        """How many KV-cache blocks fit on this rank's device (or exactly
+        ``num_blocks_override``). Ranks that share one device (the host)
+        share its budget: a block costs every rank's bytes of it."""
+        cache = self.config.cache
+        if cache.num_blocks_override is not None:
+            return cache.num_blocks_override
+        caps = self.platform.capabilities
+        allocator = self.platform.make_kv_cache_allocator()
+        if caps.profiles_memory:
+            allocator.profile(self.profile_run)
+        per_block = self.bytes_per_block()
+        if caps.ranks_share_device:
+            per_block *= self.tp.size
+        num_blocks = allocator.num_blocks(cache, per_block)
+        if num_blocks < 1:
+            raise KVCacheSizeError("no memory left for the KV cache; raise --kv-cache-memory")
+        return num_blocks
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The cache of ``num_blocks`` blocks (the same on every rank), the
+        decode graphs over it where the platform has them, and the runner."""
+        config, platform = self.config, self.platform
+        allocator = platform.make_kv_cache_allocator()
+        caches = allocator.allocate(self.info.num_layers, self._cache_shape(num_blocks),
+                                    config.cache.torch_cache_dtype, self.device)
+        decode_runner = None
+        if platform.capabilities.supports_graphs and not config.device.enforce_eager:
+            decode_runner = platform.make_decode_runner(self.model, self.backend, caches, config)
+            if decode_runner is not None:
+                decode_runner.capture_all()
+        self.runner = ModelRunner(self.model, self.backend, caches, config, self.device,
+                                  platform.capabilities, decode_runner)
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(sched)
+
+    def execute_inputs(self, inputs: StepInputs) -> None:
+        """A step rank 0 prepared (tensor-parallel ranks other than 0): the
+        forward and the LM head, whose collectives pair with rank 0's."""
+        self.runner.logits(self.runner.forward(inputs), inputs)

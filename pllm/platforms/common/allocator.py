@@ -1,0 +1,47 @@
+"""The memory-budget KV-cache allocator any plugin may build on: it turns a
+byte budget into a number of blocks and allocates zeroed per-layer tensors;
+a subclass says what the default budget is on its device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pllm.core.config import CacheConfig
+from pllm.core.interfaces import KVCacheAllocator
+
+
+class KVCacheMemoryError(ValueError):
+    """The memory budget holds no block; the message names budget and block size."""
+
+
+class BudgetKVCacheAllocator(KVCacheAllocator):
+    """Sizes the cache from a byte budget; subclasses say what the default
+    budget is on their device. The CPU and GPU allocators are such subclasses."""
+
+    def num_blocks(self, cache_config: CacheConfig, bytes_per_block: int) -> int:
+        if bytes_per_block <= 0:
+            raise ValueError(f"bytes_per_block must be > 0, got {bytes_per_block}")
+        if cache_config.kv_cache_memory is not None:
+            budget, source = cache_config.kv_cache_memory, "kv_cache_memory"
+        else:
+            budget, source = self.default_budget(cache_config)
+        num_blocks = budget // bytes_per_block
+        if num_blocks < 1:
+            raise KVCacheMemoryError(
+                f"{source} = {budget} bytes holds no KV-cache block of {bytes_per_block} bytes; "
+                f"give at least {bytes_per_block} bytes (kv_cache_memory) or fewer layers/heads"
+            )
+        return num_blocks
+
+    def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
+        """Bytes for the cache when ``kv_cache_memory`` is unset, and a phrase
+        naming where the number came from (for error messages)."""
+        raise NotImplementedError
+
+    def allocate(
+        self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> list[torch.Tensor]:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

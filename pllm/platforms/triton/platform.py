@@ -1,0 +1,55 @@
+"""What the two GPU platforms that torch drives through its ``cuda`` device
+type share: NVIDIA under a CUDA build of torch, AMD under a ROCm build. The
+device API, the Triton attention backend, NCCL (RCCL) collectives and graph
+capture are the same; each platform adds its detection, its capabilities
+and its allocator."""
+
+from __future__ import annotations
+
+import torch
+
+from pllm.core.interfaces import AttentionBackend, Communicator, Platform
+
+GPU_SCORE = 100
+HEAD_DIMS = (64, 128, 256)  # what the Triton kernels are compiled for
+BLOCK_SIZES = (16, 32)
+
+
+class TorchGPUPlatform(Platform):
+    """Base class of ``cuda`` and ``rocm``; not a platform by itself (no
+    ``name``, ``detect`` or ``capabilities``)."""
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device("cuda", index)
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def make_attention_backend(self) -> AttentionBackend:
+        # Lazy: Triton is imported only when an engine is built on a GPU.
+        from pllm.platforms.triton.attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+
+    def make_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
+        from pllm.platforms.common.communicator import NcclCommunicator
+
+        device = self.device(rank % max(self.device_count(), 1))
+        return NcclCommunicator(rank, world_size, init_method, device=device)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def make_decode_runner(self, model, backend, kv_caches, config):
+        """CUDA (HIP) graphs of the decode step at 1, 2, 4, 8, 16, 32, ... up to
+        ``max_num_seqs`` sequences. The engine asks only when the capabilities
+        say ``supports_graphs`` and ``--enforce-eager`` is off."""
+        from pllm.core.graphs import decode_batch_sizes
+        from pllm.platforms.triton.graphs import CUDAGraphDecodeRunner
+
+        return CUDAGraphDecodeRunner(
+            model, backend, kv_caches, block_size=config.cache.block_size,
+            max_model_len=config.model.max_model_len,
+            batch_sizes=decode_batch_sizes(config.scheduler.max_num_seqs),
+            device=kv_caches[0].device,
+        )

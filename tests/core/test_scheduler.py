@@ -1,0 +1,155 @@
+"""The scheduler alone, without a model: what it schedules, and what it makes
+of a step's result (fed by hand as the runner would return it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pllm.core.config import SchedulerConfig
+from pllm.core.detokenizer import Detokenizer
+from pllm.core.kv_cache.manager import KVCacheManager
+from pllm.core.request import Request, SequenceStatus
+from pllm.core.runner import RunnerOutput
+from pllm.core.sampling_params import SamplingParams
+from pllm.core.scheduler import Scheduler
+
+EOS = 2
+BLOCK = 4
+
+
+class _Tokenizer:
+    """Each id decodes to one letter: enough for the detokenizer."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def make_scheduler(num_blocks: int = 16, budget: int = 64, max_num_seqs: int = 8,
+                   prefix_caching: bool = True, max_model_len: int = 64) -> Scheduler:
+    kv = KVCacheManager(num_blocks, BLOCK, prefix_caching)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs),
+                     kv, Detokenizer(_Tokenizer()), max_model_len)
+
+
+def add(sched: Scheduler, rid: str, prompt: list[int], **params) -> Request:
+    params.setdefault("max_tokens", 4)
+    req = Request(rid, None, prompt, SamplingParams(**params), frozenset({EOS}))
+    sched.add_request(req)
+    return req
+
+
+def run_step(sched: Scheduler, tokens: dict[str, int] | None = None, default: int = 7):
+    """One step: schedule, then "sample" ``tokens[rid]`` (else ``default``)
+    for every row that samples, as the runner would."""
+    out = sched.schedule()
+    out.shape = [(i.num_new_tokens, i.samples) for i in out.scheduled]  # before the update
+    result = RunnerOutput()
+    for item in out.scheduled:
+        if item.samples:
+            for seq in (item.seq, *item.forks):
+                result.sampled.append(seq)
+                result.token_ids.append((tokens or {}).get(seq.request.request_id, default))
+                result.logprobs.append(None)
+    return out, sched.update_from_output(out, result)
+
+
+def test_long_prompts_are_prefilled_in_chunks_then_sample():
+    sched = make_scheduler(budget=8)
+    req = add(sched, "a", list(range(10, 30)))  # 20 tokens
+    seq = req.seqs[0]
+    sizes = []
+    for _ in range(3):
+        out, outputs = run_step(sched)
+        sizes.append(out.shape)
+    assert sizes == [[(8, False)], [(8, False)], [(4, True)]]
+    assert seq.num_computed_tokens == 20 and seq.output_token_ids == [7]
+    assert len(seq.block_ids) == 5  # the sampled token's slot comes with the next step
+    assert outputs and outputs[0].outputs[0].token_ids == [7]
+
+
+def test_decodes_go_first_and_the_budget_holds():
+    sched = make_scheduler(budget=6)
+    add(sched, "a", [10, 11, 12])
+    run_step(sched)  # "a" prefills and samples
+    add(sched, "b", list(range(20, 30)))
+    out, _ = run_step(sched)
+    assert [(i.seq.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 5)]
+    assert out.num_tokens == 6
+
+
+def test_the_newest_sequence_is_preempted_and_recomputed_later():
+    sched = make_scheduler(num_blocks=4, budget=64)  # 16 slots
+    a = add(sched, "a", list(range(10, 17)), max_tokens=20, ignore_eos=True).seqs[0]  # 7 tokens
+    b = add(sched, "b", list(range(30, 37)), max_tokens=20, ignore_eos=True).seqs[0]
+    run_step(sched)
+    assert a.status is b.status is SequenceStatus.RUNNING and len(a.block_ids) == 2
+    for _ in range(2):
+        out, _ = run_step(sched)  # a reaches 9 tokens: needs a third block, none is free
+    assert b.status is SequenceStatus.PREEMPTED and b.num_computed_tokens == 0 and not b.block_ids
+    assert sched.waiting[0] is b and sched.num_preemptions == 1
+    assert [i.seq for i in out.scheduled] == [a]
+    assert b.token_ids[7:] == [7, 7]  # its tokens stay: recompute, not restart
+
+
+def test_prefix_cache_hits_count_as_computed_when_admitted():
+    sched = make_scheduler()
+    prompt = list(range(40, 50))  # two full blocks and a partial one
+    add(sched, "a", prompt)
+    run_step(sched)
+    b = add(sched, "b", prompt).seqs[0]
+    out, _ = run_step(sched)
+    item = next(i for i in out.scheduled if i.seq is b)
+    assert item.num_new_tokens == 2 and b.request.num_cached_tokens == 8
+    assert b.num_computed_tokens == 10  # 8 cached + 2 computed, written by the scheduler
+
+
+def test_n_samples_fork_after_the_prompt_and_share_its_blocks():
+    sched = make_scheduler()
+    req = add(sched, "a", list(range(10, 16)), n=3, seed=5)
+    out, outputs = run_step(sched)
+    (item,) = out.scheduled
+    assert [f.index for f in item.forks] == [1, 2] and [f.seed for f in item.forks] == [
+        5 + 1_000_003, 5 + 2_000_006]
+    assert len(req.seqs) == 3 and all(s.status is SequenceStatus.RUNNING for s in req.seqs)
+    parent = req.seqs[0]
+    first_block = parent.block_ids[0]
+    assert all(s.block_ids[0] == first_block for s in req.seqs)
+    assert sched.kv.pool.ref_counts[first_block] == 3
+    assert [len(o.token_ids) for o in outputs[0].outputs] == [1, 1, 1]
+    out, _ = run_step(sched)
+    assert len(out.scheduled) == 3 and not any(i.forks for i in out.scheduled)
+
+
+@pytest.mark.parametrize("token,max_tokens,status", [
+    (EOS, 4, SequenceStatus.FINISHED_STOPPED),
+    (9, 1, SequenceStatus.FINISHED_LENGTH),
+])
+def test_finished_requests_free_their_blocks(token, max_tokens, status):
+    sched = make_scheduler()
+    req = add(sched, "a", [10, 11, 12], max_tokens=max_tokens)
+    free_before = sched.kv.pool.num_free_blocks
+    _, outputs = run_step(sched, {"a": token})
+    assert req.seqs[0].status is status and outputs[0].finished
+    assert not sched.has_unfinished_requests() and not sched.running
+    assert sched.kv.pool.num_free_blocks >= free_before
+
+
+def test_abort_ends_the_request_and_frees_it():
+    sched = make_scheduler()
+    add(sched, "a", [10, 11, 12], max_tokens=10)
+    add(sched, "b", [13, 14])
+    run_step(sched)
+    sched.finish_requests(["a", "unknown"], SequenceStatus.FINISHED_ABORTED)
+    assert set(sched.requests) == {"b"}
+    assert [s.request.request_id for s in sched.running] == ["b"]
+
+
+def test_stop_strings_cut_the_text():
+    sched = make_scheduler()
+    req = add(sched, "a", [10, 11], stop=["c"], max_tokens=10)
+    run_step(sched, {"a": 0})  # "a"
+    run_step(sched, {"a": 1})  # "b"
+    _, outputs = run_step(sched, {"a": 28})  # "c" (id 2 would be EOS): the stop string
+    seq = req.seqs[0]
+    assert seq.status is SequenceStatus.FINISHED_STOPPED and seq.stop_reason == "c"
+    assert outputs[0].outputs[0].text == "ab"

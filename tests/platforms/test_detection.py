@@ -1,0 +1,250 @@
+"""Detection and capabilities of the built-in platforms, in faked
+environments: torch.version, torch.cuda, importlib.util.find_spec, device
+files. No accelerator is needed; each test states the machine it imitates."""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from pllm.platforms.cpu.platform import CPUPlatform
+from pllm.platforms.cuda.platform import CudaPlatform, cuda_capabilities
+from pllm.platforms.neuron.platform import NeuronPlatform
+from pllm.platforms.rocm.platform import RocmPlatform, rocm_capabilities
+from pllm.platforms.tpu.platform import TPUPlatform
+from pllm.plugins.errors import BackendNotImplementedError
+from pllm.plugins.manager import PluginManager
+
+BUILTINS = ["cpu", "cuda", "rocm", "tpu", "neuron"]
+VENDOR_MODULES = {
+    "pynvml",
+    "amdsmi",
+    "libtpu",
+    "torch_xla",
+    "jax",
+    "torch_neuronx",
+    "neuronxcc",
+    "intel_extension_for_pytorch",
+}
+
+
+class Machine:
+    """Fakes what detection reads. Vendor modules are absent unless listed in
+    ``modules``; device files exist only if listed in ``files``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.mp = monkeypatch
+        self.modules: set[str] = set()
+        self.files: list[str] = []
+        real_find_spec, real_glob, real_exists = importlib.util.find_spec, glob.glob, os.path.exists
+
+        def find_spec(name: str, package: str | None = None):  # noqa: ANN202
+            if name in self.modules:
+                return importlib.machinery.ModuleSpec(name, None)
+            return None if name in VENDOR_MODULES else real_find_spec(name, package)
+
+        def fake_glob(pattern: str, **kwargs: object) -> list[str]:
+            if pattern.startswith("/dev/"):
+                return [f for f in self.files if fnmatch.fnmatch(f, pattern)]
+            return real_glob(pattern, **kwargs)
+
+        def exists(path: object) -> bool:
+            if isinstance(path, str) and path.startswith("/dev/"):
+                return path in self.files
+            return real_exists(path)
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        monkeypatch.setattr(glob, "glob", fake_glob)
+        monkeypatch.setattr(os.path, "exists", exists)
+        self.torch_build(cuda=None, hip=None)
+        self.gpus(0)
+
+    def torch_build(self, *, cuda: str | None, hip: str | None) -> None:
+        self.mp.setattr(torch.version, "cuda", cuda)
+        self.mp.setattr(torch.version, "hip", hip)
+
+    def gpus(self, count: int) -> None:
+        self.mp.setattr(torch.cuda, "is_available", lambda: count > 0)
+        self.mp.setattr(torch.cuda, "device_count", lambda: count)
+
+    def selected(self) -> str:
+        return PluginManager(allow=BUILTINS).resolve("auto").name
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
+    return Machine(monkeypatch)
+
+
+def test_nothing_present_selects_cpu(machine: Machine) -> None:
+    assert CudaPlatform.detect().reason == f"torch {torch.__version__} is not a CUDA build"
+    assert RocmPlatform.detect().score == 0
+    assert "neither libtpu nor torch_xla" in TPUPlatform.detect().reason
+    assert "torch_neuronx is not installed" in NeuronPlatform.detect().reason
+    cpu = CPUPlatform.detect()
+    assert cpu.available and "intel_extension_for_pytorch is not installed" in cpu.reason
+    assert machine.selected() == "cpu"
+
+
+def test_cpu_reports_ipex(machine: Machine) -> None:
+    machine.modules.add("intel_extension_for_pytorch")
+    assert "intel_extension_for_pytorch is importable" in CPUPlatform.detect().reason
+
+
+def test_cuda_present(machine: Machine) -> None:
+    machine.torch_build(cuda="12.4", hip=None)
+    machine.gpus(2)
+    detection = CudaPlatform.detect()
+    assert detection.score == 100
+    assert detection.reason == f"2 NVIDIA GPU(s) visible (torch {torch.__version__}, CUDA 12.4)"
+    assert "not a ROCm build" in RocmPlatform.detect().reason
+    assert machine.selected() == "cuda"
+
+
+def test_cuda_build_without_gpu(machine: Machine, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine.torch_build(cuda="12.4", hip=None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    detection = CudaPlatform.detect()
+    assert detection.score == 0
+    assert "built for CUDA 12.4 but sees no GPU" in detection.reason
+    assert "CUDA_VISIBLE_DEVICES=''" in detection.reason
+    assert machine.selected() == "cpu"
+
+
+def test_nvidia_driver_with_cpu_torch_hints_at_the_fix(machine: Machine) -> None:
+    machine.files = ["/dev/nvidia0", "/dev/nvidiactl"]
+    assert "install a CUDA build of torch" in CudaPlatform.detect().reason
+
+
+def test_rocm_build(machine: Machine) -> None:
+    machine.torch_build(cuda=None, hip="6.2.41133")
+    machine.gpus(1)
+    machine.files = ["/dev/kfd"]
+    rocm = RocmPlatform.detect()
+    assert (
+        rocm.score == 100
+        and "1 AMD GPU(s) visible" in rocm.reason
+        and "ROCm 6.2.41133" in rocm.reason
+    )
+    cuda = CudaPlatform.detect()
+    assert cuda.score == 0 and "ROCm build" in cuda.reason and "--device rocm" in cuda.reason
+    assert machine.selected() == "rocm"
+
+
+def test_rocm_build_without_gpu_and_driver_without_rocm_torch(machine: Machine) -> None:
+    machine.torch_build(cuda=None, hip="6.2")
+    assert (
+        "sees no GPU" in RocmPlatform.detect().reason
+        and "/dev/kfd missing" in RocmPlatform.detect().reason
+    )
+    machine.torch_build(cuda=None, hip=None)
+    machine.files = ["/dev/kfd"]
+    assert "install a ROCm build of torch" in RocmPlatform.detect().reason
+
+
+def test_tpu_present(machine: Machine) -> None:
+    machine.modules |= {"libtpu", "jax"}
+    machine.files = ["/dev/accel0", "/dev/accel1", "/dev/accel2", "/dev/accel3"]
+    detection = TPUPlatform.detect()
+    # A TPU host, but no TPU backend yet: unavailable (score 0), so auto never
+    # picks a platform that would fail at its first factory.
+    assert detection.score == 0 and "4 TPU device file(s)" in detection.reason
+    assert "runtime: libtpu" in detection.reason and "no TPU backend yet" in detection.reason
+    assert machine.selected() == "cpu"
+    assert TPUPlatform().device_count() == 4
+
+
+def test_tpu_v5e_vfio_devices(machine: Machine) -> None:
+    machine.modules.add("torch_xla")
+    machine.files = ["/dev/vfio/0", "/dev/vfio/vfio"]
+    detection = TPUPlatform.detect()
+    assert detection.score == 0 and "/dev/vfio/0" in detection.reason
+    assert "/dev/vfio/vfio" not in detection.reason
+
+
+def test_tpu_software_without_device_never_imports_it(machine: Machine) -> None:
+    machine.modules |= {"libtpu", "torch_xla", "jax"}  # findable, not importable here
+    detection = TPUPlatform.detect()
+    assert detection.score == 0 and "not a TPU host" in detection.reason
+    assert not {"libtpu", "torch_xla", "jax"} & set(sys.modules)
+
+
+def test_tpu_jax_without_libtpu(machine: Machine) -> None:
+    machine.modules.add("jax")
+    machine.files = ["/dev/accel0"]
+    detection = TPUPlatform.detect()
+    assert detection.score == 0 and "jax is installed without libtpu" in detection.reason
+
+
+def test_neuron_present(machine: Machine) -> None:
+    machine.modules |= {"torch_neuronx", "neuronxcc"}
+    machine.files = ["/dev/neuron0", "/dev/neuron1"]
+    detection = NeuronPlatform.detect()
+    assert detection.score == 0 and "2 Neuron device(s)" in detection.reason
+    assert "neuronx-cc installed" in detection.reason and "no Neuron backend yet" in detection.reason
+    assert machine.selected() == "cpu"
+
+
+def test_neuron_sdk_without_device_and_device_without_sdk(machine: Machine) -> None:
+    machine.modules.add("torch_neuronx")
+    assert "no /dev/neuron<n> device" in NeuronPlatform.detect().reason
+    machine.modules.clear()
+    machine.files = ["/dev/neuron0"]
+    detection = NeuronPlatform.detect()
+    assert detection.score == 0 and "1 Neuron device file(s) exist" in detection.reason
+
+
+@pytest.mark.parametrize("platform_cls", [TPUPlatform, NeuronPlatform])
+def test_xla_platforms_refuse_honestly(platform_cls: type) -> None:
+    platform = platform_cls()
+    for make in (
+        platform.make_attention_backend,
+        platform.make_kv_cache_allocator,
+        lambda: platform.make_communicator(0, 1, "tcp://127.0.0.1:1"),
+    ):
+        with pytest.raises(BackendNotImplementedError, match="--device cpu") as err:
+            make()
+        assert isinstance(err.value, NotImplementedError)
+        assert f"pllm/platforms/{platform.name}/README.md" in str(err.value)
+    assert platform.device(1) == torch.device("xla", 1)
+    caps = platform.capabilities
+    assert caps.static_shapes and caps.seq_buckets and caps.default_dtype == torch.bfloat16
+    assert list(caps.token_buckets) == sorted(caps.token_buckets)
+
+
+def test_cuda_capabilities_follow_compute_capability() -> None:
+    hopper = cuda_capabilities((9, 0))
+    assert hopper.default_dtype == torch.bfloat16 and hopper.kv_cache_dtypes == (torch.float8_e4m3fn, torch.float8_e5m2)
+    assert set(hopper.dtypes) == {torch.bfloat16, torch.float16, torch.float32}
+    assert hopper.supports_graphs and hopper.head_dims == (64, 128, 256)
+    assert hopper.block_sizes == (16, 32) and hopper.default_block_size == 16
+    assert not cuda_capabilities((8, 0)).supports_fp8
+    turing = cuda_capabilities((7, 5))
+    assert turing.default_dtype == torch.float16 and not turing.supports_dtype(torch.bfloat16)
+    assert cuda_capabilities(None) == hopper
+
+
+def test_rocm_capabilities_follow_the_architecture() -> None:
+    assert rocm_capabilities("gfx942:sramecc+:xnack-").kv_cache_dtypes == (torch.float8_e4m3fnuz,)
+    assert rocm_capabilities(None).kv_cache_dtypes == (torch.float8_e4m3fnuz,)
+    assert rocm_capabilities("gfx950").kv_cache_dtypes == (torch.float8_e4m3fn,)
+    assert rocm_capabilities("gfx90a").kv_cache_dtypes == ()
+    assert rocm_capabilities("gfx942").default_dtype == torch.bfloat16
+
+
+def test_cpu_capabilities() -> None:
+    platform = CPUPlatform()
+    caps = platform.capabilities
+    assert caps.default_dtype == torch.float32 and set(caps.dtypes) == {
+        torch.float32,
+        torch.bfloat16,
+    }
+    assert not caps.static_shapes and caps.ranks_share_device
+    assert platform.device() == torch.device("cpu") and platform.device_count() == 1
