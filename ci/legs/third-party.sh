@@ -48,8 +48,12 @@ check env make_env
 [ "$LEG_FAILED" = 0 ] || { leg_finish || true; exit 1; }
 
 discovered() {  # listed with its distribution as origin and a score above 0 (available)
-    "$PY" -m pllm.entrypoints.cli platforms | tee /dev/stderr \
-        | grep -Eq '^[ *]+fakeaccel +pllm-fakeaccel [^ ]+ +[0-9]+ +[1-9][0-9]* '
+    local table
+    table="$("$PY" -m pllm.entrypoints.cli platforms)" || return 1
+    echo "$table" >&2
+    # Not `... | grep -q` under pipefail: grep exits at its first match and the
+    # writer's SIGPIPE would fail the check.
+    grep -Eq '^[ *]+fakeaccel +pllm-fakeaccel [^ ]+ +[0-9]+ +[1-9][0-9]* ' <<<"$table"
 }
 check discovery discovered
 check conformance "$PY" -m pllm.entrypoints.cli platforms --check fakeaccel

@@ -38,7 +38,7 @@ class ServingContext:
     model_name: str
     max_model_len: int
     tokenizer: Any
-    engine: Any  # for apply_chat_template (read-only, safe off the engine thread)
+    engine: Any  # tokenize / render_chat (read-only, safe off the engine thread)
     max_num_seqs: int  # a request's n choices must fit one batch
     _token_text: dict[int, str] = field(default_factory=dict)
 
