@@ -145,7 +145,11 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # int32 [num_seqs], on device: cached + new tokens
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq], on device
     slot_mapping: torch.Tensor  # int64 [num_tokens], on device
-    # Host copies, for backends that plan work on the CPU.
+    # Host copies, for backends that plan work on the CPU. In a step a decode
+    # runner replays (``Platform.make_decode_runner``: graphs) they are the
+    # worst case, ``max_model_len`` each, fixed when the graph was recorded:
+    # a backend of a platform with ``supports_graphs`` reads the real lengths
+    # from ``seq_lens``.
     query_start_loc_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
     # Backend-specific derived fields (see AttentionBackend.prepare_metadata).

@@ -30,10 +30,15 @@ def _install(llm, batch_sizes) -> StaticDecodeRunner:
 
 # An fp8 cache decodes through the torch path, whose per-step plan must follow
 # the persistent buffers from one replay to the next.
-@pytest.mark.parametrize("enforce_eager, kv_cache_dtype", [(False, "auto"), (True, "auto"),
-                                                           (False, "fp8")],
-                         ids=["fused-layers", "module-layers", "fp8-cache"])
-def test_padded_decode_steps_match_the_eager_engine(tiny_model_dir, enforce_eager, kv_cache_dtype):
+# The CPU platform: its backend reads each sequence's length from the device
+# tensor, as a backend that replays graphs must (the fake's reference
+# attention reads the host copies, which a decode runner sets to the worst
+# case, so the fake claims no graphs).
+@pytest.mark.parametrize("device, enforce_eager, kv_cache_dtype", [
+    ("cpu", False, "auto"), ("cpu", True, "auto"), ("cpu", False, "fp8"),
+], ids=["fused-layers", "module-layers", "fp8-cache"])
+def test_padded_decode_steps_match_the_eager_engine(tiny_model_dir, device, enforce_eager,
+                                                    kv_cache_dtype):
     from pllm import LLM, SamplingParams
 
     # 5 prompts sharing a prefix (prefix-cache hits), one asking for n=2
@@ -45,8 +50,8 @@ def test_padded_decode_steps_match_the_eager_engine(tiny_model_dir, enforce_eage
     params[1] = SamplingParams(max_tokens=9, n=2, temperature=0.0, ignore_eos=True)
 
     def run(with_graphs: bool):
-        llm = LLM(model=str(tiny_model_dir), kv_cache_memory="16MiB", max_model_len=128,
-                  enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype)
+        llm = LLM(model=str(tiny_model_dir), device=device, kv_cache_memory="16MiB",
+                  max_model_len=128, enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype)
         graphs = _install(llm, [1, 2, 4, 8]) if with_graphs else None
         outs = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.llm_engine.get_stats()

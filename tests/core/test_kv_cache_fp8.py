@@ -74,14 +74,18 @@ def hf_tiny(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("device", ["fakeaccel", "cpu"])  # the core's handling; the CPU's kernels
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_fp8_cache_matches_transformers_with_the_same_rounding(name, tiny_model_dir, hf_tiny):
+def test_fp8_cache_matches_transformers_with_the_same_rounding(name, device, tiny_model_dir,
+                                                               hf_tiny, request):
+    if device == "fakeaccel":
+        request.getfixturevalue("fake_platform")
     kv_dtype = FORMATS[name]
     prompts = _prompts()
     expected, ref = _hf_reference(hf_tiny, prompts, Fp8KVRounding(hf_tiny, kv_dtype))
     _, plain_ref = _hf_reference(hf_tiny, prompts, None)
     # A 16-token budget chunks the longer prompts; the second round hits the prefix cache.
-    llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="16MB", kv_cache_dtype=name,
+    llm = LLM(tiny_model_dir, device=device, kv_cache_memory="16MB", kv_cache_dtype=name,
               max_num_batched_tokens=16)
     worker = llm.llm_engine.executor.worker
     assert worker.config.cache.torch_cache_dtype == kv_dtype

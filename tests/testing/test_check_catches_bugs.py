@@ -28,8 +28,13 @@ def test_check_fakeaccel_passes_through_the_cli(fakeaccel, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0, out
     assert " passed" in out and "failed" not in out
-    # The tiny-model greedy parity ran (fp32 is among the fake's dtypes).
-    assert "test_tiny_llama_greedy_matches_transformers" not in out  # not skipped, not failed
+    # The tiny-model greedy parity is part of it, and ran (not skipped): the
+    # fake has fp32. ``-rA`` names every test's outcome.
+    code = platforms_cmd.check("fakeaccel", fakeaccel_inprocess.plugin_manager(), ["-rA", "-k",
+                                                                             "greedy"])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASSED" in out and "test_tiny_llama_greedy_matches_transformers" in out
+    assert "SKIPPED" not in out, out
 
 
 # ---- mutants ------------------------------------------------------------------------

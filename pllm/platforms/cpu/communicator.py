@@ -18,7 +18,7 @@ class GlooCommunicator(TorchDistributedCommunicator):
     """Host collectives (gloo): the CPU platform and any platform whose
     tensors live in host memory. When every rank is on this host,
     ``all_reduce`` (tensor parallelism's hot path) goes through a
-    shared-memory segment instead (``pllm.platforms.cpu.shm``)."""
+    shared-memory segment instead (``pllm.platforms.common.shm``)."""
 
     backend = "gloo"
 
@@ -27,7 +27,7 @@ class GlooCommunicator(TorchDistributedCommunicator):
         super().__init__(rank, world_size, init_method, timeout=timeout)
         self._shm = None
         if world_size > 1:
-            from pllm.platforms.cpu.shm import SharedMemoryAllReduce
+            from pllm.platforms.common.shm import SharedMemoryAllReduce
 
             self._shm = SharedMemoryAllReduce.create(rank, world_size, timeout.total_seconds())
 

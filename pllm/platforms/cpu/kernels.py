@@ -1,8 +1,9 @@
 """The CPU platform's compiled kernels (paged decode attention, the few-row
-linear, fused RMSNorm / SiLU-and-mul / rotary, the shared-memory all-reduce), built on first use with
-torch's C++ extension loader (g++ and ninja) and cached under
+linear, fused RMSNorm / SiLU-and-mul / rotary, the one-call decoder layer),
+built on first use (``pllm.platforms.common.cpp``) and cached under
 ``$TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where they cannot
-be built, the platform uses its pure-torch path and logs why once.
+be built, the platform uses its pure-torch path and logs why once. The
+shared-memory all-reduce is ``pllm.platforms.common.shm``, built on its own.
 
 The sources are one translation unit: ``vec.h`` (eight fp32 lanes, AVX2 or
 portable) first, then each kernel file."""
@@ -14,35 +15,24 @@ import logging
 import os
 from pathlib import Path
 
+from pllm.platforms.common.cpp import build_extension
+
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "PLLM_CPU_KERNELS"  # "0" forces the pure-torch path
 
 
-_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp",
-            "shm_all_reduce.cpp")
+_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp")
 _FUNCTIONS = ["paged_decode", "linear_small", "rms_norm", "add_rms_norm_", "silu_and_mul", "rotary_",
-              "write_kv_", "decode_layer", "decode_layer_attn", "decode_layer_mlp", "shm_all_reduce_"]
+              "write_kv_", "decode_layer", "decode_layer_attn", "decode_layer_mlp"]
 
 
 def build(name: str, sources, functions, defines=()):
-    """Compile ``sources`` (file names under ``csrc``, in order) into the
-    extension ``name`` exposing ``functions``; ``defines`` are extra
-    preprocessor macros (e.g. ``PLLM_FP8_TABLE``, the portable 8-bit reader)."""
-    from torch.utils.cpp_extension import load_inline
-
-    csrc = Path(__file__).parent / "csrc"
-    return load_inline(
-        name=name,
-        cpp_sources=[(csrc / source).read_text() for source in sources],
-        functions=list(functions),
-        # No contraction of a*b+c into FMAs beyond the explicit ones, so the
-        # elementwise kernels round as torch's own ops do.
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
-                      *(f"-D{d}" for d in defines)],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    """Compile ``sources`` (file names under this platform's ``csrc``, in
+    order) into the extension ``name`` exposing ``functions``; ``defines``
+    are extra preprocessor macros (e.g. ``PLLM_FP8_TABLE``, the portable
+    8-bit reader)."""
+    return build_extension(name, Path(__file__).parent / "csrc", sources, functions, defines)
 
 
 @functools.cache
@@ -59,7 +49,7 @@ def _module():
 def cpu_ops():
     """The compiled module (``paged_decode``, ``linear_small``, ``rms_norm``,
     ``add_rms_norm_``, ``silu_and_mul``, ``rotary_``, ``write_kv_``,
-    ``decode_layer`` and its two halves, ``shm_all_reduce_``), or None with the reason logged once."""
+    ``decode_layer`` and its two halves), or None with the reason logged once."""
     return _module()
 
 

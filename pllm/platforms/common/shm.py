@@ -1,4 +1,6 @@
-"""All-reduce through a shared-memory segment, for ranks on one host.
+"""All-reduce through a shared-memory segment, for ranks on one host: any
+plugin whose tensors live in host memory may use it (the CPU platform's
+communicator does).
 
 gloo's all-reduce goes through TCP on loopback: about 1.6 ms for a 576-float
 row between two processes on this project's 2-core machine, twice per layer,
@@ -15,15 +17,19 @@ every collective on gloo.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import tempfile
 import threading
 import uuid
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pllm.platforms.common.cpp import build_extension
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +38,21 @@ _LINE = 8  # int64 words per rank in the header
 _MAX_SEGMENT = 32 << 20  # bytes of data slots, all ranks, both parities
 
 
+@functools.cache
+def shm_ops():
+    """The compiled ``shm_all_reduce_`` (``csrc/shm_all_reduce.cpp``), or None
+    where it cannot be built (the reason logged once)."""
+    try:
+        return build_extension("pllm_shm_all_reduce", Path(__file__).parent / "csrc",
+                               ["shm_all_reduce.cpp"], ["shm_all_reduce_"])
+    except Exception as exc:  # no compiler, no ninja, ...: gloo, but say so
+        logger.warning("shared-memory all-reduce unavailable (%s); collectives stay on gloo", exc)
+        return None
+
+
 class SharedMemoryAllReduce:
     def __init__(self, path: str, rank: int, world: int, capacity: int, timeout_s: float) -> None:
-        from pllm.platforms.cpu.kernels import cpu_ops
-
-        self._op = cpu_ops().shm_all_reduce_
+        self._op = shm_ops().shm_all_reduce_
         self.rank, self.world, self.capacity, self.timeout_s = rank, world, capacity, timeout_s
         if not os.path.exists(path):  # another /dev/shm (IPC namespace): from_file would create one
             raise FileNotFoundError(f"{path} is not visible from rank {rank}")
@@ -55,14 +71,12 @@ class SharedMemoryAllReduce:
         """Collective over the default (gloo) group: every rank gets an
         instance, or every rank gets None (ranks on several hosts, kernels not
         built, no room for the segment; the reason is logged by rank 0)."""
-        from pllm.platforms.cpu.kernels import cpu_ops
-
         capacity = max(1024, _MAX_SEGMENT // (2 * world * 4)) // 16 * 16  # whole cache lines
         local = ""
         if os.environ.get(DISABLE_ENV, "1") == "0":
             local = f"{DISABLE_ENV}=0"
-        elif cpu_ops() is None:
-            local = "the CPU kernels are not built"
+        elif shm_ops() is None:
+            local = "the shared-memory all-reduce kernel is not built"
         reasons, hosts = [None] * world, [None] * world
         dist.all_gather_object(reasons, local)
         dist.all_gather_object(hosts, socket.gethostname())

@@ -1,4 +1,5 @@
-"""The CPU communicator's shared-memory all-reduce and all-gather, across real
+"""The shared-memory all-reduce (``pllm.platforms.common.shm``), through the
+CPU communicator that uses it: its all-reduce and all-gather, across real
 processes: equal to the sums and concatenations they stand for, in chunks
 larger than the segment, over many back-to-back steps (the double buffer),
 with more ranks than cores, and off when disabled."""
@@ -11,10 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pllm.platforms.cpu.kernels import cpu_ops
+from pllm.platforms.common.shm import shm_ops
 from pllm.testing.collectives import free_tcp_init_method
 
-pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernels are not built")
+pytestmark = pytest.mark.skipif(shm_ops() is None, reason="the shared-memory kernel is not built")
 
 
 def _parts(world: int, shape, dtype=torch.float32) -> list[torch.Tensor]:
@@ -22,7 +23,7 @@ def _parts(world: int, shape, dtype=torch.float32) -> list[torch.Tensor]:
 
 
 def _rank(rank: int, world: int, init_method: str, expect_shm: bool) -> None:
-    from pllm.platforms.cpu import shm
+    from pllm.platforms.common import shm
     from pllm.platforms.cpu.communicator import GlooCommunicator
 
     torch.set_num_threads(1)

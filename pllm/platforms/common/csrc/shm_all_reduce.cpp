@@ -1,7 +1,7 @@
 // All-reduce through shared memory, for ranks on one host: the tensor-parallel
 // ranks' two sums per layer cost microseconds instead of a TCP round trip.
 //
-// Segment layout (set up by pllm/platforms/cpu/shm.py):
+// Segment layout (set up by pllm/platforms/common/shm.py):
 //   header: int64 words, one 64-byte line per rank: [0] = the last step the
 //           rank has published, [1] = its pid, [3] = 1 once it gave up (timeout,
 //           peer gone), [4 + step % 2] = the element count of the call that
