@@ -274,3 +274,11 @@ def test_selecting_cuda_loads_no_cpu_module() -> None:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_folder_of_modules_is_a_package() -> None:
+    """A folder without ``__init__.py`` is a namespace package: it imports in
+    an editable install and goes missing from the wheel."""
+    folders = {p.parent for p in all_files()}
+    assert sorted(str(f.relative_to(ROOT.parent)) for f in folders
+                  if not (f / "__init__.py").is_file()) == []

@@ -1,6 +1,6 @@
 """PagedAttention in Triton for NVIDIA GPUs; the ROCm platform reuses it.
 
-Same cache layout as the CPU reference (``pllm.platforms.cpu.attention``)::
+Same cache layout as the reference attention (``pllm.testing.reference``)::
 
     kv_cache[0 = K | 1 = V, block, offset_in_block, kv_head, head_dim]
 

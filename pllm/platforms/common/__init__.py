@@ -1,0 +1,6 @@
+"""Building blocks any platform plugin may import, a third-party wheel
+included: the torch.distributed communicators (``communicator``), the
+memory-budget KV-cache allocator (``allocator``), the shared-memory
+all-reduce for ranks on one host (``shm``), the C++ extension builder
+(``cpp``) and the XLA platforms' shell (``xla``). Nothing here imports a
+platform."""
