@@ -5,19 +5,9 @@ from __future__ import annotations
 import torch
 
 from pllm import LLM, SamplingParams
+from pllm.testing.e2e import hf_greedy
 
-
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' own greedy decoding, one prompt at a time (no padding)."""
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                               max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                               eos_token_id=None, pad_token_id=0)
-            outs.append(y[0, len(ids):].tolist())
-    return outs
+__all__ = ["hf_greedy", "pllm_greedy"]
 
 
 def pllm_greedy(llm: LLM, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -23,22 +23,6 @@ ARCHS = {"llama": {}, "mistral": {"sliding_window": 12}, "qwen3": {}}
 PROMPT_LENS = (5, 16, 17, 33)
 
 
-def hf_greedy(folder: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                               max_new_tokens=max_new, min_new_tokens=max_new,
-                               eos_token_id=None, pad_token_id=0)
-            outs.append(y[0, len(ids):].tolist())
-    return outs
-
-
 TRITON_CALLS = [0]
 
 
@@ -70,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pllm import LLM, SamplingParams
     from pllm.loader.testing import make_tiny_model
+    from pllm.testing.e2e import hf_greedy  # transformers in fp32 on the CPU, from the folder
 
     if args.attention == "triton":
         use_triton_attention()

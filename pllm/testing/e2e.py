@@ -28,16 +28,18 @@ def tiny_prompts(vocab: int = 300, lens=PROMPT_LENS, seed: int = 0) -> list[list
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lens]
 
 
-def hf_greedy(model_dir: str | os.PathLike, prompts: list[list[int]],
-              max_new_tokens: int) -> list[list[int]]:
-    """transformers' own greedy decoding in fp32, one prompt at a time (no padding)."""
-    from transformers import AutoModelForCausalLM
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy decoding, one prompt at a time (no padding).
+    ``model``: a loaded transformers model (its dtype and device), or a model
+    folder, loaded here in fp32 on the CPU."""
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     outs = []
     with torch.inference_mode():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=model.device)
             y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                eos_token_id=None, pad_token_id=0)

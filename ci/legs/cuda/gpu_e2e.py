@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from pllm import LLM, SamplingParams
 from pllm.loader.testing import make_tiny_model
+from pllm.testing.e2e import hf_greedy  # on the model's device
 
 # A dry run of this script on a CPU: PLLM_E2E_DEVICE=cpu PLLM_E2E_SMALL=1.
 DEV = os.environ.get("PLLM_E2E_DEVICE", "cuda")
@@ -42,17 +43,6 @@ def sync():
     if DEV == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-
-
-def hf_greedy(model, prompts, max_new):
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids], device=DEV)
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
-                               min_new_tokens=max_new, eos_token_id=None, pad_token_id=0)
-            outs.append(y[0, len(ids):].tolist())
-    return outs
 
 
 def pllm_greedy(llm, prompts, max_new):
