@@ -55,8 +55,10 @@ class ModelConfig:
 class CacheConfig:
     block_size: int | None = None  # None: the platform's default_block_size (resolved)
     kv_cache_memory: int | None = None  # bytes; None: the platform decides
-    # Fraction of the device's memory pllm may use (weights, activations and
-    # KV cache); None: the platform's default (0.9 on GPUs, as vLLM's).
+    # The fraction of the device's memory the KV-cache budget derives from when
+    # kv_cache_memory is unset; each platform's allocator says how (GPUs: of
+    # all memory, less weights and activations; the CPU: of the RAM available,
+    # capped at 4 GiB). None: the platform's default.
     memory_utilization: float | None = None
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None  # for tests: exactly this many blocks (the core applies it)
@@ -127,7 +129,10 @@ class ParallelConfig:
 class DeviceConfig:
     device: str = "auto"
     enforce_eager: bool = False  # no graph capture / compilation of the decode step
-    num_threads: int | None = None  # CPU: torch intra-op threads (None: all cores)
+    # torch intra-op threads per rank, for platforms that compute on the host
+    # (the CPU platform's setup_process applies it; None: the cores split over
+    # the tensor-parallel ranks).
+    num_threads: int | None = None
 
 
 @dataclass(frozen=True)

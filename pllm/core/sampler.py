@@ -23,65 +23,78 @@ from pllm.core.request import Sequence
 
 
 @dataclass
+class Penalties:
+    """Repetition / frequency / presence penalties of the rows that have any
+    (``rows``), with their token counts: built for those rows only, so one
+    penalised request does not make every row of the batch pay."""
+
+    rows: torch.Tensor  # long [P]: which rows of the batch
+    repetition: torch.Tensor  # float [P]
+    frequency: torch.Tensor
+    presence: torch.Tensor
+    seen: torch.Tensor  # bool [P, V]: in the prompt or the output
+    output_counts: torch.Tensor  # float [P, V]: occurrences in the output
+
+
+@dataclass
 class SamplingMetadata:
     """One step's sampling parameters, one row per sample, on ``device``.
-    Tensors a step does not need are None (no penalties: no token counts)."""
+    What a step does not need is None; a step of plain greedy rows (the
+    common serving step) builds no tensor at all."""
 
     num_rows: int
     all_greedy: bool  # every row takes the argmax of its raw logits, nothing else
-    any_random: bool  # some row draws (temperature > 0)
-    greedy: torch.Tensor  # bool [R]
-    temperature: torch.Tensor  # float [R] (1.0 on greedy rows)
-    top_k: torch.Tensor | None  # long [R], vocab where unset
-    top_p: torch.Tensor | None  # float [R]
-    min_p: torch.Tensor | None  # float [R]
-    repetition_penalty: torch.Tensor | None  # float [R]
-    frequency_penalty: torch.Tensor | None
-    presence_penalty: torch.Tensor | None
-    seen: torch.Tensor | None  # bool [R, V]: in the prompt or output (repetition penalty)
-    output_counts: torch.Tensor | None  # float [R, V]: occurrences in the output
-    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) held off by min_tokens
-    generators: list[torch.Generator | None]
-    num_logprobs: list[int | None]
+    any_random: bool = False  # some row draws (temperature > 0)
+    greedy: torch.Tensor | None = None  # bool [R]
+    temperature: torch.Tensor | None = None  # float [R] (1.0 on greedy rows)
+    top_k: torch.Tensor | None = None  # long [R], vocab where unset
+    top_p: torch.Tensor | None = None  # float [R]
+    min_p: torch.Tensor | None = None  # float [R]
+    penalties: Penalties | None = None
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, ids) held off by min_tokens
+    generators: list[torch.Generator | None] | None = None
+    num_logprobs: list[int | None] | None = None
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingMetadata:
         params = [s.request.params for s in seqs]
-        n = len(seqs)
         holding = [s.num_output_tokens < p.min_tokens for s, p in zip(seqs, params)]
-        all_greedy = all(p.greedy and not p.has_penalties and p.logprobs is None and not h
-                         for p, h in zip(params, holding))
+        if all(p.greedy and not p.has_penalties and p.logprobs is None and not h
+               for p, h in zip(params, holding)):
+            return cls(len(seqs), all_greedy=True)
 
         def floats(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
 
-        greedy = torch.tensor([p.greedy for p in params]).to(device, non_blocking=True)
-        temperature = floats([1.0 if p.greedy else p.temperature for p in params])
-        top_k = top_p = min_p = None
+        md = cls(len(seqs), all_greedy=False, any_random=not all(p.greedy for p in params),
+                 greedy=torch.tensor([p.greedy for p in params]).to(device, non_blocking=True),
+                 temperature=floats([1.0 if p.greedy else p.temperature for p in params]),
+                 generators=[_generator(s, device) for s in seqs],
+                 num_logprobs=[p.logprobs for p in params])
         if any(p.top_k > 0 and not p.greedy for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params],
-                                 dtype=torch.long).to(device, non_blocking=True)
+            md.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params],
+                                    dtype=torch.long).to(device, non_blocking=True)
         if any(p.top_p < 1.0 and not p.greedy for p in params):
-            top_p = floats([p.top_p for p in params])
+            md.top_p = floats([p.top_p for p in params])
         if any(p.min_p > 0 and not p.greedy for p in params):
-            min_p = floats([p.min_p for p in params])
-        rep = freq = pres = seen = counts = None
-        if any(p.has_penalties for p in params):
-            rep = floats([p.repetition_penalty for p in params])
-            freq = floats([p.frequency_penalty for p in params])
-            pres = floats([p.presence_penalty for p in params])
-            seen = _token_counts([s.token_ids for s in seqs], vocab_size, device) > 0
-            counts = _token_counts([s.output_token_ids for s in seqs], vocab_size, device)
-        banned = None
-        pairs = [(row, t) for row, (s, p, h) in enumerate(zip(seqs, params, holding)) if h
+            md.min_p = floats([p.min_p for p in params])
+        rows = [i for i, p in enumerate(params) if p.has_penalties]
+        if rows:
+            md.penalties = Penalties(
+                rows=torch.tensor(rows, dtype=torch.long).to(device),
+                repetition=floats([params[i].repetition_penalty for i in rows]),
+                frequency=floats([params[i].frequency_penalty for i in rows]),
+                presence=floats([params[i].presence_penalty for i in rows]),
+                seen=_token_counts([seqs[i].token_ids for i in rows], vocab_size, device) > 0,
+                output_counts=_token_counts([seqs[i].output_token_ids for i in rows], vocab_size,
+                                            device))
+        pairs = [(row, t) for row, (s, h) in enumerate(zip(seqs, holding)) if h
                  for t in sorted(_min_tokens_banned(s))]
         if pairs:
-            rows, ids = zip(*pairs)
-            banned = (torch.tensor(rows, dtype=torch.long).to(device),
-                      torch.tensor(ids, dtype=torch.long).to(device))
-        return cls(n, all_greedy, not all(p.greedy for p in params), greedy, temperature, top_k, top_p, min_p, rep, freq, pres, seen,
-                   counts, banned, [_generator(s, device) for s in seqs],
-                   [p.logprobs for p in params])
+            banned_rows, ids = zip(*pairs)
+            md.banned = (torch.tensor(banned_rows, dtype=torch.long).to(device),
+                         torch.tensor(ids, dtype=torch.long).to(device))
+        return md
 
 
 def _min_tokens_banned(seq: Sequence) -> set[int]:
@@ -123,13 +136,15 @@ class SampleResult:
     logprobs: list[dict[int, Logprob] | None]
 
 
-def _apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    rep = md.repetition_penalty.unsqueeze(1)
-    penalised = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(md.seen, penalised, logits)
-    counts = md.output_counts
-    return (logits - md.frequency_penalty.unsqueeze(1) * counts
-            - md.presence_penalty.unsqueeze(1) * (counts > 0).float())
+def _apply_penalties(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
+    """``logits`` (fp32) with the penalised rows changed."""
+    rows = logits[pen.rows]
+    rep = pen.repetition.unsqueeze(1)
+    rows = torch.where(pen.seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
+    counts = pen.output_counts
+    rows = (rows - pen.frequency.unsqueeze(1) * counts
+            - pen.presence.unsqueeze(1) * (counts > 0).float())
+    return logits.index_copy(0, pen.rows, rows)
 
 
 def _filter(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -173,8 +188,8 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> SampleResult:
         # Widening to fp32 changes no order: only the ids cross to the host.
         return SampleResult(logits.argmax(-1).tolist(), [None] * md.num_rows)
     logits = logits.float()
-    if md.seen is not None:
-        logits = _apply_penalties(logits, md)
+    if md.penalties is not None:
+        logits = _apply_penalties(logits, md.penalties)
     if md.banned is not None:
         logits = logits.index_put(md.banned, torch.tensor(float("-inf"), device=logits.device))
     tokens = logits.argmax(-1)

@@ -89,9 +89,10 @@ class EngineArgs:
                             "e4m3; fp8_e5m2); `pllm platforms` says what the selected platform stores")
         g.add_argument("--memory-utilization", "--gpu-memory-utilization", type=float,
                        default=None, dest="memory_utilization",
-                       help="fraction of the device's memory pllm may use for weights, "
-                            "activations and KV cache when --kv-cache-memory is not given "
-                            "(default: the platform's; 0.9 on GPUs)")
+                       help="when --kv-cache-memory is not given: on GPUs the fraction of "
+                            "the device's memory for weights, activations and KV cache "
+                            "(default 0.9); on the CPU the fraction of the RAM available "
+                            "after loading for the KV cache, at most 4 GiB (default 0.5)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse KV blocks of shared prompt prefixes (on by default)")
         g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")

@@ -117,10 +117,18 @@ def test_penalties_lower_seen_tokens():
             _seq([4, 5, 5], 1, temperature=0, presence_penalty=2.0)]
     from pllm.core.sampler import _apply_penalties
 
-    logits = _apply_penalties(logits, SamplingMetadata.build(seqs, 10, torch.device("cpu")))
+    logits = _apply_penalties(logits, SamplingMetadata.build(seqs, 10, torch.device("cpu")).penalties)
     assert logits[0, 4] == 1.0 and logits[0, 5] == -2.0  # divided / multiplied
     assert logits[1, 5] == -1.0 - 3.0 and logits[1, 4] == 2.0  # only output tokens count
     assert logits[2, 5] == -3.0 and logits[2, 4] == 2.0
+    # In a mixed batch only the penalised row is counted and changed.
+    mixed = [_seq([4, 5], 1, temperature=0), _seq([4, 5, 5], 1, temperature=0,
+                                                   presence_penalty=2.0)]
+    md = SamplingMetadata.build(mixed, 10, torch.device("cpu"))
+    assert md.penalties.rows.tolist() == [1] and md.penalties.seen.shape == (1, 10)
+    base = torch.zeros(2, 10)
+    changed = _apply_penalties(base, md.penalties)
+    assert changed[0].eq(0).all() and changed[1, 5] == -2.0 and changed[1, 4] == 0.0
     # The penalty flips greedy away from the repeated token.
     penalised = [_seq([1, 1], 1, temperature=0, presence_penalty=0.5)]
     assert sample(torch.tensor([[0.0, 1.0, 0.9]]),

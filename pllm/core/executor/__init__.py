@@ -38,7 +38,7 @@ class Executor(Protocol):
         every rank; returns the number of blocks."""
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run one scheduled step on every rank; rank 0's logits come back."""
+        """Run one scheduled step on every rank; what rank 0 sampled comes back."""
 
     def shutdown(self) -> None:
         """Stop the ranks and close their communicators; idempotent."""

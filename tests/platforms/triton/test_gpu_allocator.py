@@ -1,4 +1,4 @@
-"""How the GPU platforms size the KV cache under ``gpu_memory_utilization``,
+"""How the GPU platforms size the KV cache under ``memory_utilization``,
 against a simulated device: torch's caching allocator (live, cached and
 peak bytes) and the driver's free memory. The real thing runs in the GPU
 tests; what is checked here is the arithmetic."""

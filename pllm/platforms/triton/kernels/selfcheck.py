@@ -32,7 +32,6 @@ from pllm.testing import cache_checks
 from pllm.testing.reference import reference_attention
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = ac.TOLERANCES  # the one table, re-exported for older callers
 
 
 @dataclass(frozen=True)
