@@ -21,11 +21,5 @@ why_not_here() {
 leg_gate why_not_here
 
 IPEX_SPEC="${PLLM_IPEX_SPEC:-torch==2.8.0 intel-extension-for-pytorch==2.8.0 --extra-index-url https://download.pytorch.org/whl/cpu}"
-ENV_PY="$(cache_dir ipex)/bin/python"
 # shellcheck disable=SC2086  # the spec carries pip options
-check env cache_env ipex $IPEX_SPEC
-[ "$LEG_FAILED" = 0 ] || { leg_finish || true; exit 1; }
-check conformance "$ENV_PY" -m pllm.entrypoints.cli platforms --check ipex
-check parity "$ENV_PY" ci/legs/parity.py --device ipex
-check bench bench_smoke "$ENV_PY" ipex
-leg_finish
+cached_env_leg ipex $IPEX_SPEC

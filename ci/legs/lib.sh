@@ -145,3 +145,19 @@ cache_env() {
         log "reusing $dir (PLLM_CI_REBUILD=1 makes it again)"
     fi
 }
+
+# The tail every platform leg with a cached environment of its own shares
+# (tpu, neuron, ipex): build or reuse the environment from SPEC (pip
+# arguments), then the conformance suite, greedy parity and the bench smoke
+# run on --device DEVICE; the leg's exit status is leg_finish's.
+cached_env_leg() {  # cached_env_leg DEVICE SPEC...
+    local device=$1
+    shift
+    ENV_PY="$(cache_dir "$device")/bin/python"
+    check env cache_env "$device" "$@"
+    [ "$LEG_FAILED" = 0 ] || { leg_finish || true; exit 1; }
+    check conformance "$ENV_PY" -m pllm.entrypoints.cli platforms --check "$device"
+    check parity "$ENV_PY" ci/legs/parity.py --device "$device"
+    check bench bench_smoke "$ENV_PY" "$device"
+    leg_finish
+}

@@ -18,11 +18,5 @@ why_not_here() {
 leg_gate why_not_here
 
 NEURON_SPEC="${PLLM_NEURON_SPEC:-torch-neuronx neuronx-cc==2.* --extra-index-url https://pip.repos.neuron.amazonaws.com}"
-ENV_PY="$(cache_dir neuron)/bin/python"
 # shellcheck disable=SC2086  # the spec carries pip options
-check env cache_env neuron $NEURON_SPEC
-[ "$LEG_FAILED" = 0 ] || { leg_finish || true; exit 1; }
-check conformance "$ENV_PY" -m pllm.entrypoints.cli platforms --check neuron
-check parity "$ENV_PY" ci/legs/parity.py --device neuron
-check bench bench_smoke "$ENV_PY" neuron
-leg_finish
+cached_env_leg neuron $NEURON_SPEC

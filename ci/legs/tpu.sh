@@ -18,11 +18,5 @@ why_not_here() {
 leg_gate why_not_here
 
 TPU_SPEC="${PLLM_TPU_SPEC:-torch==2.8.0 torch_xla[tpu]==2.8.0 -f https://storage.googleapis.com/libtpu-releases/index.html}"
-ENV_PY="$(cache_dir tpu)/bin/python"
 # shellcheck disable=SC2086  # the spec carries pip options
-check env cache_env tpu $TPU_SPEC
-[ "$LEG_FAILED" = 0 ] || { leg_finish || true; exit 1; }
-check conformance "$ENV_PY" -m pllm.entrypoints.cli platforms --check tpu
-check parity "$ENV_PY" ci/legs/parity.py --device tpu
-check bench bench_smoke "$ENV_PY" tpu
-leg_finish
+cached_env_leg tpu $TPU_SPEC
