@@ -70,6 +70,9 @@ class PlatformCapabilities:
     # tables to the width of ``max_model_len``. Empty: dynamic shapes.
     token_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
+    # Whether the platform's tensors work under torch.inference_mode (XLA's
+    # do not): the runner falls back to no_grad where they do not.
+    inference_mode: bool = True
     # Tensor-parallel ranks may share one device (the host's cores); otherwise
     # each rank needs a device of its own (``device(rank)``).
     ranks_share_device: bool = False
@@ -129,10 +132,14 @@ class AttentionMetadata:
     K/V go; a negative slot means padding (nothing is written).
 
     On a platform with static shapes (``token_buckets``) the runner pads:
-    sequences past the real ones have query length 0 and ``seq_lens`` 0,
-    and token rows from ``query_start_loc[-1]`` to ``num_tokens`` belong to
-    no sequence (slot -1; their output is never read). ``max_query_len`` and
-    ``max_seq_len`` stay those of the real sequences.
+    ``num_tokens`` to a token bucket, ``num_seqs`` always to the sequence
+    bucket of ``max_num_seqs`` and the block tables to the width of
+    ``max_model_len``. Sequences past the real ones have query length 0 and
+    ``seq_lens`` 0, and token rows from ``query_start_loc[-1]`` to
+    ``num_tokens`` belong to no sequence (slot -1; their output is never
+    read). ``max_query_len``, ``max_seq_len`` and ``num_decodes`` stay those
+    of the real sequences: a static-shape backend must not shape anything by
+    them.
     """
 
     num_seqs: int
@@ -374,6 +381,20 @@ class Platform(abc.ABC):
     def synchronize(self) -> None:
         """Optional, defaults to nothing: wait for queued device work (the
         engine calls it after the profiling pass)."""
+
+    def graph_break(self) -> None:
+        """Optional, defaults to nothing: called by the runner where one of a
+        step's programs ends (after block copies, after the forward pass,
+        after the LM head; the sampler ends where its token ids are read). A
+        lazy-tensor platform (XLA) compiles the work traced so far (once per
+        shape) and launches it here."""
+
+    def compilations(self) -> tuple[int, float] | None:
+        """Optional, defaults to None (nothing is compiled per shape): how
+        many programs this process has compiled so far, and the seconds that
+        took. The engine logs it after the warm-up and ``pllm bench`` reports
+        it; on a static-shape platform it must not grow while serving."""
+        return None
 
     def make_decode_runner(self, model: Model, backend: AttentionBackend,
                            kv_caches: list[torch.Tensor], config: EngineConfig):

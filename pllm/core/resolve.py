@@ -7,6 +7,8 @@ capabilities imply, before anything is built::
     block_size None         -> the platform's default_block_size
     kv_cache_dtype          -> cache_dtype: the model dtype, or the platform's
                                8-bit format of that name
+    static shapes (buckets) -> max_num_batched_tokens and max_num_seqs at most
+                               the largest token and sequence bucket (logged)
 
 A value the platform cannot run (a dtype, block size, head_dim, sliding
 window or cache format it lacks) is a ``ValueError`` naming what it can.
@@ -15,12 +17,15 @@ window or cache format it lacks) is a ``ValueError`` naming what it can.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from pllm.core.config import EngineConfig
 from pllm.core.interfaces import Platform
 from pllm.core.kv_cache.fp8 import resolve_kv_cache_dtype
+
+logger = logging.getLogger("pllm")
 
 DEFAULT_CONTEXT = 2048  # for a model config that states none
 
@@ -57,8 +62,21 @@ def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineCon
                          f"{model.sliding_window} tokens, which {name} attention does not support")
     cache_dtype = resolve_kv_cache_dtype(cc.kv_cache_dtype, dtype, caps, name)
 
+    sched = config.scheduler
+    if caps.static_shapes:
+        # Every step must fit a compiled bucket: no step larger than the largest.
+        tokens = min(sched.max_num_batched_tokens, caps.token_buckets[-1])
+        seqs = min(sched.max_num_seqs, caps.seq_buckets[-1])
+        if (tokens, seqs) != (sched.max_num_batched_tokens, sched.max_num_seqs):
+            logger.warning("%s compiles steps of at most %d tokens and %d sequences: "
+                           "max_num_batched_tokens %d -> %d, max_num_seqs %d -> %d", name,
+                           caps.token_buckets[-1], caps.seq_buckets[-1],
+                           sched.max_num_batched_tokens, tokens, sched.max_num_seqs, seqs)
+            sched = dataclasses.replace(sched, max_num_batched_tokens=tokens, max_num_seqs=seqs)
+
     return dataclasses.replace(
         config,
+        scheduler=sched,
         model=dataclasses.replace(mc, dtype=str(dtype).removeprefix("torch."),
                                   max_model_len=max_model_len),
         cache=dataclasses.replace(cc, block_size=block_size,

@@ -2,16 +2,28 @@
 model, and returns logits only for the rows that are needed.
 
 On a platform with static shapes (capabilities' ``token_buckets`` and
-``seq_buckets``) the flat batch is padded before it goes to the device::
+``seq_buckets``) every tensor that reaches the device has a bucketed shape,
+so that one compiled program serves every step of a bucket (XLA):
 
-    3 sequences, 21 tokens; buckets 4 seqs / 32 tokens; width max_model_len/bs
-    query_start_loc [0, 1, 2, 21] -> [0, 1, 2, 21, 21]  (one empty sequence)
-    input_ids, positions   + 11 zeros; slot_mapping + 11 x -1 (no write)
+    3 sequences, 21 tokens; buckets 32 tokens; max_num_seqs 4; width max_model_len/bs
+    query_start_loc [0, 1, 2, 21] -> [0, 1, 2, 21, 21]  (sequences to max_num_seqs' bucket)
+    input_ids, positions   + 11 zeros; slot_mapping + 11 x -1 (padding: no live block)
     block_tables           rows padded with zeros, columns to the full width
+    sampled rows           [0, 1, 20] -> [0, 1, 20, 20] (to a sequence bucket; cut on the host)
+
+The sequence dimension of the attention metadata is always the bucket of
+``max_num_seqs``, so the forward pass compiles once per token bucket; the LM
+head and the sampler compile once per (token, row) and row bucket. The
+platform's ``graph_break`` cuts the work into those three programs, and
+:meth:`ModelRunner.warm_up` compiles them all before the first request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +41,8 @@ from pllm.core.outputs import LogprobsDict
 from pllm.core.request import Sequence
 from pllm.core.sampler import SamplingMetadata, sample, top_logprobs
 from pllm.core.scheduler import ScheduledSeq, SchedulerOutput
+
+logger = logging.getLogger("pllm")
 
 
 @dataclass
@@ -64,6 +78,27 @@ class StepInputs:
     prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def autograd_off(caps: PlatformCapabilities):
+    """``torch.inference_mode``, or where the platform's tensors do not
+    support it (capabilities' ``inference_mode`` False: XLA) ``no_grad`` with
+    inference mode switched off, even inside an inference-mode caller."""
+    if caps.inference_mode:
+        with torch.inference_mode():
+            yield
+    else:
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+
+
+def _autograd_off(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with autograd_off(self.caps):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 def bucket(size: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket holding ``size`` (``size`` itself past the largest)."""
     return next((b for b in buckets if b >= size), size)
@@ -72,15 +107,20 @@ def bucket(size: int, buckets: tuple[int, ...]) -> int:
 class ModelRunner:
     def __init__(self, model: Model, backend: AttentionBackend, kv_caches: list[torch.Tensor],
                  config: EngineConfig, device: torch.device, caps: PlatformCapabilities,
-                 decode_runner=None) -> None:
+                 decode_runner=None, graph_break: Callable[[], None] | None = None) -> None:
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
         self.block_size = config.cache.block_size
         self.device = device
+        self.config = config
+        self.caps = caps
         # Static shapes: pad to these (empty: no padding).
         self.token_buckets, self.seq_buckets = caps.token_buckets, caps.seq_buckets
         self.max_blocks = -(-config.model.max_model_len // self.block_size)
+        self.max_seqs = bucket(config.scheduler.max_num_seqs, self.seq_buckets)
+        # Where a lazy-tensor platform cuts the step into programs (None: nowhere).
+        self.graph_break = graph_break or (lambda: None)
         # Serves decode-only steps from persistent buffers (graph replay); None: eager.
         self.decode_runner = decode_runner
         # Called with each step's inputs before the forward (tensor parallelism:
@@ -123,6 +163,7 @@ class ModelRunner:
                 prompt_spans.append((item.seq.seq_id, lo, hi))
         if self.token_buckets:
             tables = self._pad(input_ids, positions, slots, starts, seq_lens, tables)
+            sample_rows = self.pad_rows(sample_rows)
         return batch, StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
@@ -140,10 +181,16 @@ class ModelRunner:
         input_ids += [0] * pad
         positions += [0] * pad
         slots += [-1] * pad
-        extra = bucket(len(seq_lens), self.seq_buckets) - len(seq_lens)
+        extra = max(self.max_seqs, len(seq_lens)) - len(seq_lens)
         starts += [starts[-1]] * extra
         seq_lens += [0] * extra
         return torch.cat([tables, tables.new_zeros(extra, tables.shape[1])])
+
+    def pad_rows(self, rows: list[int]) -> list[int]:
+        """``rows`` repeated at the end up to a sequence bucket (static shapes)."""
+        if not self.token_buckets or not rows:
+            return rows
+        return rows + [rows[-1]] * (bucket(len(rows), self.seq_buckets) - len(rows))
 
     def build(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Device tensors and attention metadata for ``inputs``."""
@@ -162,25 +209,33 @@ class ModelRunner:
         ids, pos = inputs.input_ids.to(dev), inputs.positions.to(dev)
         return ids, pos, self.backend.prepare_metadata(metadata)
 
-    @torch.inference_mode()
+    @_autograd_off
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states of every token of the step (every rank runs this)."""
         if inputs.block_copies:
             self.backend.copy_blocks(self.kv_caches, inputs.block_copies)
+            self.graph_break()
         ids, pos, metadata = self.build(inputs)
         if self.decode_runner is not None and self.decode_runner.accepts(metadata):
             return self.decode_runner.run(ids, pos, metadata)
-        return self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
+        hidden = self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
+        self.graph_break()
+        return hidden
 
-    @torch.inference_mode()
+    @_autograd_off
     def logits(self, hidden: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
         """The sampled rows' logits, and each prompt span's by seq_id (every
         rank runs this: under tensor parallelism the LM head is split by vocabulary)."""
-        sampled = self.model.compute_logits(hidden[inputs.sample_rows]) if inputs.sample_rows else None
-        return sampled, {seq_id: self.model.compute_logits(hidden[lo:hi])
-                         for seq_id, lo, hi in inputs.prompt_spans}
+        sampled = None
+        if inputs.sample_rows:
+            rows = torch.tensor(inputs.sample_rows, dtype=torch.long).to(hidden.device)
+            sampled = self.model.compute_logits(hidden.index_select(0, rows))
+        spans = {seq_id: self.model.compute_logits(hidden[lo:hi])
+                 for seq_id, lo, hi in inputs.prompt_spans}
+        self.graph_break()
+        return sampled, spans
 
-    @torch.inference_mode()
+    @_autograd_off
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Rank 0's step: forward, LM head, then sampling on the device; only
         token ids (and requested logprobs) come back to the host."""
@@ -195,11 +250,15 @@ class ModelRunner:
             out.sampled += family
             rows += [row] * len(family)
         if out.sampled:
-            if len(rows) != logits.shape[0]:
-                logits = logits[torch.tensor(rows, device=logits.device)]
-            md = SamplingMetadata.build(out.sampled, logits.shape[1], logits.device)
+            identity = rows == list(range(len(rows)))  # no forks: the logits rows are the sampling rows
+            rows = self.pad_rows(rows)  # static shapes: sample a bucket of rows, keep the real ones
+            if not identity or len(rows) != logits.shape[0]:
+                logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long).to(logits.device))
+            md = SamplingMetadata.build(out.sampled, logits.shape[1], logits.device,
+                                        num_rows=len(rows), static=bool(self.token_buckets))
             result = sample(logits, md)
-            out.token_ids, out.logprobs = result.token_ids, result.logprobs
+            num = len(out.sampled)
+            out.token_ids, out.logprobs = result.token_ids[:num], result.logprobs[:num]
         for item in batch:
             if item.seq.seq_id in prompt_logits:
                 out.prompt_logprobs[item.seq.seq_id] = self._prompt_logprobs(
@@ -217,3 +276,55 @@ class ModelRunner:
         nxt = torch.tensor(seq.token_ids[start + 1: start + 1 + num], device=logits.device)
         logp = logits[:num].float().log_softmax(-1)
         return top_logprobs(logp, nxt, [seq.request.params.prompt_logprobs] * num)
+
+    @_autograd_off
+    def warm_up(self, sample_on_this_rank: bool = True) -> list[tuple[str, float]]:
+        """Static shapes: run every program a step can need once, so that
+        serving compiles nothing: the forward pass per token bucket (up to
+        ``max_num_batched_tokens``), the LM head per (token bucket, row
+        bucket) and, on the rank that samples, the greedy, random and seeded
+        sampler per row bucket (penalties, min_tokens bans, logprobs and
+        n > 1 forks compile on first use). The dummy steps write only the padding slots.
+        Returns (shape, seconds) per program, in order."""
+        from tqdm.auto import tqdm
+
+        sched = self.config.scheduler
+        limit = bucket(sched.max_num_batched_tokens, self.token_buckets)
+        token_sizes = [b for b in self.token_buckets if b <= limit]
+        max_rows = min(sched.max_num_seqs, limit)
+        timings: list[tuple[str, float]] = []
+        work = [(t, sorted({bucket(r, self.seq_buckets) for r in range(1, min(t, max_rows) + 1)}))
+                for t in token_sizes]
+        bar = tqdm(total=sum(1 + len(rows) for _, rows in work), desc="compiling step shapes",
+                   unit="program", disable=None)
+        sampled_sizes: set[int] = set()
+        for num_tokens, row_sizes in work:
+            # One sequence of (at most a full context of) padding tokens.
+            real = min(num_tokens, self.max_blocks * self.block_size)
+            inputs = StepInputs(
+                input_ids=torch.zeros(num_tokens, dtype=torch.long),
+                positions=torch.arange(num_tokens, dtype=torch.long).clamp(max=real - 1),
+                slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64),
+                block_tables=torch.zeros(self.max_seqs, self.max_blocks, dtype=torch.int32),
+                query_start_loc=[0] + [real] * self.max_seqs,
+                seq_lens=[real] + [0] * (self.max_seqs - 1), num_decodes=0)
+            t0 = time.perf_counter()
+            hidden = self.forward(inputs)
+            timings.append((f"forward tokens={num_tokens}", time.perf_counter() - t0))
+            bar.update()
+            for num_rows in row_sizes:
+                t0 = time.perf_counter()
+                inputs.sample_rows = list(range(num_rows))
+                logits, _ = self.logits(hidden, inputs)
+                name = f"lm_head tokens={num_tokens} rows={num_rows}"
+                if sample_on_this_rank and num_rows not in sampled_sizes:
+                    sampled_sizes.add(num_rows)
+                    for random, seeded in ((False, False), (True, False), (True, True)):
+                        sample(logits, SamplingMetadata.dummy(num_rows, logits.shape[1],
+                                                              logits.device, random=random,
+                                                              seeded=seeded))
+                    name += " + sampler"
+                timings.append((name, time.perf_counter() - t0))
+                bar.update()
+        bar.close()
+        return timings

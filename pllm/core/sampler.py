@@ -14,6 +14,7 @@ its tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,28 +57,39 @@ class SamplingMetadata:
     num_logprobs: list[int | None] | None = None
 
     @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingMetadata:
+    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device, *,
+              num_rows: int | None = None, static: bool = False) -> SamplingMetadata:
+        """``num_rows`` (at least ``len(seqs)``) pads with greedy rows past the
+        real ones (static shapes: a bucket of rows). ``static`` always builds
+        every filter tensor of a random step (top-k, top-p, min-p, at values
+        that change nothing where unset), so that a compiled sampler serves
+        every mix of requests."""
         params = [s.request.params for s in seqs]
+        num_rows = len(seqs) if num_rows is None else num_rows
+        pad = num_rows - len(seqs)
         holding = [s.num_output_tokens < p.min_tokens for s, p in zip(seqs, params)]
         if all(p.greedy and not p.has_penalties and p.logprobs is None and not h
                for p, h in zip(params, holding)):
-            return cls(len(seqs), all_greedy=True)
+            return cls(num_rows, all_greedy=True)
 
-        def floats(values: list[float]) -> torch.Tensor:
+        def floats(values: list[float], fill: float | None = None) -> torch.Tensor:
+            """One value per row, the padding rows' ``fill`` after them (when given)."""
+            values = values if fill is None else values + [fill] * pad
             return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
 
-        md = cls(len(seqs), all_greedy=False, any_random=not all(p.greedy for p in params),
-                 greedy=torch.tensor([p.greedy for p in params]).to(device, non_blocking=True),
-                 temperature=floats([1.0 if p.greedy else p.temperature for p in params]),
-                 generators=[_generator(s, device) for s in seqs],
-                 num_logprobs=[p.logprobs for p in params])
-        if any(p.top_k > 0 and not p.greedy for p in params):
-            md.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params],
-                                    dtype=torch.long).to(device, non_blocking=True)
-        if any(p.top_p < 1.0 and not p.greedy for p in params):
-            md.top_p = floats([p.top_p for p in params])
-        if any(p.min_p > 0 and not p.greedy for p in params):
-            md.min_p = floats([p.min_p for p in params])
+        md = cls(num_rows, all_greedy=False, any_random=not all(p.greedy for p in params),
+                 greedy=torch.tensor([p.greedy for p in params] + [True] * pad).to(device, non_blocking=True),
+                 temperature=floats([1.0 if p.greedy else p.temperature for p in params], 1.0),
+                 generators=[_generator(s, device) for s in seqs] + [None] * pad,
+                 num_logprobs=[p.logprobs for p in params] + [None] * pad)
+        every = static and md.any_random
+        if every or any(p.top_k > 0 and not p.greedy for p in params):
+            md.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]
+                                    + [vocab_size] * pad, dtype=torch.long).to(device, non_blocking=True)
+        if every or any(p.top_p < 1.0 and not p.greedy for p in params):
+            md.top_p = floats([p.top_p for p in params], 1.0)
+        if every or any(p.min_p > 0 and not p.greedy for p in params):
+            md.min_p = floats([p.min_p for p in params], 0.0)
         rows = [i for i, p in enumerate(params) if p.has_penalties]
         if rows:
             md.penalties = Penalties(
@@ -95,6 +107,25 @@ class SamplingMetadata:
             md.banned = (torch.tensor(banned_rows, dtype=torch.long).to(device),
                          torch.tensor(ids, dtype=torch.long).to(device))
         return md
+
+
+    @classmethod
+    def dummy(cls, num_rows: int, vocab_size: int, device: torch.device, *,
+              random: bool, seeded: bool = False) -> SamplingMetadata:
+        """Metadata of the shapes a static ``build`` gives for ``num_rows``
+        rows: every row greedy, or every row random with every filter, and
+        with ``seeded`` a seeded first row (the runner's warm-up compiles the
+        sampler with each)."""
+        if not random:
+            return cls(num_rows, all_greedy=True)
+        def full(value, dtype=torch.float32) -> torch.Tensor:  # made on the host, as build's
+            return torch.full((num_rows,), value, dtype=dtype).to(device)
+
+        return cls(num_rows, all_greedy=False, any_random=True,
+                   greedy=full(False, torch.bool), temperature=full(1.0),
+                   top_k=full(vocab_size, torch.long), top_p=full(1.0), min_p=full(0.0),
+                   generators=[_seeded(0, device) if seeded else None] + [None] * (num_rows - 1),
+                   num_logprobs=[None] * num_rows)
 
 
 def _min_tokens_banned(seq: Sequence) -> set[int]:
@@ -119,13 +150,29 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.d
 
 
 def _generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
-    """A seeded sequence's own random stream, on the device, made on its first
-    draw and kept on the sequence (its state is the stream's position)."""
+    """A seeded sequence's own random stream, made on its first draw and kept
+    on the sequence (its state is the stream's position): on the device, or
+    on the host where the device has no generators (XLA); the draw then
+    comes over with the step's other inputs."""
     if seq.seed is None:
         return None
-    if seq.generator is None or seq.generator.device.type != torch.device(device).type:
-        seq.generator = torch.Generator(device=device).manual_seed(seq.seed)
+    home = _generator_device(torch.device(device))
+    if seq.generator is None or seq.generator.device.type != home.type:
+        seq.generator = _seeded(seq.seed, home)
     return seq.generator
+
+
+def _seeded(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=_generator_device(torch.device(device))).manual_seed(seed)
+
+
+@functools.cache
+def _generator_device(device: torch.device) -> torch.device:
+    try:
+        torch.Generator(device=device)
+    except RuntimeError:
+        return torch.device("cpu")
+    return device
 
 
 @dataclass
@@ -173,6 +220,15 @@ def _draw(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """One token per row via the exponential race: argmax(p / E), E ~ Exp(1),
     which is a draw from p."""
     probs = logits.softmax(-1)
+    if any(g is not None and g.device.type != probs.device.type for g in md.generators):
+        # Host generators (a device without them, XLA): the whole noise is
+        # drawn on the host, seeded rows from their own streams, and sent in
+        # one transfer (one program for any number of seeded rows).
+        noise = torch.empty(probs.shape, dtype=torch.float32).exponential_()
+        for row, gen in enumerate(md.generators):
+            if gen is not None:
+                noise[row].exponential_(generator=gen)
+        return (probs / noise.to(probs.device)).argmax(-1)
     noise = torch.empty_like(probs).exponential_()
     for row, gen in enumerate(md.generators):
         if gen is not None:
@@ -180,10 +236,10 @@ def _draw(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     return (probs / noise).argmax(-1)
 
 
-@torch.inference_mode()
 def sample(logits: torch.Tensor, md: SamplingMetadata) -> SampleResult:
     """``logits`` ``[md.num_rows, vocab]`` (any dtype, on md's device) -> one
-    token per row."""
+    token per row. Runs under the caller's autograd mode (the runner's
+    ``autograd_off``)."""
     if md.all_greedy:
         # Widening to fp32 changes no order: only the ids cross to the host.
         return SampleResult(logits.argmax(-1).tolist(), [None] * md.num_rows)

@@ -123,7 +123,26 @@ class Worker:
             if decode_runner is not None:
                 decode_runner.capture_all()
         self.runner = ModelRunner(self.model, self.backend, caches, config, self.device,
-                                  platform.capabilities, decode_runner)
+                                  platform.capabilities, decode_runner,
+                                  graph_break=platform.graph_break)
+        if platform.capabilities.static_shapes:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Compile every step shape now (static-shape platforms), not in a request."""
+        before = self.platform.compilations()
+        t0 = time.perf_counter()
+        timings = self.runner.warm_up(sample_on_this_rank=self.tp.rank == 0)
+        if self.tp.rank != 0:
+            return
+        for name, seconds in timings:
+            logger.info("compiled %s in %.2fs", name, seconds)
+        after = self.platform.compilations()
+        counted = ""
+        if before is not None and after is not None:
+            counted = f"; {after[0] - before[0]} programs, {after[1] - before[1]:.1f}s compiling"
+        logger.info("warm-up: %d step shapes in %.1fs%s", len(timings),
+                    time.perf_counter() - t0, counted)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(sched)

@@ -8,14 +8,16 @@ from types import SimpleNamespace
 import torch
 from test_scheduler import add, make_scheduler, run_step
 
-from pllm.core.config import CacheConfig, EngineConfig, ModelConfig
+from pllm.core.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pllm.core.interfaces import PlatformCapabilities
 from pllm.core.runner import ModelRunner, bucket
 
 
-def make_runner(caps: PlatformCapabilities | None = None, max_model_len: int = 64) -> ModelRunner:
+def make_runner(caps: PlatformCapabilities | None = None, max_model_len: int = 64,
+                max_num_seqs: int = 4) -> ModelRunner:
     config = EngineConfig(model=ModelConfig(max_model_len=max_model_len),
-                          cache=CacheConfig(block_size=4))
+                          cache=CacheConfig(block_size=4),
+                          scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
     backend = SimpleNamespace(prepare_metadata=lambda metadata: metadata)
     return ModelRunner(model=None, backend=backend, kv_caches=[], config=config,
                        device=torch.device("cpu"), caps=caps or PlatformCapabilities())
@@ -48,17 +50,19 @@ def test_flat_inputs_put_decodes_first_with_their_slots():
 
 
 def test_static_shapes_pad_tokens_sequences_and_table_width():
-    caps = PlatformCapabilities(token_buckets=(8, 16), seq_buckets=(1, 4))
+    """Tokens to a token bucket; sequences always to max_num_seqs' bucket (one
+    forward program per token bucket); sampled rows to a sequence bucket."""
+    caps = PlatformCapabilities(token_buckets=(8, 16), seq_buckets=(1, 4, 8))
     _, out = _mixed_step()
-    _, inputs = make_runner(caps, max_model_len=64).prepare(out)
+    _, inputs = make_runner(caps, max_model_len=64, max_num_seqs=5).prepare(out)
     assert inputs.input_ids.tolist() == [7, 20, 21, 22, 0, 0, 0, 0]
-    assert inputs.slot_mapping.tolist()[4:] == [-1] * 4  # padding writes nothing
-    assert inputs.query_start_loc == [0, 1, 4, 4, 4]  # two empty sequences
-    assert inputs.seq_lens == [6, 3, 0, 0]
-    assert inputs.block_tables.shape == (4, 16)  # 64 tokens / 4 per block
-    assert inputs.sample_rows == [0, 3]
+    assert inputs.slot_mapping.tolist()[4:] == [-1] * 4  # padding: the backend's padding slots
+    assert inputs.query_start_loc == [0, 1, 4] + [4] * 6  # six empty sequences: 8 in all
+    assert inputs.seq_lens == [6, 3] + [0] * 6
+    assert inputs.block_tables.shape == (8, 16)  # 64 tokens / 4 per block
+    assert inputs.sample_rows == [0, 3, 3, 3]  # two rows, repeated up to the bucket of 4
     metadata = make_runner(caps).build(inputs)[2]
-    assert metadata.num_tokens == 8 and metadata.num_seqs == 4
+    assert metadata.num_tokens == 8 and metadata.num_seqs == 8
     assert metadata.max_query_len == 3 and metadata.max_seq_len == 6
 
 

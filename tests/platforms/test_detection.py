@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 
+from pllm.platforms.common.xla.platform import ACCELERATOR_SCORE, EMULATE_ENV, EMULATED_SCORE
 from pllm.platforms.cpu.platform import CPUPlatform
 from pllm.platforms.cuda.platform import CudaPlatform, cuda_capabilities
 from pllm.platforms.neuron.platform import NeuronPlatform
 from pllm.platforms.rocm.platform import RocmPlatform, rocm_capabilities
 from pllm.platforms.tpu.platform import TPUPlatform
-from pllm.plugins.errors import BackendNotImplementedError
 from pllm.plugins.manager import PluginManager
 
 BUILTINS = ["cpu", "cuda", "rocm", "tpu", "neuron"]
@@ -60,6 +60,7 @@ class Machine:
                 return path in self.files
             return real_exists(path)
 
+        monkeypatch.delenv(EMULATE_ENV, raising=False)
         monkeypatch.setattr(importlib.util, "find_spec", find_spec)
         monkeypatch.setattr(glob, "glob", fake_glob)
         monkeypatch.setattr(os.path, "exists", exists)
@@ -86,7 +87,7 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
 def test_nothing_present_selects_cpu(machine: Machine) -> None:
     assert CudaPlatform.detect().reason == f"torch {torch.__version__} is not a CUDA build"
     assert RocmPlatform.detect().score == 0
-    assert "neither libtpu nor torch_xla" in TPUPlatform.detect().reason
+    assert "torch_xla is not installed" in TPUPlatform.detect().reason
     assert "torch_neuronx is not installed" in NeuronPlatform.detect().reason
     cpu = CPUPlatform.detect()
     assert cpu.available and "intel_extension_for_pytorch is not installed" in cpu.reason
@@ -150,14 +151,12 @@ def test_rocm_build_without_gpu_and_driver_without_rocm_torch(machine: Machine) 
 
 
 def test_tpu_present(machine: Machine) -> None:
-    machine.modules |= {"libtpu", "jax"}
+    machine.modules |= {"torch_xla", "libtpu", "jax"}
     machine.files = ["/dev/accel0", "/dev/accel1", "/dev/accel2", "/dev/accel3"]
     detection = TPUPlatform.detect()
-    # A TPU host, but no TPU backend yet: unavailable (score 0), so auto never
-    # picks a platform that would fail at its first factory.
-    assert detection.score == 0 and "4 TPU device file(s)" in detection.reason
-    assert "runtime: libtpu" in detection.reason and "no TPU backend yet" in detection.reason
-    assert machine.selected() == "cpu"
+    assert detection.score == ACCELERATOR_SCORE and "4 TPU device file(s)" in detection.reason
+    assert "runtime: torch_xla, libtpu" in detection.reason
+    assert machine.selected() == "tpu"  # an accelerator beats the host
     assert TPUPlatform().device_count() == 4
 
 
@@ -165,7 +164,7 @@ def test_tpu_v5e_vfio_devices(machine: Machine) -> None:
     machine.modules.add("torch_xla")
     machine.files = ["/dev/vfio/0", "/dev/vfio/vfio"]
     detection = TPUPlatform.detect()
-    assert detection.score == 0 and "/dev/vfio/0" in detection.reason
+    assert detection.available and "/dev/vfio/0" in detection.reason
     assert "/dev/vfio/vfio" not in detection.reason
 
 
@@ -176,47 +175,64 @@ def test_tpu_software_without_device_never_imports_it(machine: Machine) -> None:
     assert not {"libtpu", "torch_xla", "jax"} & set(sys.modules)
 
 
-def test_tpu_jax_without_libtpu(machine: Machine) -> None:
-    machine.modules.add("jax")
+def test_tpu_runtime_without_torch_xla(machine: Machine) -> None:
+    """pllm drives TPUs through torch_xla: libtpu or jax alone is not enough."""
+    machine.modules |= {"jax", "libtpu"}
     machine.files = ["/dev/accel0"]
     detection = TPUPlatform.detect()
-    assert detection.score == 0 and "jax is installed without libtpu" in detection.reason
+    assert detection.score == 0 and "torch_xla is not installed" in detection.reason
+    assert "jax is installed, but pllm drives TPUs through torch_xla" in detection.reason
+    assert "libtpu installed" in detection.reason
 
 
 def test_neuron_present(machine: Machine) -> None:
     machine.modules |= {"torch_neuronx", "neuronxcc"}
     machine.files = ["/dev/neuron0", "/dev/neuron1"]
     detection = NeuronPlatform.detect()
-    assert detection.score == 0 and "2 Neuron device(s)" in detection.reason
-    assert "neuronx-cc installed" in detection.reason and "no Neuron backend yet" in detection.reason
-    assert machine.selected() == "cpu"
+    assert detection.score == ACCELERATOR_SCORE and "2 Neuron device(s)" in detection.reason
+    assert "neuronx-cc installed" in detection.reason
+    assert machine.selected() == "neuron"
 
 
-def test_neuron_sdk_without_device_and_device_without_sdk(machine: Machine) -> None:
+def test_neuron_sdk_without_compiler_device_or_sdk(machine: Machine) -> None:
     machine.modules.add("torch_neuronx")
     assert "no /dev/neuron<n> device" in NeuronPlatform.detect().reason
-    machine.modules.clear()
     machine.files = ["/dev/neuron0"]
+    detection = NeuronPlatform.detect()
+    assert detection.score == 0 and "compiler (neuronx-cc) is not installed" in detection.reason
+    machine.modules.clear()
     detection = NeuronPlatform.detect()
     assert detection.score == 0 and "1 Neuron device file(s) exist" in detection.reason
 
 
 @pytest.mark.parametrize("platform_cls", [TPUPlatform, NeuronPlatform])
-def test_xla_platforms_refuse_honestly(platform_cls: type) -> None:
+def test_xla_emulation_is_an_explicit_opt_in(machine: Machine, monkeypatch,
+                                             platform_cls: type) -> None:
+    """PLLM_XLA_EMULATE=cpu makes the platform run on XLA's CPU backend: it
+    needs torch_xla, says what it is, and never wins --device auto."""
+    assert platform_cls.detect().score == 0  # no chip, no opt-in: as before
+    monkeypatch.setenv(EMULATE_ENV, "cpu")
+    detection = platform_cls.detect()
+    assert detection.score == 0 and "torch_xla is not installed" in detection.reason
+    machine.modules.add("torch_xla")
+    detection = platform_cls.detect()
+    assert detection.score == EMULATED_SCORE
+    assert detection.reason.startswith(
+        f"XLA on the host CPU (PJRT CPU), emulating a {platform_cls.label}: for tests, not speed")
+    assert machine.selected() == "cpu"
+    assert platform_cls().device_count() == 1
+    monkeypatch.setenv(EMULATE_ENV, "tpu")
+    assert "the one emulation pllm has is 'cpu'" in platform_cls.detect().reason
+
+
+@pytest.mark.parametrize("platform_cls", [TPUPlatform, NeuronPlatform])
+def test_xla_platform_capabilities(platform_cls: type) -> None:
     platform = platform_cls()
-    for make in (
-        platform.make_attention_backend,
-        platform.make_kv_cache_allocator,
-        lambda: platform.make_communicator(0, 1, "tcp://127.0.0.1:1"),
-    ):
-        with pytest.raises(BackendNotImplementedError, match="--device cpu") as err:
-            make()
-        assert isinstance(err.value, NotImplementedError)
-        assert f"pllm/platforms/{platform.name}/README.md" in str(err.value)
-    assert platform.device(1) == torch.device("xla", 1)
+    assert platform.device(1) == torch.device("xla", 0)  # one rank per process
     caps = platform.capabilities
     assert caps.static_shapes and caps.seq_buckets and caps.default_dtype == torch.bfloat16
     assert list(caps.token_buckets) == sorted(caps.token_buckets)
+    assert not caps.inference_mode and caps.head_dims is None
 
 
 def test_cuda_capabilities_follow_compute_capability() -> None:

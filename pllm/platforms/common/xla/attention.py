@@ -1,0 +1,67 @@
+"""The XLA platforms' attention backend: one cache layout (K and V
+interleaved, plus a padding page), one static-shape KV scatter, and two ways
+to attend: the Pallas ragged paged-attention kernel (TPU) or the pure-torch
+paged attention (anywhere else: XLA's CPU backend, Neuron until an NKI
+kernel plugs in through ``kernel``)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pllm.core.interfaces import AttentionBackend, AttentionMetadata
+from pllm.platforms.common.xla import paged
+from pllm.platforms.common.xla.pallas import KernelFit, RaggedKernel, kernel_fit, ragged_attention
+
+logger = logging.getLogger("pllm")
+
+
+class XLAPagedAttention(AttentionBackend):
+    """``kernel`` None: the torch path. Otherwise a ragged paged-attention
+    kernel with torch-xla's signature (:mod:`.pallas`); the cache is then
+    allocated at the shapes the kernel accepts (``kernel_fit``)."""
+
+    name = "xla-paged"
+
+    def __init__(self, kernel: RaggedKernel | None = None, *, kernel_name: str = "torch") -> None:
+        self.kernel = kernel
+        self.kernel_name = kernel_name if kernel is not None else "torch"
+        self.fit: KernelFit | None = None
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        if self.kernel is not None:
+            fit = kernel_fit(num_kv_heads, head_dim)
+            if fit.padded and fit != self.fit:
+                logger.info("%s: %s", self.kernel_name, fit.describe())
+            self.fit = fit
+            num_kv_heads, head_dim = self.fit.num_kv_heads, self.fit.head_dim
+        return paged.xla_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, **_scales) -> None:
+        paged.write_kv(key, value, kv_cache, slot_mapping)
+
+    def prepare_metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        if self.kernel is None:
+            metadata.extras["tokens"] = paged.TokenMap.build(
+                metadata.num_tokens, metadata.query_start_loc, metadata.seq_lens,
+                metadata.block_tables)
+        return metadata
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                *, scale: float, sliding_window: int | None = None, **_scales) -> torch.Tensor:
+        if self.kernel is not None:
+            fit = self.fit or kernel_fit(kv_cache.shape[2] // 2, kv_cache.shape[3])
+            return ragged_attention(self.kernel, fit, query, kv_cache, metadata.seq_lens,
+                                    metadata.block_tables, metadata.query_start_loc,
+                                    scale=scale, sliding_window=sliding_window)
+        tokens = metadata.extras.get("tokens")
+        if tokens is None:
+            tokens = self.prepare_metadata(metadata).extras["tokens"]
+        return paged.paged_attention(query, kv_cache, tokens, scale=scale,
+                                     sliding_window=sliding_window)
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:
+        paged.copy_blocks(kv_caches, src_to_dst)
