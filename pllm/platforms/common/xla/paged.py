@@ -4,13 +4,18 @@ backend, Neuron until an NKI kernel exists). Nothing here imports torch_xla;
 it runs (and is tested) on ordinary CPU tensors too.
 
 The layout is the one torch-xla's ragged paged-attention kernel reads, K and
-V interleaved along the head axis::
+V interleaved along the head axis, stored flat by slot::
 
-    kv_cache[page, offset, 2 * kv_head + 0 | 1, dim]   (0: K, 1: V)
+    kv_cache[page * page_size + offset, 2 * kv_head + 0 | 1, dim]   (0: K, 1: V)
     pages 0 .. num_blocks - 1: the engine's blocks; page num_blocks: padding
+    pages(kv_cache, page_size): the kernel's [pages, page_size, 2 * kv_heads, dim] view
 
 The extra last page is where padding tokens (slot -1) write, so that a
-padded step's scatter keeps its shape and never touches a live block.
+padded step's scatter keeps its shape and never touches a live block. The
+cache is kept flat because XLA updates a buffer in place (input/output
+aliasing) only when the in-place op is on the tensor itself: the same
+``index_copy_`` through a ``view`` made XLA copy the whole cache every step
+(0.4 s per step for a 1 GiB cache on the CPU backend, against 3 ms).
 
 Every shape below is a function of the step's *bucketed* sizes (tokens,
 sequences, block-table width), never of its real lengths: the lengths are
@@ -31,32 +36,38 @@ GATHER_BUDGET = 1 << 24
 
 
 def xla_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
-                       head_dim: int) -> tuple[int, int, int, int]:
-    """One layer's cache: the engine's ``num_blocks`` pages plus the padding page."""
-    return (num_blocks + 1, block_size, 2 * num_kv_heads, head_dim)
+                       head_dim: int) -> tuple[int, int, int]:
+    """One layer's cache: the engine's ``num_blocks`` pages plus the padding
+    page, slot by slot."""
+    return ((num_blocks + 1) * block_size, 2 * num_kv_heads, head_dim)
 
 
-def padding_slots(num_tokens: int, kv_cache: torch.Tensor, device: torch.device) -> torch.Tensor:
+def pages(kv_cache: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The cache as ``[pages, page_size, 2 * kv_heads, head_dim]`` (a view, for reading)."""
+    return kv_cache.view(-1, block_size, *kv_cache.shape[1:])
+
+
+def padding_slots(num_tokens: int, kv_cache: torch.Tensor, block_size: int,
+                  device: torch.device) -> torch.Tensor:
     """Slots in the padding page (the last), one per token, cycling through it."""
-    pages, block_size = kv_cache.shape[:2]
-    return (pages - 1) * block_size + torch.arange(num_tokens, device=device) % block_size
+    return kv_cache.shape[0] - block_size + torch.arange(num_tokens, device=device) % block_size
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, block_size: int) -> None:
     """``key``/``value`` ``[tokens, kv_heads, d]`` into their slots with one
     ``index_copy_`` over the flat slots (a static-shape scatter); negative
     slots go to the padding page. A cache padded for the kernel (more KV
     heads, a wider head_dim than the model's) gets zeros in the padding."""
-    pages, block_size, combined, width = kv_cache.shape
+    _, combined, width = kv_cache.shape
     tokens, num_kv, dim = key.shape
-    slots = torch.where(slot_mapping < 0, padding_slots(tokens, kv_cache, slot_mapping.device),
+    slots = torch.where(slot_mapping < 0,
+                        padding_slots(tokens, kv_cache, block_size, slot_mapping.device),
                         slot_mapping)
     kv = torch.stack((key, value), dim=2)  # [T, kv, 2, d]: K and V of a head side by side
     if combined != 2 * num_kv or width != dim:  # a cache padded for the kernel: zeros
         kv = torch.nn.functional.pad(kv, (0, width - dim, 0, 0, 0, combined // 2 - num_kv))
-    kv_cache.view(pages * block_size, combined, width).index_copy_(
-        0, slots, kv.reshape(tokens, combined, width).to(kv_cache.dtype))
+    kv_cache.index_copy_(0, slots, kv.reshape(tokens, combined, width).to(kv_cache.dtype))
 
 
 @dataclass
@@ -85,8 +96,8 @@ class TokenMap:
         return cls(seq, position, valid, block_tables.long()[seq])
 
 
-def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, tokens: TokenMap, *,
-                    scale: float, sliding_window: int | None = None,
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, tokens: TokenMap,
+                    block_size: int, *, scale: float, sliding_window: int | None = None,
                     soft_cap: float | None = None, num_kv_heads: int | None = None,
                     gather_budget: int = GATHER_BUDGET) -> torch.Tensor:
     """Attention of ``query`` ``[T, H, d]`` against the paged cache, in fp32.
@@ -97,8 +108,9 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, tokens: TokenMa
     Rows of padding tokens come out zero. ``num_kv_heads`` (default: all
     the cache holds) reads a cache padded for the kernel."""
     num_tokens, num_heads, dim = query.shape
-    _, block_size, combined, _ = kv_cache.shape
+    _, combined, _ = kv_cache.shape
     num_kv = num_kv_heads or combined // 2
+    paged = pages(kv_cache, block_size)
     group = num_heads // num_kv
     width = tokens.tables.shape[1]
     per_block = num_tokens * block_size * combined * kv_cache.shape[-1]
@@ -110,7 +122,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, tokens: TokenMa
     acc = torch.zeros((num_tokens, num_kv, group, dim), device=query.device)
     for first in range(0, width, chunk):
         blocks = tokens.tables[:, first:first + chunk]  # [T, n]
-        kv = kv_cache[blocks].float()  # [T, n, bs, 2 * kv, width]
+        kv = paged[blocks].float()  # [T, n, bs, 2 * kv, width]
         kv = kv.reshape(num_tokens, -1, combined // 2, 2, kv.shape[-1])[:, :, :num_kv, :, :dim]
         key, value = kv[..., 0, :], kv[..., 1, :]  # [T, C, kv, d]
         ctx = first * block_size + torch.arange(key.shape[1], device=query.device)
@@ -133,13 +145,15 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, tokens: TokenMa
     return out.reshape(num_tokens, num_heads, dim).to(query.dtype)
 
 
-def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:
+def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]],
+                block_size: int) -> None:
     """Whole pages ``src -> dst`` in every layer (copy-on-write), one
-    ``index_copy_`` per layer."""
+    ``index_copy_`` of their slots per layer."""
     if not src_to_dst:
         return
     device = kv_caches[0].device
-    src = torch.tensor([s for s, _ in src_to_dst], dtype=torch.long).to(device)
-    dst = torch.tensor([d for _, d in src_to_dst], dtype=torch.long).to(device)
+    offsets = torch.arange(block_size)
+    src = torch.cat([s * block_size + offsets for s, _ in src_to_dst]).to(device)
+    dst = torch.cat([d * block_size + offsets for _, d in src_to_dst]).to(device)
     for cache in kv_caches:
         cache.index_copy_(0, dst, cache[src])

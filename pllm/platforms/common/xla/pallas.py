@@ -11,6 +11,14 @@ static-shaped. It accepts only some shapes:
 * ``2 * kv_heads`` that XLA tiles fully: 2, 4, 8 or a multiple of 8 in fp32,
   and in packed bf16 ``kv_heads`` of 1, 2, 4, 8 or a multiple of 8.
 
+The kernel also splits the heads into blocks of at most ``8 x packing``
+combined heads (packing: 1 in fp32, 2 in bf16): 8 KV heads in fp32 make two
+blocks. Under jax's interpreter every head past the first block comes out
+wrong (tests/platforms/xla/test_pallas_interpret.py keeps that as a strict
+expected failure); until that is understood on a TPU, such a model runs the
+torch paged attention instead, and the platform logs why
+(:attr:`KernelFit.head_blocks`).
+
 Other models are *padded* to fit: the cache is allocated with the padded
 head_dim and KV-head count (zeros in the padding), queries get zero
 dimensions and, per padded KV head, zero query heads, and the output is cut
@@ -50,6 +58,14 @@ class KernelFit:
     head_dim: int
     model_kv_heads: int
     model_head_dim: int
+    cache_dtype: torch.dtype = torch.float32
+
+    @property
+    def head_blocks(self) -> int:
+        """How many head blocks the kernel splits the combined KV heads into."""
+        tiling = 8 * max(1, 4 // self.cache_dtype.itemsize)
+        combined = 2 * self.num_kv_heads
+        return combined // tiling if combined % tiling == 0 else 1
 
     @property
     def padded(self) -> bool:
@@ -74,11 +90,12 @@ class KernelFit:
                 f"{self.memory_factor:.2f}x the memory")
 
 
-def kernel_fit(num_kv_heads: int, head_dim: int) -> KernelFit:
+def kernel_fit(num_kv_heads: int, head_dim: int,
+               cache_dtype: torch.dtype = torch.float32) -> KernelFit:
     kv = num_kv_heads
     while not _tiles(kv):
         kv += 1
-    return KernelFit(kv, -(-head_dim // LANES) * LANES, num_kv_heads, head_dim)
+    return KernelFit(kv, -(-head_dim // LANES) * LANES, num_kv_heads, head_dim, cache_dtype)
 
 
 def ragged_attention(kernel: RaggedKernel, fit: KernelFit, query: torch.Tensor,

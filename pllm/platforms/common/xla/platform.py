@@ -87,6 +87,7 @@ class XLAPlatform(Platform):
         return len(device_files(self.device_globs))
 
     def setup_process(self, config, rank: int) -> None:
+        self.cache_dtype = config.cache.torch_cache_dtype  # what the kernel's tiling depends on
         runtime.start("CPU" if self.emulated() else self.pjrt_device)
 
     def synchronize(self) -> None:
@@ -118,7 +119,8 @@ class XLAPlatform(Platform):
             logger.info("%s attention: the torch paged attention (%s)", self.name, why)
             return XLAPagedAttention()
         logger.info("%s attention: %s", self.name, why)
-        return XLAPagedAttention(kernel, kernel_name=why)
+        return XLAPagedAttention(kernel, kernel_name=why,
+                                 cache_dtype=getattr(self, "cache_dtype", torch.bfloat16))
 
     def make_kv_cache_allocator(self) -> KVCacheAllocator:
         from pllm.platforms.common.xla.allocator import XLAKVCacheAllocator
