@@ -14,7 +14,7 @@ import torch
 from pllm.core.interfaces import AttentionMetadata
 from pllm.platforms.common.xla import paged
 from pllm.platforms.common.xla.attention import XLAPagedAttention
-from pllm.platforms.common.xla.pallas import kernel_fit, ragged_attention
+from pllm.platforms.common.xla.pallas import kernel_fit
 from pllm.testing.attention_checks import (
     DEFAULT_CASES,
     AttentionCase,
