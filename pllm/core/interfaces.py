@@ -191,7 +191,8 @@ class AttentionBackend(abc.ABC):
         v_scale: float = 1.0,
     ) -> None:
         """Store ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` at
-        ``slot_mapping`` (in place). Negative slots are skipped.
+        ``slot_mapping`` (in place). Negative slots change no block (they are
+        skipped, or written outside ``block_storage``).
 
         A cache in one of the capabilities' ``kv_cache_dtypes`` (8-bit
         floats) holds ``key / k_scale`` and ``value / v_scale``, saturated to
@@ -220,6 +221,14 @@ class AttentionBackend(abc.ABC):
     @abc.abstractmethod
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:
         """Copy whole blocks ``src -> dst`` in every layer (copy-on-write)."""
+
+    def block_storage(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Optional, defaults to ``kv_cache``: the part of a cache tensor that
+        holds the engine's blocks. A backend that keeps storage of its own
+        beside them (the XLA backends' padding page, where negative slots
+        write so that a padded step keeps its shape) returns the rest; "a
+        negative slot changes nothing" holds for this part."""
+        return kv_cache
 
     def prepare_metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """Optional, defaults to returning ``metadata`` unchanged. Called once per

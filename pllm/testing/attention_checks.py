@@ -190,6 +190,7 @@ class AttentionRun:
     cache: torch.Tensor  # the backend's, after every write
     ref_cache: torch.Tensor  # the reference layout, fp32, on the CPU
     out: torch.Tensor  # the backend's, on the CPU
+    out_device: torch.device  # where the backend returned it
     expected: torch.Tensor  # the reference's, fp32, on the CPU
     atol: float
     rtol: float
@@ -226,6 +227,18 @@ def _grid_values(n: int, hkv: int, d: int, levels: torch.Tensor, gen: torch.Gene
     """Random values among ``levels`` (multiples of 1/2): sums of their
     products are exact in fp32 whatever the order."""
     return levels[torch.randint(len(levels), (n, hkv, d), generator=gen)]
+
+
+def _generator_on(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device``, or on the host where the device has none (XLA)."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:
+        return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, device=gen.device).to(device)
 
 
 def run_attention_case(
@@ -268,7 +281,7 @@ def run_attention_case(
     # Small, host-side choices (block tables) from a CPU generator; the bulk
     # data from one on the device, made in place (the GPU's large cases).
     gen = torch.Generator().manual_seed(seed)
-    data_gen = torch.Generator(device=device).manual_seed(seed)
+    data_gen = _generator_on(device, seed)
     bs, hkv, d = case.block_size, case.num_kv_heads, case.head_dim
     needed = num_blocks_needed(case.seqs, bs)
     num_blocks = needed + (min(needed, 64) if spare_blocks is None else spare_blocks)
@@ -281,7 +294,7 @@ def run_attention_case(
     ref_cache = torch.zeros(reference_kv_cache_shape(num_blocks, bs, hkv, d))
 
     def draw(n: int, size: float, kv_scale: float) -> torch.Tensor:
-        x = torch.randn(n, hkv, d, generator=data_gen, device=device) * size
+        x = _randn((n, hkv, d), data_gen, device) * size
         if is_fp8(kv_cache_dtype):
             x = round_trip(x, kv_scale, kv_cache_dtype)
         return x.to(dtype)
@@ -314,7 +327,7 @@ def run_attention_case(
         query[..., 0] = _LARGE_Q0
         query = query.to(device)
     else:
-        query = torch.randn(n, h, d, generator=data_gen, device=device).to(dtype)
+        query = _randn((n, h, d), data_gen, device).to(dtype)
     key, value = draw_kv(n)
     if case.fused_qkv:  # strided views into one [tokens, (h + 2 hkv) d] tensor
         qkv = torch.cat([query.flatten(1), key.flatten(1), value.flatten(1)], dim=1)
@@ -331,6 +344,7 @@ def run_attention_case(
                                    sliding_window=case.sliding_window)
     return AttentionRun(case=case, dtype=dtype, kv_cache_dtype=kv_cache_dtype, metadata=md,
                         query=query, cache=cache, ref_cache=ref_cache, out=out.cpu(),
+                        out_device=out.device,
                         expected=expected, atol=atol, rtol=rtol)
 
 
@@ -353,8 +367,8 @@ def check_attention_case(
                              seed=seed, kv_cache_dtype=kv_cache_dtype, k_scale=k_scale,
                              v_scale=v_scale)
     problem = run.mismatch()
-    if problem is None and run.out.device.type != torch.device(device).type:
-        problem = f"output on {run.out.device}"
+    if problem is None and run.out_device.type != torch.device(device).type:
+        problem = f"output on {run.out_device}"
     assert problem is None, f"{type(backend).__name__} on {run.where}: {problem}"
     return run
 

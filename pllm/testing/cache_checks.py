@@ -125,7 +125,8 @@ def check_write_kv(
     padding = torch.tensor([-1, -1, -7], device=device)
     cache = base.clone()
     backend.write_kv(rand(3), rand(3), cache, padding)
-    assert torch.equal(cache, base), f"{where}: an all-padding write changed the cache"
+    blocks = backend.block_storage
+    assert torch.equal(blocks(cache), blocks(base)), f"{where}: an all-padding write changed a block"
 
     valid = torch.randperm(num_slots, generator=gen)[:5]
     slots = torch.tensor(
@@ -139,7 +140,7 @@ def check_write_kv(
     only_valid = base.clone()
     backend.write_kv(keys[keep], values[keep], only_valid, slots[keep])
     assert not torch.equal(only_valid, base), f"{where}: writing 5 tokens changed nothing"
-    assert torch.equal(mixed, only_valid), f"{where}: padding slots were not skipped"
+    assert torch.equal(blocks(mixed), blocks(only_valid)), f"{where}: padding slots were not skipped"
 
 
 def check_copy_blocks(
@@ -228,4 +229,5 @@ def check_kv_cache_allocator(
         assert tuple(t.shape) == shape and t.dtype == dtype, f"{name}: {t.shape}, {t.dtype}"
         assert t.device.type == torch.device(device).type, f"{name}: tensor on {t.device}"
         assert not t.any(), f"{name}.allocate returned a tensor that is not zeroed"
-    assert len({t.data_ptr() for t in tensors}) == 3, f"{name}.allocate: layers share memory"
+    tensors[0].fill_(1)  # layers must not share memory (data_ptr means nothing on XLA)
+    assert not tensors[1].any() and not tensors[2].any(), f"{name}.allocate: layers share memory"

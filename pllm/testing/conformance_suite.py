@@ -28,8 +28,15 @@ CASES = [pytest.param(c, id=c.name) for c in cf.DEFAULT_CASES]
 
 
 @pytest.fixture(scope="module")
-def platform(request: pytest.FixtureRequest) -> Platform:
-    return select_platform(request.config)
+def platform(request: pytest.FixtureRequest):
+    """The platform under test, set up in this process as the engine sets
+    up rank 0's (``setup_process``; ``teardown_process`` after)."""
+    from pllm.core.config import EngineConfig
+
+    platform = select_platform(request.config)
+    platform.setup_process(EngineConfig(), 0)
+    yield platform
+    platform.teardown_process()
 
 
 @pytest.fixture(scope="module")

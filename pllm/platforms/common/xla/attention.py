@@ -56,6 +56,10 @@ class XLAPagedAttention(AttentionBackend):
                  slot_mapping: torch.Tensor, **_scales) -> None:
         paged.write_kv(key, value, kv_cache, slot_mapping, self.block_size)
 
+    def block_storage(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Every page but the last, the padding page."""
+        return kv_cache[: kv_cache.shape[0] - self.block_size]
+
     def prepare_metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:
         if self.kernel is None:
             metadata.extras["tokens"] = paged.TokenMap.build(

@@ -87,7 +87,10 @@ class XLAPlatform(Platform):
         return len(device_files(self.device_globs))
 
     def setup_process(self, config, rank: int) -> None:
-        self.cache_dtype = config.cache.torch_cache_dtype  # what the kernel's tiling depends on
+        # What the kernel's tiling depends on (a config not yet resolved: the default dtype).
+        cache = config.cache
+        self.cache_dtype = (cache.torch_cache_dtype if cache.cache_dtype
+                            else self.capabilities.default_dtype)
         runtime.start("CPU" if self.emulated() else self.pjrt_device)
 
     def synchronize(self) -> None:
@@ -130,4 +133,9 @@ class XLAPlatform(Platform):
     def make_communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         from pllm.platforms.common.xla.communicator import XLACommunicator
 
+        if self.emulated() and world_size > 1:
+            raise ValueError(
+                "tensor parallelism does not run on XLA's CPU backend: each process is a world "
+                "of one device there, so an all-reduce over the xla process group returns each "
+                "rank's own tensor (tensor_parallel_size must be 1 under PLLM_XLA_EMULATE=cpu)")
         return XLACommunicator(rank, world_size, init_method)
