@@ -4,8 +4,10 @@
 # leg-checks: pllm platforms --check neuron; greedy parity on --device neuron (ci/legs/parity.py); a small throughput benchmark
 # leg-runner: [self-hosted, trn1]
 #
-# The neuron platform detects Neuron devices but has no attention backend
-# yet: until it does, this leg fails on a Neuron host.
+# The neuron platform on the chip: the shared XLA path compiled by
+# neuronx-cc, the torch paged attention (until an NKI kernel plugs in).
+# Everything but the Neuron SDK's part is proven without the chip by the xla
+# leg; this leg has not yet run on a Neuron host.
 LEG=neuron
 LEG_ARG="${1:-}"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

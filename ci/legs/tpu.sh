@@ -4,8 +4,10 @@
 # leg-checks: pllm platforms --check tpu; greedy parity on --device tpu (ci/legs/parity.py); a small throughput benchmark
 # leg-runner: [self-hosted, tpu-v5e]
 #
-# The tpu platform detects TPUs but has no attention backend yet: until it
-# does, this leg fails on a TPU host, and that failure is the to-do list.
+# The tpu platform on the chip: torch-xla's Pallas ragged paged-attention
+# kernel compiled by Mosaic, bf16, XLA's TPU compiler. Everything else of the
+# XLA path is proven without a TPU by the xla leg; this leg has not yet run
+# on a TPU.
 LEG=tpu
 LEG_ARG="${1:-}"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -17,6 +19,6 @@ why_not_here() {
 }
 leg_gate why_not_here
 
-TPU_SPEC="${PLLM_TPU_SPEC:-torch==2.8.0 torch_xla[tpu]==2.8.0 -f https://storage.googleapis.com/libtpu-releases/index.html}"
+TPU_SPEC="${PLLM_TPU_SPEC:-torch==2.9.0 torch_xla[tpu,pallas]==2.9.0 -f https://storage.googleapis.com/libtpu-releases/index.html}"
 # shellcheck disable=SC2086  # the spec carries pip options
 cached_env_leg tpu $TPU_SPEC

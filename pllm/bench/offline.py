@@ -22,19 +22,37 @@ def warm_up(llm, requests: list[BenchRequest], num_requests: int = 4, output_len
     llm.generate(prompts, bench_params(output_len), use_tqdm=False)
 
 
+def compilations(llm) -> tuple[int, float] | None:
+    """Programs the platform compiled so far and the seconds it took (None
+    where it compiles nothing per shape)."""
+    return llm.llm_engine.platform.compilations()
+
+
+def compile_figures(before: tuple[int, float] | None, after: tuple[int, float] | None) -> dict:
+    """Start-up compilations (``before``: the warm-up) and those the timed run added."""
+    if before is None or after is None:
+        return {}
+    return {"compilations_at_start": before[0], "compile_s_at_start": round(before[1], 2),
+            "compilations_during_run": after[0] - before[0],
+            "compile_s_during_run": round(after[1] - before[1], 2)}
+
+
 def run_throughput(llm, requests: list[BenchRequest], *, use_tqdm: bool = False) -> dict:
     """All requests submitted at once; the clock covers ``generate`` only."""
     warm_up(llm, requests)
     params = [bench_params(r.output_len) for r in requests]
+    before = compilations(llm)
     t0 = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=use_tqdm)
     elapsed = time.perf_counter() - t0
+    after = compilations(llm)
     generated = [len(o.outputs[0].token_ids) for o in outputs]
     useful = sum(min(n, r.output_len) for n, r in zip(generated, requests))
     figures = throughput_figures(
         elapsed, num_requests=len(requests), num_prompt_tokens=sum(r.prompt_len for r in requests),
         num_useful_tokens=useful, num_generated_tokens=sum(generated))
     figures["num_short_outputs"] = sum(n < r.output_len for n, r in zip(generated, requests))
+    figures.update(compile_figures(before, after))
     return figures
 
 
@@ -57,8 +75,9 @@ def run_latency(llm, requests: list[BenchRequest], *, num_warmup: int) -> dict:
 
     Each request has its own prompt, so no run reuses another's prefix cache."""
     engine = llm.llm_engine
+    before = compilations(llm)
     runs = [_timed_request(engine, f"bench-latency-{i}", r) for i, r in enumerate(requests)]
-    return latency_figures(runs[num_warmup:])
+    return {**latency_figures(runs[num_warmup:]), **compile_figures(before, compilations(llm))}
 
 
 def decode_weight_bytes(engine) -> int:

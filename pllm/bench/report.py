@@ -142,13 +142,23 @@ def print_throughput(result: dict) -> None:
     print(f"pllm: {_fmt(p['useful_output_tokens_per_s'])} useful output tokens/s, "
           f"{_fmt(p['total_tokens_per_s'])} prompt+output tokens/s, "
           f"{_fmt(p['requests_per_s'])} requests/s ({p['elapsed_s']:.1f}s)")
+    _print_compilations(p)
     _print_baselines(result, "useful_output_tokens_per_s", "useful output tokens/s")
+
+
+def _print_compilations(p: dict) -> None:
+    """Static-shape platforms: what start-up compiled, and what the run added (should be 0)."""
+    if "compilations_at_start" in p:
+        print(f"  compiled {p['compilations_at_start']} programs at start-up "
+              f"({p['compile_s_at_start']:.1f}s); {p['compilations_during_run']} more during "
+              f"the run ({p['compile_s_during_run']:.1f}s)")
 
 
 def print_latency(result: dict) -> None:
     p, bw = result["pllm"], result.get("bandwidth", {})
     print(f"pllm: decode {_fmt(p['decode_tokens_per_s'])} tokens/s, "
           f"TTFT {_fmt(p['ttft_s'], ' ms', 1000)}, e2e {_fmt(p['e2e_latency_s'], ' s')}")
+    _print_compilations(p)
     if bw:
         print(f"  weights {bw['weight_bytes'] / 1e6:.0f} MB per decode step -> "
               f"{_fmt(bw['achieved_gb_per_s'], ' GB/s')} of a measured "

@@ -123,6 +123,52 @@ def test_static_shapes_pad_every_step_and_change_no_token(tiny_model_dir, fake_p
     assert shapes and all(t in (8, 16, 64) and s == 4 and w == 8 for t, s, w in shapes), shapes
 
 
+def test_static_shapes_compile_every_shape_at_start_up(tiny_model_dir, fake_platform):
+    """The warm-up runs a forward pass per token bucket up to the step
+    budget, with a graph break after each program, before any request."""
+    breaks = []
+    platform = _platform_with(fake_platform, token_buckets=(8, 16, 64, 128), seq_buckets=(2, 4))
+    type(platform).graph_break = lambda self: breaks.append(1)
+    backend_cls = type(platform.make_attention_backend())
+    seen = []
+    original = backend_cls.forward
+
+    def watched(self, query, kv_cache, metadata, **kwargs):
+        seen.append(metadata.num_tokens)
+        return original(self, query, kv_cache, metadata, **kwargs)
+
+    backend_cls.forward = watched
+    try:
+        _engine(tiny_model_dir, platform, max_num_batched_tokens=64)
+    finally:
+        backend_cls.forward = original
+    assert sorted(set(seen)) == [8, 16, 64]  # not 128: past the step budget
+    assert len(breaks) >= 3 + 3 * 2  # a forward and its LM heads per token bucket
+
+
+def test_without_inference_mode_the_runner_uses_no_grad(tiny_model_dir, fake_platform):
+    """Capability ``inference_mode`` False (XLA's tensors cannot be inference
+    tensors): steps run under no_grad, even inside an inference-mode caller."""
+    want = _greedy(_engine(tiny_model_dir, fake_platform()), PROMPTS)
+    platform = _platform_with(fake_platform, inference_mode=False)
+    backend_cls = type(platform.make_attention_backend())
+    modes = set()
+    original = backend_cls.forward
+
+    def watched(self, query, kv_cache, metadata, **kwargs):
+        modes.add((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return original(self, query, kv_cache, metadata, **kwargs)
+
+    backend_cls.forward = watched
+    try:
+        engine = _engine(tiny_model_dir, platform)
+        with torch.inference_mode():  # as the server's engine thread runs its steps
+            got = _greedy(engine, PROMPTS)
+    finally:
+        backend_cls.forward = original
+    assert got == want and modes == {(False, False)}
+
+
 def test_the_decode_runner_is_asked_only_where_graphs_are_supported(tiny_model_dir, fake_platform):
     asked = []
 
