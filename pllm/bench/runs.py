@@ -32,11 +32,17 @@ class BenchArgumentError(ValueError):
 # ---------------------------------------------------------------- shared steps
 
 
+PLLM_BASELINE = "pllm-"  # pllm-DEVICE: pllm on another platform (throughput)
+
+
 def _baselines(kind: str, compare: list[str]) -> list[str]:
     known = BASELINE_CHOICES[kind]
     names: list[str] = []
     for item in compare:
         for name in filter(None, (s.strip() for s in item.split(","))):
+            if kind == "throughput" and name.startswith(PLLM_BASELINE) and len(name) > 5:
+                names += [name] if name not in names else []
+                continue
             if name not in known:
                 raise BenchArgumentError(
                     f"unknown --compare {name!r} for bench {kind}; choose from {', '.join(known)}")
@@ -123,13 +129,18 @@ def run_throughput(args) -> dict:
           f"{result['workload']['num_output_tokens']} output tokens)", flush=True)
     result["pllm"] = pllm_throughput(llm, requests, use_tqdm=sys.stderr.isatty())
     result["pllm"]["peak_rss_bytes"] = peak_rss_bytes()
-    specs = {name: _baseline_spec(engine, BASELINE_MODES[name], requests) for name in baselines}
+    specs = {name: _baseline_spec(engine, BASELINE_MODES[name], requests) for name in baselines
+             if not name.startswith(PLLM_BASELINE)}
+    llm.shutdown()
     del llm, engine  # pllm's weights and KV cache go back before a baseline loads its own
     gc.collect()
+    result["baselines"] = {}
+    for name in baselines:
+        if name.startswith(PLLM_BASELINE):
+            result["baselines"][name] = _pllm_on(ea, name[len(PLLM_BASELINE):], requests)
     result["baseline_settings"] = {"hf_batch_size": args.hf_batch_size, "hf_order": args.hf_order,
                                    "hf_page_size": args.hf_page_size,
                                    "hf_max_batch_tokens": ea.max_num_batched_tokens}
-    result["baselines"] = {}
     for name, spec in specs.items():
         print(f"{name}: running ...", flush=True)
         spec.update(batch_size=args.hf_batch_size, order=args.hf_order,
@@ -141,6 +152,29 @@ def run_throughput(args) -> dict:
     report.print_throughput(result)
     _finish(result, args, report.plot_throughput)
     return result
+
+
+def _pllm_on(ea, device: str, requests) -> dict:
+    """pllm's throughput with the same engine arguments and requests on
+    ``device`` (a baseline of the same run); its start-up time is recorded."""
+    from pllm.bench.offline import run_throughput as pllm_throughput
+    from pllm.entrypoints.llm import LLM
+
+    print(f"pllm on --device {device}: running ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        llm = LLM(**{**vars(ea), "device": device})
+    except Exception as e:  # noqa: BLE001  (recorded, as a failed HF baseline is)
+        return {"error": f"{type(e).__name__}: {e}"}
+    try:
+        start = time.perf_counter() - t0
+        figures = pllm_throughput(llm, requests)
+        engine = llm.llm_engine
+        figures.update(startup_s=round(start, 1), device=engine.platform.name,
+                       dtype=engine.config.model.dtype)
+        return figures
+    finally:
+        llm.shutdown()
 
 
 # ---------------------------------------------------------------- latency

@@ -243,3 +243,21 @@ def test_serve_bench_refuses_remote_hosts(capsys):
     check_loopback("http://example.com/v1", allow_remote=True)
     assert bench_cmd.main(["serve", "--base-url", "http://192.0.2.7:8000/v1"]) == 2
     assert "refusing to benchmark '192.0.2.7'" in capsys.readouterr().err
+
+
+def test_pllm_on_another_device_is_a_baseline_of_the_same_run(tiny_model_dir, tmp_path):
+    """``--compare pllm-DEVICE``: pllm again, same engine arguments and
+    requests, on another platform (here the cpu itself, and one that is not
+    installed: recorded as failed, naming the installed platforms)."""
+    out = tmp_path / "tp.json"
+    rc = bench_cmd.main(["throughput", "--model", tiny_model_dir, *ENGINE, "--num-prompts", "3",
+                         "--input-len-range", "4,12", "--output-len-range", "2,4",
+                         "--compare", "pllm-cpu,pllm-nosuchchip", "--output-json", str(out),
+                         "--no-plot"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    cpu = result["baselines"]["pllm-cpu"]
+    assert cpu["device"] == "cpu" and cpu["num_useful_output_tokens"] > 0
+    assert result["ratios"]["pllm-cpu"] > 0
+    assert "nosuchchip" in result["baselines"]["pllm-nosuchchip"]["error"]
+    assert "cpu" in result["baselines"]["pllm-nosuchchip"]["error"]
