@@ -221,6 +221,8 @@ def test_xla_emulation_is_an_explicit_opt_in(machine: Machine, monkeypatch,
         f"XLA on the host CPU (PJRT CPU), emulating a {platform_cls.label}: for tests, not speed")
     assert machine.selected() == "cpu"
     assert platform_cls().device_count() == 1
+    with pytest.raises(ValueError, match="tensor parallelism does not run on XLA's CPU backend"):
+        platform_cls().make_communicator(0, 2, "file:///nonexistent")
     monkeypatch.setenv(EMULATE_ENV, "tpu")
     assert "the one emulation pllm has is 'cpu'" in platform_cls.detect().reason
 

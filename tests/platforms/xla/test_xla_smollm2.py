@@ -38,7 +38,7 @@ def reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["tpu"])
+@pytest.mark.parametrize("device", ["tpu", "neuron"])
 def test_smollm2_greedy_parity_on_the_xla_device(reference, device):
     prompts, expected = reference
     longest = max(len(p) for p in prompts) + MAX_NEW
