@@ -2,5 +2,6 @@
 included: the torch.distributed communicators (``communicator``), the
 memory-budget KV-cache allocator (``allocator``), the shared-memory
 all-reduce for ranks on one host (``shm``), the C++ extension builder
-(``cpp``) and the XLA platforms' shell (``xla``). Nothing here imports a
-platform."""
+(``cpp``) and the XLA execution path the TPU and Neuron platforms share
+(``xla``: static shapes, its cache layout and paged attention, the Pallas
+kernel fit, the torch-xla calls). Nothing here imports a platform."""
