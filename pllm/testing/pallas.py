@@ -122,20 +122,18 @@ def interpreted_ragged_kernel(num_kv_pages_per_block: int = 2, num_queries_per_b
     return kernel
 
 
-def jax_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
+def jax_decode_attention(query: torch.Tensor, kv_pages: torch.Tensor,
                          metadata: AttentionMetadata, *, scale: float,
                          pages_per_compute_block: int = 1) -> torch.Tensor:
     """jax's decode ``paged_attention`` (one query token per sequence) in TPU
-    interpret mode, reading a pllm XLA cache (``[slots, 2 * kv_heads, d]``,
-    K/V interleaved; ``pllm.platforms.common.xla.paged``), which it wants as separate
+    interpret mode, reading the pages of an XLA-layout cache (``kv_pages``
+    ``[pages, page_size, 2 * kv_heads, d]``, K/V interleaved: the tpu
+    platform's cache seen as pages), which it wants as separate
     ``[kv_heads, pages, page_size, d]`` K and V. It takes queries unscaled by
     anything but what it is given: ``scale`` is applied to them first."""
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-    from pllm.platforms.common.xla.paged import pages
-
-    kv_pages = pages(kv_cache, metadata.block_size)
     k_pages = kv_pages[:, :, 0::2].permute(2, 0, 1, 3).contiguous()
     v_pages = kv_pages[:, :, 1::2].permute(2, 0, 1, 3).contiguous()
     with pltpu.force_tpu_interpret_mode():

@@ -166,7 +166,7 @@ def test_attention_check_skips_what_capabilities_rule_out() -> None:
 
 
 def test_write_kv_check_catches_written_padding() -> None:
-    with pytest.raises(AssertionError, match="all-padding write changed the cache"):
+    with pytest.raises(AssertionError, match="all-padding write changed a block"):
         cf.check_write_kv(WrapsPaddingBackend())
 
 

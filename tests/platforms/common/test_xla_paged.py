@@ -135,3 +135,13 @@ def test_kernel_num_seqs_excludes_padding_sequences():
     out = backend.forward(query, run.cache, padded, scale=DEFAULT_CASES[2].softmax_scale)
     torch.testing.assert_close(out[: run.metadata.num_tokens], run.out)
     assert calls[-1][2] == len(DEFAULT_CASES[2].seqs)
+
+
+def test_padding_storage_passes_the_conformance_write_and_copy_checks():
+    """The padding page is outside block_storage: the generic checks accept
+    a backend that writes padding there, and copy whole pages."""
+    from pllm.testing import conformance as cf
+
+    backend = XLAPagedAttention()
+    cf.check_write_kv(backend)
+    cf.check_copy_blocks(backend)

@@ -125,7 +125,10 @@ def test_jax_decode_paged_attention_matches_a_bf16_reference():
     case = AttentionCase("decode_block_edges", ((15, 1), (16, 1), (31, 1), (40, 1)),
                          num_heads=8, num_kv_heads=2, head_dim=128)
     run = run_attention_case(XLAPagedAttention(), case)
-    out = jax_decode_attention(run.query, run.cache, run.metadata, scale=case.softmax_scale)
+    from pllm.platforms.common.xla.paged import pages
+
+    kv_pages = pages(run.cache, case.block_size)
+    out = jax_decode_attention(run.query, kv_pages, run.metadata, scale=case.softmax_scale)
     rounded = run.ref_cache.to(torch.bfloat16).float()
     want = reference_attention(run.query.float(), rounded, run.metadata, scale=case.softmax_scale)
     torch.testing.assert_close(out.float(), want, atol=2e-5, rtol=2e-5)
