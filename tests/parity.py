@@ -7,7 +7,27 @@ import torch
 from pllm import LLM, SamplingParams
 from pllm.testing.e2e import hf_greedy
 
-__all__ = ["hf_greedy", "pllm_greedy"]
+__all__ = ["hf_greedy", "pllm_greedy", "smollm2_hf_and_prompts"]
+
+SMOLLM2_SYSTEM = ("<|im_start|>system\nYou are a helpful assistant named SmolLM, trained by "
+                  "Hugging Face. Answer briefly and politely.<|im_end|>\n")
+
+
+def smollm2_hf_and_prompts(texts: list[str]):
+    """transformers' SmolLM2-135M-Instruct in fp32 from the default model's
+    GGUF file, and the token ids of ``texts``, every other one behind a long
+    system prompt (so the prefix cache has something to hit)."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pllm.loader import default_model_path
+
+    path = default_model_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return hf, [tok.encode(SMOLLM2_SYSTEM + t if i % 2 else t) for i, t in enumerate(texts)]
 
 
 def pllm_greedy(llm: LLM, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,8 +40,6 @@ from pllm.core.outputs import LogprobsDict
 from pllm.core.request import Sequence
 from pllm.core.sampler import SamplingMetadata, sample, top_logprobs
 from pllm.core.scheduler import ScheduledSeq, SchedulerOutput
-
-logger = logging.getLogger("pllm")
 
 
 @dataclass

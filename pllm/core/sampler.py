@@ -108,7 +108,6 @@ class SamplingMetadata:
                          torch.tensor(ids, dtype=torch.long).to(device))
         return md
 
-
     @classmethod
     def dummy(cls, num_rows: int, vocab_size: int, device: torch.device, *,
               random: bool, seeded: bool = False) -> SamplingMetadata:
@@ -118,6 +117,7 @@ class SamplingMetadata:
         sampler with each)."""
         if not random:
             return cls(num_rows, all_greedy=True)
+
         def full(value, dtype=torch.float32) -> torch.Tensor:  # made on the host, as build's
             return torch.full((num_rows,), value, dtype=dtype).to(device)
 
@@ -220,20 +220,16 @@ def _draw(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """One token per row via the exponential race: argmax(p / E), E ~ Exp(1),
     which is a draw from p."""
     probs = logits.softmax(-1)
-    if any(g is not None and g.device.type != probs.device.type for g in md.generators):
-        # Host generators (a device without them, XLA): the whole noise is
-        # drawn on the host, seeded rows from their own streams, and sent in
-        # one transfer (one program for any number of seeded rows).
-        noise = torch.empty(probs.shape, dtype=torch.float32).exponential_()
-        for row, gen in enumerate(md.generators):
-            if gen is not None:
-                noise[row].exponential_(generator=gen)
-        return (probs / noise.to(probs.device)).argmax(-1)
-    noise = torch.empty_like(probs).exponential_()
+    # Host generators (a device without them, XLA): the whole noise is drawn
+    # on the host, seeded rows from their own streams, and sent in one
+    # transfer (one program for any number of seeded rows).
+    on_host = any(g is not None and g.device.type != probs.device.type for g in md.generators)
+    noise = torch.empty(probs.shape, dtype=probs.dtype,
+                        device="cpu" if on_host else probs.device).exponential_()
     for row, gen in enumerate(md.generators):
         if gen is not None:
             noise[row].exponential_(generator=gen)
-    return (probs / noise).argmax(-1)
+    return (probs / noise.to(probs.device)).argmax(-1)
 
 
 def sample(logits: torch.Tensor, md: SamplingMetadata) -> SampleResult:

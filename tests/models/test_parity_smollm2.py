@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from parity import check_setting, hf_greedy, pllm_greedy, settings
+from parity import check_setting, hf_greedy, pllm_greedy, settings, smollm2_hf_and_prompts
 
 from pllm import LLM
-from pllm.loader import default_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -25,21 +22,11 @@ PROMPTS = [
     "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
     "Translate to French: I like apples.",
 ]
-SYSTEM = ("<|im_start|>system\nYou are a helpful assistant named SmolLM, trained by Hugging Face. "
-          "Answer briefly and politely.<|im_end|>\n")
 
 
 @pytest.fixture(scope="module")
 def hf_and_prompts():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = default_model_path()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    # Half the prompts share a long system prompt, so the prefix cache has something to hit.
-    texts = [SYSTEM + p if i % 2 else p for i, p in enumerate(PROMPTS)]
-    return hf, [tok.encode(t) for t in texts]
+    return smollm2_hf_and_prompts(PROMPTS)
 
 
 @pytest.fixture(scope="module")

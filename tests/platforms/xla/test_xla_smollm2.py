@@ -5,14 +5,10 @@ engine (its warm-up compiles each step shape once) serving a mixed batch in
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
-from parity import check_setting, hf_greedy
+from parity import check_setting, hf_greedy, smollm2_hf_and_prompts
 
 from pllm import LLM
-from pllm.loader import default_model_path
 
 MAX_NEW = 16
 PROMPTS = [
@@ -21,19 +17,11 @@ PROMPTS = [
     "In 1969, the first humans to walk on the Moon were",
     "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
 ]
-SYSTEM = ("<|im_start|>system\nYou are a helpful assistant named SmolLM, trained by Hugging Face. "
-          "Answer briefly and politely.<|im_end|>\n")
 
 
 @pytest.fixture(scope="module")
 def reference():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = default_model_path()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    prompts = [tok.encode(SYSTEM + p if i % 2 else p) for i, p in enumerate(PROMPTS)]
+    hf, prompts = smollm2_hf_and_prompts(PROMPTS)
     return prompts, hf_greedy(hf, prompts, MAX_NEW)
 
 

@@ -70,14 +70,12 @@ class XLAPagedAttention(AttentionBackend):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 *, scale: float, sliding_window: int | None = None, **_scales) -> torch.Tensor:
         if self.kernel is not None:
-            fit = self.fit or kernel_fit(kv_cache.shape[1] // 2, kv_cache.shape[2])
             kv_pages = paged.pages(kv_cache, metadata.block_size)
-            return ragged_attention(self.kernel, fit, query, kv_pages, metadata.seq_lens,
+            return ragged_attention(self.kernel, self.fit, query, kv_pages, metadata.seq_lens,
                                     metadata.block_tables, metadata.query_start_loc,
                                     scale=scale, sliding_window=sliding_window)
-        tokens = metadata.extras.get("tokens")
-        if tokens is None:
-            tokens = self.prepare_metadata(metadata).extras["tokens"]
+        # Metadata prepared before kv_cache_shape routed the kernel away has no token map yet.
+        tokens = metadata.extras.get("tokens") or self.prepare_metadata(metadata).extras["tokens"]
         return paged.paged_attention(query, kv_cache, tokens, metadata.block_size, scale=scale,
                                      sliding_window=sliding_window,
                                      gather_budget=self.gather_budget)

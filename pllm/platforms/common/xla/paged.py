@@ -98,18 +98,17 @@ class TokenMap:
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, tokens: TokenMap,
                     block_size: int, *, scale: float, sliding_window: int | None = None,
-                    soft_cap: float | None = None, num_kv_heads: int | None = None,
-                    gather_budget: int = GATHER_BUDGET) -> torch.Tensor:
+                    soft_cap: float | None = None, gather_budget: int = GATHER_BUDGET) -> torch.Tensor:
     """Attention of ``query`` ``[T, H, d]`` against the paged cache, in fp32.
 
     Token-major: each token gathers its own sequence's context, chunk by
     chunk of the block table (so memory is bounded by ``gather_budget``
     whatever ``max_model_len``), with a running max and sum (online softmax).
-    Rows of padding tokens come out zero. ``num_kv_heads`` (default: all
-    the cache holds) reads a cache padded for the kernel."""
+    Rows of padding tokens come out zero. The query's heads and head_dim
+    are the cache's (a model's own; under the kernel fit, the padded ones)."""
     num_tokens, num_heads, dim = query.shape
     _, combined, _ = kv_cache.shape
-    num_kv = num_kv_heads or combined // 2
+    num_kv = combined // 2
     paged = pages(kv_cache, block_size)
     group = num_heads // num_kv
     width = tokens.tables.shape[1]
@@ -123,7 +122,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, tokens: TokenMa
     for first in range(0, width, chunk):
         blocks = tokens.tables[:, first:first + chunk]  # [T, n]
         kv = paged[blocks].float()  # [T, n, bs, 2 * kv, width]
-        kv = kv.reshape(num_tokens, -1, combined // 2, 2, kv.shape[-1])[:, :, :num_kv, :, :dim]
+        kv = kv.reshape(num_tokens, -1, num_kv, 2, dim)
         key, value = kv[..., 0, :], kv[..., 1, :]  # [T, C, kv, d]
         ctx = first * block_size + torch.arange(key.shape[1], device=query.device)
         allowed = (ctx.unsqueeze(0) <= pos) & tokens.valid.unsqueeze(1)
