@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pllm import LLM, SamplingParams
+from pllm.loader.transformers_compat import dtype_kwargs
 from pllm.testing.e2e import hf_greedy
 
 __all__ = ["hf_greedy", "pllm_greedy", "smollm2_hf_and_prompts"]
@@ -26,7 +27,8 @@ def smollm2_hf_and_prompts(texts: list[str]):
     path = default_model_path()
     folder, name = os.path.dirname(path), os.path.basename(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                              **dtype_kwargs(torch.float32)).eval()
     return hf, [tok.encode(SMOLLM2_SYSTEM + t if i % 2 else t) for i, t in enumerate(texts)]
 
 

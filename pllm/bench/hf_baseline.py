@@ -70,10 +70,13 @@ def _load(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pllm.loader.transformers_compat import dtype_kwargs
+
     torch.set_num_threads(spec["num_threads"])
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        spec["model_folder"], dtype=getattr(torch, spec["dtype"]), attn_implementation="sdpa")
+        spec["model_folder"], **dtype_kwargs(getattr(torch, spec["dtype"])),
+        attn_implementation="sdpa")
     model = model.to(spec["device"]).eval()
     return model, time.perf_counter() - t0
 

@@ -35,7 +35,9 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+        from pllm.loader.transformers_compat import dtype_kwargs
+
+        model = AutoModelForCausalLM.from_pretrained(str(model), **dtype_kwargs(torch.float32)).eval()
     outs = []
     with torch.inference_mode():
         for ids in prompts:

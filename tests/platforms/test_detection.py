@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -17,12 +18,14 @@ import torch
 from pllm.platforms.common.xla.platform import ACCELERATOR_SCORE, EMULATE_ENV, EMULATED_SCORE
 from pllm.platforms.cpu.platform import CPUPlatform
 from pllm.platforms.cuda.platform import CudaPlatform, cuda_capabilities
+from pllm.platforms.ipex import platform as ipex_platform
+from pllm.platforms.ipex.platform import IPEXPlatform
 from pllm.platforms.neuron.platform import NeuronPlatform
 from pllm.platforms.rocm.platform import RocmPlatform, rocm_capabilities
 from pllm.platforms.tpu.platform import TPUPlatform
 from pllm.plugins.manager import PluginManager
 
-BUILTINS = ["cpu", "cuda", "rocm", "tpu", "neuron"]
+BUILTINS = ["cpu", "cuda", "rocm", "tpu", "neuron", "ipex"]
 VENDOR_MODULES = {
     "pynvml",
     "amdsmi",
@@ -42,6 +45,7 @@ class Machine:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.mp = monkeypatch
         self.modules: set[str] = set()
+        self.distributions: dict[str, str] = {}  # installed distributions (importlib.metadata)
         self.files: list[str] = []
         real_find_spec, real_glob, real_exists = importlib.util.find_spec, glob.glob, os.path.exists
 
@@ -60,12 +64,29 @@ class Machine:
                 return path in self.files
             return real_exists(path)
 
+        real_version = importlib.metadata.version
+
+        def version(name: str) -> str:
+            if name in self.distributions:
+                return self.distributions[name]
+            if name == ipex_platform.DISTRIBUTION:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return real_version(name)
+
+        monkeypatch.setattr(importlib.metadata, "version", version)
         monkeypatch.delenv(EMULATE_ENV, raising=False)
         monkeypatch.setattr(importlib.util, "find_spec", find_spec)
         monkeypatch.setattr(glob, "glob", fake_glob)
         monkeypatch.setattr(os.path, "exists", exists)
         self.torch_build(cuda=None, hip=None)
         self.gpus(0)
+        self.host_cpu("x86_64", "GenuineIntel", "avx2 avx512f")
+
+    def host_cpu(self, machine: str, vendor: str, flags: str) -> None:
+        """What the ipex platform reads of the CPU: architecture, vendor, flags."""
+        self.mp.setattr(ipex_platform.host, "machine", lambda: machine)
+        self.mp.setattr(ipex_platform, "cpu_vendor", lambda: vendor)
+        self.mp.setattr(ipex_platform, "cpu_flags", lambda: frozenset(flags.split()))
 
     def torch_build(self, *, cuda: str | None, hip: str | None) -> None:
         self.mp.setattr(torch.version, "cuda", cuda)
@@ -89,14 +110,53 @@ def test_nothing_present_selects_cpu(machine: Machine) -> None:
     assert RocmPlatform.detect().score == 0
     assert "torch_xla is not installed" in TPUPlatform.detect().reason
     assert "torch_neuronx is not installed" in NeuronPlatform.detect().reason
-    cpu = CPUPlatform.detect()
-    assert cpu.available and "intel_extension_for_pytorch is not installed" in cpu.reason
+    assert IPEXPlatform.detect().reason.startswith("intel-extension-for-pytorch is not installed")
+    assert CPUPlatform.detect().available
     assert machine.selected() == "cpu"
 
 
-def test_cpu_reports_ipex(machine: Machine) -> None:
-    machine.modules.add("intel_extension_for_pytorch")
-    assert "intel_extension_for_pytorch is importable" in CPUPlatform.detect().reason
+def test_ipex_for_another_torch_is_unavailable_naming_both(machine: Machine) -> None:
+    """IPEX pins one torch release; importing it against another crashes the
+    process, so detection reads versions and says which it needs."""
+    machine.distributions[ipex_platform.DISTRIBUTION] = "2.8.0"
+    machine.mp.setattr(torch, "__version__", "2.13.0+cpu")
+    detection = IPEXPlatform.detect()
+    assert detection.score == 0
+    assert "intel-extension-for-pytorch 2.8.0 needs torch 2.8.*, this is torch 2.13.0+cpu" in (
+        detection.reason)
+    assert "intel_extension_for_pytorch" not in sys.modules  # never imported to find out
+    assert machine.selected() == "cpu"
+
+
+def test_ipex_is_preferred_on_intel_cpus_with_bf16_by_default_where_native(
+        machine: Machine) -> None:
+    machine.distributions[ipex_platform.DISTRIBUTION] = "2.8.0+cpu"
+    machine.mp.setattr(torch, "__version__", "2.8.0+cu128")
+    machine.host_cpu("x86_64", "GenuineIntel", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    detection = IPEXPlatform.detect()
+    assert detection.score > CPUPlatform.detect().score
+    assert "AMX on an Intel CPU: preferred over cpu" in detection.reason
+    assert machine.selected() == "ipex"
+    assert IPEXPlatform().capabilities.default_dtype == torch.bfloat16
+    machine.host_cpu("x86_64", "GenuineIntel", "avx2 avx512f")  # no bf16 units: fp32
+    assert IPEXPlatform().capabilities.default_dtype == torch.float32
+    assert machine.selected() == "ipex"
+
+
+def test_ipex_elsewhere_is_selectable_not_preferred(machine: Machine) -> None:
+    machine.distributions[ipex_platform.DISTRIBUTION] = "2.8.0"
+    machine.mp.setattr(torch, "__version__", "2.8.0")
+    machine.host_cpu("x86_64", "AuthenticAMD", "avx2 avx512f avx512_bf16")
+    detection = IPEXPlatform.detect()
+    assert 0 < detection.score < CPUPlatform.detect().score
+    assert "AVX-512 with bf16 on this AuthenticAMD CPU: available with --device ipex" in (
+        detection.reason)
+    assert machine.selected() == "cpu"
+    assert PluginManager(allow=BUILTINS).resolve("ipex").name == "ipex"
+    machine.host_cpu("x86_64", "GenuineIntel", "sse4_2")
+    assert "AVX2 at least" in IPEXPlatform.detect().reason
+    machine.host_cpu("aarch64", "unknown", "")
+    assert IPEXPlatform.detect().reason == "IPEX's CPU build runs on x86-64 only (this host is aarch64)"
 
 
 def test_cuda_present(machine: Machine) -> None:

@@ -1,10 +1,13 @@
 """The memory-budget KV-cache allocator any plugin may build on: it turns a
 byte budget into a number of blocks and allocates zeroed per-layer tensors;
-a subclass says what the default budget is on its device.
+a subclass says what the default budget is on its device. The host one
+(``HostKVCacheAllocator``) is here too, for every platform whose cache lives
+in host memory (cpu, ipex).
 """
 
 from __future__ import annotations
 
+import psutil
 import torch
 
 from pllm.core.config import CacheConfig
@@ -45,3 +48,30 @@ class BudgetKVCacheAllocator(KVCacheAllocator):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
+class HostKVCacheAllocator(BudgetKVCacheAllocator):
+    """KV-cache memory on the host. The budget is ``kv_cache_memory`` when
+    set; else ``memory_utilization`` of the RAM available after the model is
+    loaded (psutil) when the config gives one, else ``memory_fraction`` of it; at most ``max_bytes`` either way (4 GiB, as
+    vLLM's CPU default): zeroing a cache of most of the host's RAM would slow
+    start-up for capacity few workloads use, and a habitual
+    ``--gpu-memory-utilization 0.9`` must not push the host into swap. A
+    larger cache is asked for by size, with ``kv_cache_memory``."""
+
+    def __init__(self, memory_fraction: float = 0.5, max_bytes: int = 4 << 30) -> None:
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        self.memory_fraction = memory_fraction
+        self.max_bytes = max_bytes
+
+    def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
+        available = psutil.virtual_memory().available
+        util = cache_config.memory_utilization
+        if util is not None:
+            budget = min(int(available * util), self.max_bytes)
+            return budget, (f"min(memory_utilization={util:g} of the {available} bytes of "
+                            f"available RAM, {self.max_bytes} bytes)")
+        budget = min(int(available * self.memory_fraction), self.max_bytes)
+        return budget, (f"min({self.memory_fraction:g} of the {available} bytes of available RAM, "
+                        f"{self.max_bytes} bytes)")

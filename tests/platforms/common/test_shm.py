@@ -24,7 +24,7 @@ def _parts(world: int, shape, dtype=torch.float32) -> list[torch.Tensor]:
 
 def _rank(rank: int, world: int, init_method: str, expect_shm: bool) -> None:
     from pllm.platforms.common import shm
-    from pllm.platforms.cpu.communicator import GlooCommunicator
+    from pllm.platforms.common.communicator import GlooCommunicator
 
     torch.set_num_threads(1)
     shm._MAX_SEGMENT = 64 << 10  # 4096 floats a slot for two ranks: big tensors go in chunks
@@ -67,7 +67,7 @@ def _rank(rank: int, world: int, init_method: str, expect_shm: bool) -> None:
 
 
 def _mismatch(rank: int, world: int, init_method: str) -> None:
-    from pllm.platforms.cpu.communicator import GlooCommunicator
+    from pllm.platforms.common.communicator import GlooCommunicator
 
     torch.set_num_threads(1)
     comm = GlooCommunicator(rank, world, init_method)

@@ -110,7 +110,7 @@ def test_weights_are_allocated_in_the_model_dtype(tiny_model_dir, monkeypatch):
 
 
 def test_a_full_gpu_says_which_setting_to_change(monkeypatch):
-    from pllm.platforms.cpu.allocator import KVCacheMemoryError
+    from pllm.platforms.common.allocator import KVCacheMemoryError
 
     gpu = FakeGPU(total=24 * GiB, outside=10 * GiB)  # another process holds 10 GiB
     gpu.install(monkeypatch)
