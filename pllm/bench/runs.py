@@ -32,7 +32,7 @@ class BenchArgumentError(ValueError):
 # ---------------------------------------------------------------- shared steps
 
 
-PLLM_BASELINE = "pllm-"  # pllm-DEVICE: pllm on another platform (throughput)
+PLLM_BASELINE = "pllm-"  # pllm-DEVICE: pllm on another platform (throughput, latency)
 
 
 def _baselines(kind: str, compare: list[str]) -> list[str]:
@@ -40,7 +40,7 @@ def _baselines(kind: str, compare: list[str]) -> list[str]:
     names: list[str] = []
     for item in compare:
         for name in filter(None, (s.strip() for s in item.split(","))):
-            if kind == "throughput" and name.startswith(PLLM_BASELINE) and len(name) > 5:
+            if kind in ("throughput", "latency") and name.startswith(PLLM_BASELINE) and len(name) > 5:
                 names += [name] if name not in names else []
                 continue
             if name not in known:
@@ -154,9 +154,11 @@ def run_throughput(args) -> dict:
     return result
 
 
-def _pllm_on(ea, device: str, requests) -> dict:
-    """pllm's throughput with the same engine arguments and requests on
-    ``device`` (a baseline of the same run); its start-up time is recorded."""
+def _pllm_on(ea, device: str, requests, num_warmup: int | None = None) -> dict:
+    """pllm with the same engine arguments and requests on ``device`` (a
+    baseline of the same run): its throughput, or with ``num_warmup`` its
+    latency; its start-up time is recorded."""
+    from pllm.bench.offline import run_latency as pllm_latency
     from pllm.bench.offline import run_throughput as pllm_throughput
     from pllm.entrypoints.llm import LLM
 
@@ -168,7 +170,10 @@ def _pllm_on(ea, device: str, requests) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
     try:
         start = time.perf_counter() - t0
-        figures = pllm_throughput(llm, requests)
+        if num_warmup is None:
+            figures = pllm_throughput(llm, requests)
+        else:
+            figures = pllm_latency(llm, requests, num_warmup=num_warmup)
         engine = llm.llm_engine
         figures.update(startup_s=round(start, 1), device=engine.platform.name,
                        dtype=engine.config.model.dtype)
@@ -209,7 +214,9 @@ def run_latency(args) -> dict:
     result["pllm"] = pllm = pllm_latency(llm, requests, num_warmup=args.num_iters_warmup)
     pllm["peak_rss_bytes"] = peak_rss_bytes()  # before the bandwidth probe's tensor
     weight_bytes = decode_weight_bytes(engine)
-    specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines}
+    specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines
+             if not name.startswith(PLLM_BASELINE)}
+    llm.shutdown()
     del llm, engine
     gc.collect()
     bw = measure_read_bandwidth(args.bandwidth_mib)
@@ -220,6 +227,13 @@ def run_latency(args) -> dict:
         "decode_ceiling_tokens_per_s": bw["read_bandwidth_gb_per_s"] * 1e9 / weight_bytes,
     }
     result["baselines"] = {}
+    for name in baselines:
+        if name.startswith(PLLM_BASELINE):
+            base = _pllm_on(ea, name[len(PLLM_BASELINE):], requests, args.num_iters_warmup)
+            if base.get("time_per_output_token_s"):
+                base["bandwidth_fraction"] = (weight_bytes / base["time_per_output_token_s"] / 1e9
+                                              / bw["read_bandwidth_gb_per_s"])
+            result["baselines"][name] = base
     for name, spec in specs.items():
         print(f"{name}: running ...", flush=True)
         spec["num_warmup"] = args.num_iters_warmup

@@ -50,10 +50,9 @@ def _add_compare_args(parser: argparse.ArgumentParser, kind: str) -> None:
     names = ", ".join(BASELINE_CHOICES[kind])
     g.add_argument("--compare", action="append", default=[], metavar="NAME",
                    help=f"baseline to run in the same run, repeatable or comma-separated: {names} "
-                        f"('hf' = {' + '.join(BASELINE_CHOICES[kind]['hf'])})"
-                        + ("; or pllm-DEVICE: pllm itself on another platform, with the same "
-                           "engine arguments and requests (e.g. --device tpu --compare pllm-cpu)"
-                           if kind == "throughput" else ""))
+                        f"('hf' = {' + '.join(BASELINE_CHOICES[kind]['hf'])}); or pllm-DEVICE: "
+                        "pllm itself on another platform, with the same engine arguments and "
+                        "requests (e.g. --device ipex --compare pllm-cpu)")
     g.add_argument("--baseline-timeout", type=float, default=3600.0,
                    help="seconds a baseline may run before it is recorded as failed (default 3600)")
     if kind == "throughput":

@@ -4,8 +4,8 @@ Conversion:
   config, tokenizer  transformers' own GGUF support (AutoConfig / AutoTokenizer with gguf_file)
   tensors            gguf.GGUFReader + gguf.quants.dequantize -> float32, renamed to HF names
                      with gguf's tensor-name map, Q/K rows un-permuted for llama
-  result             <cache>/gguf/<stem>-<fingerprint>/ with config.json, tokenizer files,
-                     generation_config.json and model.safetensors
+  result             <cache>/gguf/<stem>-<fingerprint>-v<N>-transformers<major>/ with
+                     config.json, tokenizer files, generation_config.json and model.safetensors
 
 The cached folder is written under a temporary name and renamed into place, so
 a crash mid-conversion never leaves a folder that looks complete.
@@ -45,11 +45,20 @@ _PERMUTED_ARCHITECTURES = ("llama",)
 _IGNORED_TENSORS = ("rope_freqs.weight",)
 
 
+def _writer() -> str:
+    """The transformers major release writing the folder's tokenizer files:
+    each reads only its own (an environment pinned to transformers 4, such as
+    IPEX's, beside one on 5 must not share a conversion)."""
+    import transformers
+
+    return f"transformers{transformers.__version__.split('.')[0]}"
+
+
 def converted_folder(gguf_path: str) -> str:
     """The cached HF folder for ``gguf_path``, converting the file on first use."""
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     try:
-        key = f"{stem}-{file_fingerprint(gguf_path)}-v{CONVERSION_VERSION}"
+        key = f"{stem}-{file_fingerprint(gguf_path)}-v{CONVERSION_VERSION}-{_writer()}"
     except OSError as e:
         raise ModelLoadError(f"cannot read {gguf_path}: {e}") from e
     target = cache_root() / "gguf" / key

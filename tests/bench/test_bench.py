@@ -261,3 +261,17 @@ def test_pllm_on_another_device_is_a_baseline_of_the_same_run(tiny_model_dir, tm
     assert result["ratios"]["pllm-cpu"] > 0
     assert "nosuchchip" in result["baselines"]["pllm-nosuchchip"]["error"]
     assert "cpu" in result["baselines"]["pllm-nosuchchip"]["error"]
+
+
+def test_pllm_on_another_device_is_a_latency_baseline_too(tiny_model_dir, tmp_path):
+    out = tmp_path / "lat.json"
+    rc = bench_cmd.main(["latency", "--model", tiny_model_dir, *ENGINE, "--input-len", "8",
+                         "--output-len", "4", "--num-iters", "1", "--num-iters-warmup", "0",
+                         "--bandwidth-mib", "16", "--compare", "pllm-cpu", "--output-json",
+                         str(out), "--no-plot"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    cpu = result["baselines"]["pllm-cpu"]
+    assert cpu["device"] == "cpu" and cpu["decode_tokens_per_s"] > 0 and cpu["ttft_s"] > 0
+    assert result["ratios"]["pllm-cpu"] > 0 and result["ttft_speedups"]["pllm-cpu"] > 0
+    assert 0 < cpu["bandwidth_fraction"]

@@ -19,13 +19,13 @@ raises a ``ValueError`` naming what differs.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from pllm.core.interfaces import AttentionBackend, AttentionMetadata
 from pllm.core.kv_cache.fp8 import is_fp8, quantize
+from pllm.platforms.ipex.runtime import ipex
 
 # Decode rows go through the varlen operator with the rest of the step by
 # default: measured on a 2-core AVX2 host (fp32, 9/3 heads of 64, blocks of
@@ -36,12 +36,9 @@ DECODE_KERNEL_ENV = "PLLM_IPEX_DECODE_KERNEL"
 DECODE_KERNELS = ("varlen", "single-query")
 
 
-@functools.cache
 def paged_attention_ops():
-    """``ipex.llm.modules.PagedAttention`` (imports IPEX once, on first use)."""
-    from intel_extension_for_pytorch.llm.modules import PagedAttention
-
-    return PagedAttention
+    """``ipex.llm.modules.PagedAttention``."""
+    return ipex().llm.modules.PagedAttention
 
 
 class IPEXAttentionBackend(AttentionBackend):

@@ -6,7 +6,10 @@ linear module with the same call signature):
 * ``silu_and_mul``: the gated MLP's activation (``silu_mul``);
 * ``rotary``: RoPE in place, from the model's own cos/sin tables;
 * ``linear``: every ``nn.Linear`` replaced by IPEX's prepacked one
-  (``ipex.optimize``: MKL packed GEMM in fp32, oneDNN in bf16).
+  (``ipex.optimize``: MKL packed GEMM in fp32, oneDNN in bf16); without it,
+  the host routing every host platform shares
+  (``pllm.platforms.common.host_linear``: ``weight @ x.T`` up to 128 rows, a
+  oneDNN-packed LM head, ``F.linear`` beyond).
 
 Which of them a CPU gets is what was measured faster on its instruction set
 (``ci/legs/ipex_layers.py`` prints the figures, torch and IPEX in the same
@@ -23,7 +26,6 @@ names above, ``all`` or ``none``) overrides the choice.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -31,6 +33,8 @@ from torch import nn
 
 from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from pllm.platforms.common.host import cpu_flags
+from pllm.platforms.common.host_linear import use_host_linears
+from pllm.platforms.ipex.runtime import ipex
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +44,14 @@ ALL_LAYERS = ("rms_norm", "silu_and_mul", "rotary", "linear")
 MEASURED_FASTER = {"AVX2": ("rotary",)}
 
 
-@functools.cache
 def _functional():
-    import intel_extension_for_pytorch.llm.functional as functional
-
-    return functional
+    return ipex().llm.functional
 
 
 class IPEXRMSNorm(RMSNorm):
     def forward(self, x, residual=None):
-        if x.dtype != self.weight.dtype:
+        # IPEX's kernels read rows: a column-major product (HostLinear's) takes torch's path.
+        if x.dtype != self.weight.dtype or not x.is_contiguous():
             return super().forward(x, residual)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -57,13 +59,14 @@ class IPEXRMSNorm(RMSNorm):
             return _functional().rms_norm(x2, self.weight, self.eps).view(shape)
         residual = residual.reshape(-1, shape[-1]).contiguous()
         # add_back: residual becomes x + residual, in place.
-        out = _functional().add_rms_norm(residual, x2.contiguous(), self.weight, None, self.eps,
-                                         True)
+        out = _functional().add_rms_norm(residual, x2, self.weight, None, self.eps, True)
         return out.view(shape), residual.view(shape)
 
 
 class IPEXSiluAndMul(SiluAndMul):
     def forward(self, x):
+        if not x.is_contiguous():
+            return super().forward(x)
         half = x.shape[-1] // 2
         return _functional().silu_mul(x[..., :half], x[..., half:])
 
@@ -117,6 +120,8 @@ def use_ipex_layers(model: nn.Module, layers: tuple[str, ...] | None = None) -> 
                     module.__class__ = cls
     if "linear" in layers and not _prepack_linears(model):
         layers = tuple(n for n in layers if n != "linear")
+    if "linear" not in layers:
+        use_host_linears(model)
     logger.info("IPEX layers: %s", ", ".join(layers) or "none (torch's own)")
     return model
 
@@ -133,8 +138,6 @@ class _Holder(nn.Module):
 def _prepack_linears(model: nn.Module) -> bool:
     """Every ``nn.Linear`` replaced by IPEX's prepacked module; False (and
     the model's own linears kept) where IPEX cannot pack this dtype here."""
-    import intel_extension_for_pytorch as ipex
-
     swaps = []
     for module in model.modules():
         for child_name, child in module.named_children():
@@ -142,7 +145,7 @@ def _prepack_linears(model: nn.Module) -> bool:
                 holder = _Holder(child)
                 try:
                     # Prepacking only: no folding passes (they trace the module).
-                    ipex.optimize(holder, dtype=child.weight.dtype, inplace=True,
+                    ipex().optimize(holder, dtype=child.weight.dtype, inplace=True,
                                   conv_bn_folding=False, linear_bn_folding=False,
                                   replace_dropout_with_identity=False, weights_prepack=True)
                     packed = holder.linear
