@@ -136,6 +136,9 @@ class IPEXAttentionBackend(AttentionBackend):
         if query.dtype != _compute_dtype(kv_cache.dtype, query.dtype):
             raise ValueError(f"attention: query is {query.dtype}, the cache {kv_cache.dtype}")
         plan = metadata.extras.get("ipex") or self.prepare_metadata(metadata).extras["ipex"]
+        if plan["all"][-1] > tokens:
+            raise ValueError(f"attention: the step's sequences span {plan['all'][-1]} query rows, "
+                             f"the query has {tokens}")
         query = query.contiguous()
         out = torch.empty_like(query)
         kc, vc = kv_cache[0], kv_cache[1]

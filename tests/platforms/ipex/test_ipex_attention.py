@@ -12,6 +12,7 @@ from pllm.platforms.ipex.attention import DECODE_KERNELS, IPEXAttentionBackend
 from pllm.platforms.ipex.platform import IPEXPlatform
 from pllm.testing import cache_checks, conformance
 from pllm.testing.attention_checks import DEFAULT_CASES, AttentionCase, check_attention_backend
+from pllm.testing.metadata import build_metadata
 
 CAPS = IPEXPlatform().capabilities if IPEXPlatform.detect().available else None
 
@@ -66,6 +67,11 @@ def test_wrong_shapes_raise_instead_of_reaching_the_operators():
         backend.write_kv(key, key, cache, torch.tensor([0, 64, 1]))
     with pytest.raises(ValueError, match="3 keys, 3 values and"):
         backend.write_kv(key, key, cache, torch.tensor([0, 1]))
+    metadata = build_metadata([(5, 1), (0, 7)], 16, 4)  # 8 query rows
+    with pytest.raises(ValueError, match="span 8 query rows, the query has 6"):
+        backend.forward(torch.randn(6, 4, 64), cache, metadata, scale=0.125)
+    with pytest.raises(ValueError, match="query is .6, 3, 64., the cache holds 2 KV heads"):
+        backend.forward(torch.randn(6, 3, 64), cache, metadata, scale=0.125)
 
 
 def test_unknown_decode_kernel_is_refused(monkeypatch):
