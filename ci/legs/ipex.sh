@@ -76,10 +76,13 @@ ipex_bench() {  # --device ipex against --device cpu and HF, fp32, in the same r
     "$ENV_PY" -m pllm.entrypoints.cli bench latency --device ipex --dtype float32 \
         --input-len 64 --output-len 64 --num-iters 2 --num-iters-warmup 1 \
         --kv-cache-memory 256MiB --compare pllm-cpu,hf --output-json "$lat" --no-plot
-    result throughput "$(PYTHON="$ENV_PY" json_field "$tp" \
-        'f"{d[\"pllm\"][\"useful_output_tokens_per_s\"]:.1f}tok/s,vs-cpu={d[\"ratios\"][\"pllm-cpu\"]:.2f}x,vs-hf={d[\"ratios\"][\"hf-generate\"]:.2f}x"')"
-    result decode "$(PYTHON="$ENV_PY" json_field "$lat" \
-        'f"{d[\"pllm\"][\"decode_tokens_per_s\"]:.1f}tok/s,vs-cpu={d[\"ratios\"][\"pllm-cpu\"]:.2f}x,vs-hf={d[\"ratios\"][\"hf-generate\"]:.2f}x"')"
+    local figures
+    figures="$(PYTHON="$ENV_PY" json_field "$tp" '"%.1ftok/s,vs-cpu=%.2fx,vs-hf=%.2fx" % (
+        d["pllm"]["useful_output_tokens_per_s"], d["ratios"]["pllm-cpu"], d["ratios"]["hf-generate"])')"
+    result throughput "$figures"
+    figures="$(PYTHON="$ENV_PY" json_field "$lat" '"%.1ftok/s,vs-cpu=%.2fx,vs-hf=%.2fx" % (
+        d["pllm"]["decode_tokens_per_s"], d["ratios"]["pllm-cpu"], d["ratios"]["hf-generate"])')"
+    result decode "$figures"
 }
 
 check env ipex_env
