@@ -8,7 +8,7 @@ from pllm import LLM, SamplingParams
 from pllm.loader.transformers_compat import dtype_kwargs
 from pllm.testing.e2e import hf_greedy
 
-__all__ = ["hf_greedy", "pllm_greedy", "smollm2_hf_and_prompts"]
+__all__ = ["check_top5", "hf_greedy", "hf_scores", "pllm_greedy", "smollm2_hf_and_prompts"]
 
 SMOLLM2_SYSTEM = ("<|im_start|>system\nYou are a helpful assistant named SmolLM, trained by "
                   "Hugging Face. Answer briefly and politely.<|im_end|>\n")
@@ -67,6 +67,35 @@ def check_setting(llm: LLM, prompts, expected, max_new: int, must: str | None) -
     if must == "preemptions":
         assert stats.num_preemptions > 0, stats
     assert stats.num_free_blocks == stats.num_total_blocks, f"blocks leaked: {stats}"
+
+
+def check_top5(outs, expected, ref_logprobs, atol: float = 1e-4) -> None:
+    """pllm's greedy tokens equal ``expected``, and at every step its top-5
+    logprobs are transformers' top 5 (``ref_logprobs``: the log-softmax at
+    each generated position), within ``atol``."""
+    for i, (out, exp, ref) in enumerate(zip(outs, expected, ref_logprobs)):
+        assert out.outputs[0].token_ids == exp, f"prompt {i}"
+        for step, top in enumerate(out.outputs[0].logprobs):
+            ids = sorted(top, key=lambda t: top[t].logprob, reverse=True)[:5]
+            ref_vals, ref_ids = ref[step].topk(5)
+            assert ids == ref_ids.tolist(), f"prompt {i}, step {step}"
+            got = torch.tensor([top[t].logprob for t in ids])
+            torch.testing.assert_close(got, ref_vals, atol=atol, rtol=0,
+                                       msg=f"prompt {i}, step {step}")
+
+
+def hf_scores(hf, prompts, got) -> tuple[float, list[float]]:
+    """transformers scoring pllm's tokens ``got``, each fed its own prefix:
+    the share that is transformers' greedy choice, and each token's gap to
+    that choice, in nats (for lossy settings: bf16, an 8-bit KV cache)."""
+    top, gaps = 0, []
+    with torch.inference_mode():
+        for ids, out in zip(prompts, got):
+            lp = hf(torch.tensor([ids + out])).logits[0, len(ids) - 1: -1].float().log_softmax(-1)
+            chosen = lp[torch.arange(len(out)), torch.tensor(out)]
+            top += int((chosen == lp.max(-1).values).sum())
+            gaps += (lp.max(-1).values - chosen).tolist()
+    return top / len(gaps), gaps
 
 
 class Fp8KVRounding:

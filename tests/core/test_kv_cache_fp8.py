@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from parity import Fp8KVRounding, hf_greedy
+from parity import Fp8KVRounding, check_top5, hf_greedy
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -46,18 +46,6 @@ def _hf_reference(hf, prompts, rounding: Fp8KVRounding | None):
         logprobs = [hf(torch.tensor([p + e])).logits[0, len(p) - 1: -1].float().log_softmax(-1)
                     for p, e in zip(prompts, expected)]
     return expected, logprobs
-
-
-def _check_against(outs, expected, ref_logprobs, atol: float = 1e-4) -> None:
-    for i, (out, exp, ref) in enumerate(zip(outs, expected, ref_logprobs)):
-        assert out.outputs[0].token_ids == exp, f"prompt {i}"
-        for step, top in enumerate(out.outputs[0].logprobs):
-            ids = sorted(top, key=lambda t: top[t].logprob, reverse=True)[:5]
-            ref_vals, ref_ids = ref[step].topk(5)
-            assert ids == ref_ids.tolist(), f"prompt {i}, step {step}"
-            got = torch.tensor([top[t].logprob for t in ids])
-            torch.testing.assert_close(got, ref_vals, atol=atol, rtol=0,
-                                       msg=f"prompt {i}, step {step}")
 
 
 def _max_logprob_gap(outs, ref_logprobs) -> float:
@@ -93,7 +81,7 @@ def test_fp8_cache_matches_transformers_with_the_same_rounding(name, device, tin
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
     for _ in range(2):
         outs = llm.generate(prompts, params, use_tqdm=False)
-        _check_against(outs, expected, ref)
+        check_top5(outs, expected, ref)
     # The rounding shows: plain transformers is further off than the fp8 reference allows.
     assert _max_logprob_gap(outs, plain_ref) > 1e-3
     stats = llm.llm_engine.get_stats()
@@ -148,7 +136,7 @@ def test_checkpoint_scales_are_loaded_and_used(tiny_model_dir, hf_tiny, tmp_path
     rounding = Fp8KVRounding(hf_tiny, torch.float8_e4m3fn, k_scale=0.25, v_scale=2.0)
     expected, ref = _hf_reference(hf_tiny, prompts, rounding)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
-    _check_against(llm.generate(prompts, params, use_tqdm=False), expected, ref)
+    check_top5(llm.generate(prompts, params, use_tqdm=False), expected, ref)
 
 
 def test_e4m3fnuz_doubles_the_checkpoint_scales(tiny_model_dir, hf_tiny, tmp_path, monkeypatch):
@@ -169,7 +157,7 @@ def test_e4m3fnuz_doubles_the_checkpoint_scales(tiny_model_dir, hf_tiny, tmp_pat
     rounding = Fp8KVRounding(hf_tiny, torch.float8_e4m3fnuz, k_scale=0.5, v_scale=4.0)
     expected, ref = _hf_reference(hf_tiny, prompts, rounding)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
-    _check_against(llm.generate(prompts, params, use_tqdm=False), expected, ref)
+    check_top5(llm.generate(prompts, params, use_tqdm=False), expected, ref)
 
     plain = LLM(tiny_model_dir, device="cpu", kv_cache_memory="4MB", kv_cache_dtype="fp8")
     attn = plain.llm_engine.executor.worker.model.layers[0].self_attn.attn

@@ -8,6 +8,7 @@ adds its detection, capabilities, attention backend and layers."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -27,29 +28,29 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_flags() -> frozenset[str]:
-    """The x86 feature flags of this host's first CPU (``/proc/cpuinfo``),
-    empty where there is no such file."""
+@functools.cache
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line naming one of ``keys``
+    (the first CPU's), None where there is no such line or file."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(keys):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The feature flags of this host's first CPU (x86 ``flags``, arm
+    ``Features``), empty where ``/proc/cpuinfo`` has none."""
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
 
 
 def cpu_vendor() -> str:
     """``GenuineIntel``, ``AuthenticAMD``, ... (``/proc/cpuinfo``), or ``unknown``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return _cpuinfo("vendor_id") or "unknown"
 
 
 class HostPlatform(Platform):

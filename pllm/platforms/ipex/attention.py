@@ -111,17 +111,17 @@ class IPEXAttentionBackend(AttentionBackend):
 
     def prepare_metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """The step's int32 tables and cumulative lengths, once for every
-        layer: for the whole batch (one varlen call), and split into the
-        decode rows and the rest (the single-query decode operator)."""
+        layer: for the whole batch (one varlen call), and, with the
+        single-query decode operator, for the rows after the decodes."""
         md, nd, n = metadata, metadata.num_decodes, metadata.num_seqs
         starts, lens = md.query_start_loc_cpu, md.seq_lens_cpu[:n]
         plan = {"block_tables": md.block_tables[:n].to(torch.int32).contiguous(),
                 "seq_lens": md.seq_lens[:n].to(torch.int32).contiguous()}
         plan["all"] = _varlen_args(starts[: n + 1], lens, 0)
-        if nd:
+        if nd and self.decode_kernel == "single-query":
             plan["max_decode_len"] = max(lens[:nd])
-        if nd < n:
-            plan["prefill"] = _varlen_args(starts[nd: n + 1], lens[nd:], nd)
+            if nd < n:
+                plan["prefill"] = _varlen_args(starts[nd: n + 1], lens[nd:], nd)
         md.extras["ipex"] = plan
         return md
 

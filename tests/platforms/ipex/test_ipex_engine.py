@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from parity import Fp8KVRounding, hf_greedy
+from parity import Fp8KVRounding, check_top5, hf_greedy
 from transformers import AutoModelForCausalLM
 
 from pllm import LLM, SamplingParams
@@ -85,14 +85,7 @@ def test_e5m2_cache_matches_transformers_with_the_same_rounding(models):
         outs = _greedy(llm, prompts, logprobs=5)
     finally:
         llm.shutdown()
-    for i, (out, exp, lp) in enumerate(zip(outs, want, ref)):
-        assert out.outputs[0].token_ids == exp, f"prompt {i}"
-        for step, top in enumerate(out.outputs[0].logprobs):
-            ids = sorted(top, key=lambda t: top[t].logprob, reverse=True)[:5]
-            ref_vals, ref_ids = lp[step].topk(5)
-            assert ids == ref_ids.tolist(), f"prompt {i}, step {step}"
-            got = torch.tensor([top[t].logprob for t in ids])
-            torch.testing.assert_close(got, ref_vals, atol=1e-4, rtol=0)
+    check_top5(outs, want, ref)
 
 
 def test_e4m3_cache_is_refused_naming_what_ipex_stores(models):

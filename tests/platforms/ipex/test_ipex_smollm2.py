@@ -6,8 +6,14 @@ transformers scores the tokens pllm picked (as the CPU's fp8 test does)."""
 from __future__ import annotations
 
 import pytest
-import torch
-from parity import check_setting, hf_greedy, pllm_greedy, settings, smollm2_hf_and_prompts
+from parity import (
+    check_setting,
+    hf_greedy,
+    hf_scores,
+    pllm_greedy,
+    settings,
+    smollm2_hf_and_prompts,
+)
 
 from pllm import LLM
 
@@ -59,20 +65,6 @@ def test_greedy_parity_on_three_tensor_parallel_ranks(reference):
         llm.shutdown()
 
 
-def score(hf, prompts, got) -> tuple[float, float, float]:
-    """transformers (fp32) scoring pllm's tokens, each fed its own prefix: the
-    share that is transformers' greedy choice, and the mean and worst gap
-    to that choice, in nats."""
-    top, gaps = 0, []
-    with torch.inference_mode():
-        for ids, out in zip(prompts, got):
-            lp = hf(torch.tensor([ids + out])).logits[0, len(ids) - 1: -1].float().log_softmax(-1)
-            chosen = lp[torch.arange(len(out)), torch.tensor(out)]
-            top += int((chosen == lp.max(-1).values).sum())
-            gaps += (lp.max(-1).values - chosen).tolist()
-    return top / len(gaps), sum(gaps) / len(gaps), max(gaps)
-
-
 @pytest.mark.parametrize("dtype,kv_cache_dtype", [("bfloat16", "auto"), ("float32", "fp8_e5m2")])
 def test_lossy_settings_stay_close_to_transformers(hf_and_prompts, dtype, kv_cache_dtype):
     """Most tokens transformers' own greedy choice, the rest close behind (a
@@ -85,7 +77,8 @@ def test_lossy_settings_stay_close_to_transformers(hf_and_prompts, dtype, kv_cac
         text = llm.get_tokenizer().decode(got[0])
     finally:
         llm.shutdown()
-    agree, mean_gap, worst = score(hf, prompts, got)
+    agree, gaps = hf_scores(hf, prompts, got)
+    mean_gap, worst = sum(gaps) / len(gaps), max(gaps)
     figures = f"{agree:.1%} greedy-equal, mean gap {mean_gap:.3f}, worst {worst:.2f} nats"
     # The ipex leg (run with -rP) puts this line into its summary.
     print(f"AGREEMENT {dtype}/{kv_cache_dtype}: {figures} of {len(prompts) * MAX_NEW} tokens")
