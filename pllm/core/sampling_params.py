@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+# The integer ranges the sampler's int64 tensors (and seeds' uint64) can hold.
+INT64_MAX = 2**63 - 1
+_SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -35,11 +41,12 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        self._check_types()
         checks = [
             (self.n >= 1, "n", f"n must be >= 1, got {self.n}"),
             (self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, "top_k", f"top_k must be -1 (disabled) or >= 1, got {self.top_k}"),
+            (self.top_k >= 0, "top_k", f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}"),
             (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty",
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
@@ -57,10 +64,50 @@ class SamplingParams:
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
              f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}"),
             (all(s for s in self.stop_strings), "stop", "stop strings must not be empty"),
+            (self.seed is None or _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1], "seed",
+             f"seed must be in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}], got {self.seed}"),
+            (all(0 <= t <= INT64_MAX for t in self.stop_token_ids), "stop_token_ids",
+             "stop_token_ids must be token ids (>= 0)"),
         ]
         for ok, param, message in checks:
             if not ok:
                 raise SamplingParamsError(message, param)
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > INT64_MAX:
+                raise SamplingParamsError(f"{name} must be <= {INT64_MAX}, got {value}", name)
+
+    def _check_types(self) -> None:
+        """Numbers that are not numbers (NaN, infinities, strings) fail here
+        with the field's name, not later inside a step."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value):
+                raise SamplingParamsError(f"{name} must be a finite number, got {value!r}", name)
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+                     "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Integral)):
+                raise SamplingParamsError(f"{name} must be an integer, got {value!r}", name)
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                   for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids must be integers", "stop_token_ids")
+
+    def check_against_model(self, vocab_size: int) -> None:
+        """What only the model can tell: token ids inside its vocabulary."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                f"stop_token_ids: {bad[0]} is not a token id of this model (vocabulary of "
+                f"{vocab_size})", "stop_token_ids")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > vocab_size:
+                raise SamplingParamsError(
+                    f"{name} must be <= the vocabulary size {vocab_size}, got {value}", name)
 
     @property
     def greedy(self) -> bool:

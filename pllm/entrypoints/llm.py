@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Sequence as Seq
 
@@ -14,6 +15,7 @@ from pllm.core.sampling_params import SamplingParams
 from pllm.entrypoints.engine_args import EngineArgs
 
 PromptType = str | list[int] | dict
+logger = logging.getLogger("pllm")
 
 
 class LLM:
@@ -47,7 +49,9 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Outputs in input order. ``prompts``: strings, token-id lists, or
-        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dicts."""
+        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dicts. A request
+        that failed on its own comes back finished with "abort" and its
+        ``error`` set (and logged); the others are unaffected."""
         items = self._normalize(prompts, prompt_token_ids)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             params = [sampling_params or SamplingParams()] * len(items)
@@ -107,6 +111,8 @@ class LLM:
         try:
             while pending:
                 for out in engine.step():
+                    if out.error is not None and out.request_id in pending:
+                        logger.error("request %s failed: %s", out.request_id, out.error)
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         finished[out.request_id] = out
