@@ -41,7 +41,8 @@ _MAX_SEGMENT = 32 << 20  # bytes of data slots, all ranks, both parities
 @functools.cache
 def shm_ops():
     """The compiled ``shm_all_reduce_`` (``csrc/shm_all_reduce.cpp``), or None
-    where it cannot be built (the reason logged once)."""
+    where it cannot be built (the reason logged once). Built with the
+    communicator (:meth:`SharedMemoryAllReduce.create`), at start."""
     try:
         return build_extension("pllm_shm_all_reduce", Path(__file__).parent / "csrc",
                                ["shm_all_reduce.cpp"], ["shm_all_reduce_"])

@@ -1,9 +1,10 @@
 """The CPU platform's compiled kernels (paged decode attention, the few-row
 linear, fused RMSNorm / SiLU-and-mul / rotary, the one-call decoder layer),
-built on first use (``pllm.platforms.common.cpp``) and cached under
-``$TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where they cannot
-be built, the platform uses its pure-torch path and logs why once. The
-shared-memory all-reduce is ``pllm.platforms.common.shm``, built on its own.
+built (``pllm.platforms.common.cpp``) or loaded from the cache when the
+platform sets up a process, before the engine serves: never in a request.
+Where they cannot be built, the platform uses its pure-torch path and logs
+why once. The shared-memory all-reduce is ``pllm.platforms.common.shm``,
+built on its own.
 
 The sources are one translation unit: ``vec.h`` (eight fp32 lanes, AVX2 or
 portable) first, then each kernel file."""

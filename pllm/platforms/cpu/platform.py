@@ -37,6 +37,14 @@ class CPUPlatform(HostPlatform):
 
         return CPUAttentionBackend()
 
+    def setup_process(self, config, rank: int) -> None:
+        """Also loads the compiled kernels, building them the first time
+        (logged), so that the first request does not wait for a build."""
+        from pllm.platforms.cpu.kernels import cpu_ops
+
+        super().setup_process(config, rank)
+        cpu_ops()
+
     def prepare_model(self, model, config):
         from pllm.platforms.common.malloc import tune_malloc
         from pllm.platforms.cpu.layers import use_cpu_layers
