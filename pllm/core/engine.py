@@ -12,14 +12,14 @@ import torch
 
 from pllm.core.config import EngineConfig
 from pllm.core.detokenizer import Detokenizer
-from pllm.core.executor import make_executor
+from pllm.core.executor import ExecutorBrokenError, make_executor
 from pllm.core.interfaces import Platform
 from pllm.core.kv_cache.manager import KVCacheManager
 from pllm.core.outputs import RequestOutput
 from pllm.core.request import Request, SequenceStatus
 from pllm.core.resolve import resolve_config
 from pllm.core.sampling_params import SamplingParams, SamplingParamsError
-from pllm.core.scheduler import Scheduler
+from pllm.core.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger("pllm")
 
@@ -27,6 +27,19 @@ logger = logging.getLogger("pllm")
 class PromptTooLongError(SamplingParamsError):
     def __init__(self, message: str) -> None:
         super().__init__(message, "prompt")
+
+
+def check_text(text: str, param: str) -> None:
+    """Text a tokenizer can take: valid Unicode (JSON can carry a lone UTF-16
+    surrogate, which no encoder accepts)."""
+    if not isinstance(text, str):
+        raise SamplingParamsError(f"{param} must be text, got {type(text).__name__}", param)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SamplingParamsError(
+            f"{param} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+            f"{exc.start}", param) from None
 
 
 @dataclass
@@ -108,15 +121,17 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------
     # Prompts are tokenized and chat templates rendered here and nowhere else:
     # the offline API and the server both come through these methods.
-    def tokenize(self, prompt: str) -> list[int]:
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """A text prompt's token ids, with the model's special tokens (BOS)."""
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+        check_text(prompt, "prompt")
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages: list[dict],
                     add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """A conversation as prompt text and token ids. The template writes
         the special tokens it wants, so none are added when tokenizing."""
         text = self.apply_chat_template(messages, add_generation_prompt)
+        check_text(text, "messages")
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -152,8 +167,10 @@ class LLMEngine:
         if not token_ids:
             raise SamplingParamsError("prompt must not be empty", "prompt")
         vocab = self.loaded.hf_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise SamplingParamsError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise SamplingParamsError(f"prompt token ids must be integers in [0, {vocab})",
+                                      "prompt")
+        params.check_against_model(vocab)
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens; this model's context is {self.max_model_len} "
@@ -190,18 +207,51 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """schedule -> execute -> update: the scheduler decides, the executor
-        computes (and samples), the scheduler turns the result into state."""
+        computes (and samples), the scheduler turns the result into state.
+
+        What fails for one request (its sampling, detokenizing, forking, stop
+        check) ends that request alone: its output comes back finished, with
+        ``error`` set. When the step itself fails, it is run once more without
+        the requests admitted in it (the likeliest cause, as everything else
+        ran the step before); those fail, and only a second failure (or a
+        failing step that admitted nothing) is raised, for the caller to fail
+        the batch."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
                 self._fail_unschedulable()
-            return []
-        result = self.executor.execute(sched)
+            return self.scheduler.take_failed()
+        try:
+            result = self.executor.execute(sched)
+        except ExecutorBrokenError:
+            raise
+        except Exception as exc:
+            if not sched.admitted:
+                raise
+            sched = self._without_newest(sched, exc)
+            if sched.is_empty:
+                return self.scheduler.take_failed()
+            result = self.executor.execute(sched)
         return self.scheduler.update_from_output(sched, result)
+
+    def _without_newest(self, sched: SchedulerOutput, exc: Exception) -> SchedulerOutput:
+        """The step failed: fail the request it admitted, or, when it admitted
+        several, send them back to wait and be admitted one per step (so a
+        failure then names the one at fault); schedule the rest again."""
+        newest = list({seq.request.request_id: seq.request for seq in sched.admitted}.values())
+        logger.warning("a step failed (%s: %s); running it again without the %d request(s) "
+                       "it admitted", type(exc).__name__, exc, len(newest))
+        # The step's block copies did not run (or ran, and run again harmlessly).
+        self.kv.pending_copies[:0] = sched.block_copies
+        if len(newest) == 1:
+            self.scheduler.fail_request(newest[0], f"the step that admitted it failed: "
+                                                   f"{type(exc).__name__}: {exc}")
+        else:
+            self.scheduler.requeue_as_suspects(sched.admitted)
+        return self.scheduler.schedule(admit=False)
 
     def _fail_unschedulable(self) -> None:
         seq = self.scheduler.waiting[0]
-        raise RuntimeError(
-            f"request {seq.request.request_id!r} needs more KV-cache blocks than exist "
-            f"({self.kv.num_total_blocks}); raise --kv-cache-memory"
-        )
+        self.scheduler.fail_request(
+            seq.request, f"it needs more KV-cache blocks than exist ({self.kv.num_total_blocks}); "
+                         f"raise --kv-cache-memory")

@@ -48,3 +48,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = field(default=None, repr=False)
     num_cached_tokens: int = 0
+    # Set when the request failed on its own (the engine ended it and went on
+    # with the others): what went wrong. Its outputs then finish with "abort".
+    error: str | None = None

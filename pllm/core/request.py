@@ -42,8 +42,9 @@ _seq_ids = itertools.count()
 
 
 def sample_seed(params: SamplingParams, index: int) -> int | None:
-    """The seed of sample ``index`` of a request (None when it has no seed)."""
-    return None if params.seed is None else params.seed + index * 1_000_003
+    """The seed of sample ``index`` of a request (None when it has no seed),
+    wrapped into the generators' unsigned 64 bits."""
+    return None if params.seed is None else (params.seed + index * 1_000_003) % 2**64
 
 
 @dataclass(eq=False)

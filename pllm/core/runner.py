@@ -53,6 +53,8 @@ class RunnerOutput:
     # seq_id -> entries scoring the prompt tokens after the computed chunk's
     # positions (prompt_logprobs), in order.
     prompt_logprobs: dict[int, list[LogprobsDict]] = field(default_factory=dict)
+    # seq_id -> why its row could not be sampled (its token id is then meaningless).
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,16 +253,34 @@ class ModelRunner:
             rows = self.pad_rows(rows)  # static shapes: sample a bucket of rows, keep the real ones
             if not identity or len(rows) != logits.shape[0]:
                 logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long).to(logits.device))
-            md = SamplingMetadata.build(out.sampled, logits.shape[1], logits.device,
-                                        num_rows=len(rows), static=bool(self.token_buckets))
-            result = sample(logits, md)
-            num = len(out.sampled)
-            out.token_ids, out.logprobs = result.token_ids[:num], result.logprobs[:num]
+            try:
+                md = SamplingMetadata.build(out.sampled, logits.shape[1], logits.device,
+                                            num_rows=len(rows), static=bool(self.token_buckets))
+                result = sample(logits, md)
+                num = len(out.sampled)
+                out.token_ids, out.logprobs = result.token_ids[:num], result.logprobs[:num]
+            except Exception:  # noqa: BLE001 - find the rows at fault; the others keep their step
+                self._sample_rows_apart(logits, out)
         for item in batch:
             if item.seq.seq_id in prompt_logits:
                 out.prompt_logprobs[item.seq.seq_id] = self._prompt_logprobs(
                     item, prompt_logits[item.seq.seq_id])
         return out
+
+    def _sample_rows_apart(self, logits: torch.Tensor, out: RunnerOutput) -> None:
+        """The batch's sampling raised: sample each row alone, so that only
+        the rows that fail on their own (recorded in ``out.errors``) lose the step."""
+        out.token_ids, out.logprobs = [], []
+        for row, seq in enumerate(out.sampled):
+            try:
+                md = SamplingMetadata.build([seq], logits.shape[1], logits.device)
+                result = sample(logits[row: row + 1], md)
+                token, logprobs = result.token_ids[0], result.logprobs[0]
+            except Exception as exc:  # noqa: BLE001 - this row's own failure
+                out.errors[seq.seq_id] = f"{type(exc).__name__}: {exc}"
+                token, logprobs = -1, None
+            out.token_ids.append(token)
+            out.logprobs.append(logprobs)
 
     @staticmethod
     def _prompt_logprobs(item: ScheduledSeq, logits: torch.Tensor) -> list[LogprobsDict]:

@@ -84,7 +84,8 @@ class SamplingMetadata:
                  num_logprobs=[p.logprobs for p in params] + [None] * pad)
         every = static and md.any_random
         if every or any(p.top_k > 0 and not p.greedy for p in params):
-            md.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params]
+            md.top_k = torch.tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size
+                                     for p in params]
                                     + [vocab_size] * pad, dtype=torch.long).to(device, non_blocking=True)
         if every or any(p.top_p < 1.0 and not p.greedy for p in params):
             md.top_p = floats([p.top_p for p in params], 1.0)

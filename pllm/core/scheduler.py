@@ -32,7 +32,7 @@ from pllm.core.config import SchedulerConfig
 from pllm.core.detokenizer import Detokenizer, visible_text
 from pllm.core.kv_cache.manager import KVCacheManager
 from pllm.core.outputs import LogprobsDict, RequestOutput
-from pllm.core.request import Request, Sequence, SequenceStatus
+from pllm.core.request import Request, Sequence, SequenceStatus, sample_seed
 from pllm.core.stop import length_stop, text_stop, token_stop
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # taken from the waiting queue now
 
     @property
     def num_tokens(self) -> int:
@@ -81,12 +82,16 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self._failed: list[RequestOutput] = []  # final outputs of failed requests, not yet taken
+        # Requests admitted together in a step that failed: each is admitted
+        # alone from then on, so the next failure names the one at fault.
+        self.suspects: set[str] = set()
 
     # ---- requests in and out ----------------------------------------------
     def add_request(self, req: Request) -> None:
         """A new request, with its one sequence, joins the waiting queue."""
         seq = Sequence(req, 0, list(req.prompt_token_ids), len(req.prompt_token_ids),
-                       seed=req.params.seed)
+                       seed=sample_seed(req.params, 0))
         self.detokenizer.start(seq)
         if req.params.logprobs is not None:
             seq.logprobs = []
@@ -98,10 +103,45 @@ class Scheduler:
         """End these requests (an abort) and free their blocks; unknown ids are ignored."""
         for rid in request_ids:
             req = self.requests.pop(rid, None)
+            self.suspects.discard(rid)
             for seq in req.seqs if req is not None else ():
                 if not seq.is_finished:
                     seq.status = status
                     self._remove(seq)
+
+    def fail_request(self, req: Request, error: str) -> None:
+        """End one request because something failed for it alone (its
+        sampling, detokenizing, forking, stop check, or a step it was the
+        newest admission of); the rest of the batch goes on. Its final output,
+        carrying ``error``, comes with the next :meth:`take_failed`."""
+        if self.requests.pop(req.request_id, None) is None:
+            return
+        self.suspects.discard(req.request_id)
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED_ABORTED
+                self._remove(seq)
+        req.metrics.finished_time = time.time()
+        out = self._output(req)
+        out.error = error
+        self._failed.append(out)
+
+    def requeue_as_suspects(self, seqs: list[Sequence]) -> None:
+        """Undo the admission of ``seqs`` (their step did not run): back to
+        the front of the waiting queue, in order, each to be admitted alone."""
+        for seq in reversed(seqs):
+            if seq.is_finished or seq not in self.running:
+                continue
+            self.running.remove(seq)
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.PREEMPTED
+            self.waiting.appendleft(seq)
+            self.suspects.add(seq.request.request_id)
+
+    def take_failed(self) -> list[RequestOutput]:
+        failed, self._failed = self._failed, []
+        return failed
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -114,7 +154,8 @@ class Scheduler:
         self.kv.free(seq)
 
     # ---- schedule -----------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, admit: bool = True) -> SchedulerOutput:
+        """The next step's batch; ``admit=False`` takes nobody from the waiting queue."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()
@@ -137,7 +178,7 @@ class Scheduler:
                 scheduled_ids.add(seq.seq_id)
                 budget -= num_new
 
-        if not out.preempted:
+        if not out.preempted and admit:
             self._admit_waiting(out, budget)
         now = time.time()
         for item in out.scheduled:
@@ -145,13 +186,23 @@ class Scheduler:
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
             req = item.seq.request
             if item.samples and not req.forked and req.params.n > 1:
-                item.forks = [item.seq.fork(i) for i in range(1, req.params.n)]
+                try:
+                    item.forks = [item.seq.fork(i) for i in range(1, req.params.n)]
+                except Exception as exc:  # noqa: BLE001 - this request's fault alone
+                    self.fail_request(req, _describe("forking its samples", exc))
+        if self._failed:
+            out.scheduled = [s for s in out.scheduled if not s.seq.is_finished]
         out.block_copies = self.kv.take_pending_copies()
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.request.request_id in self.suspects or (
+                    out.admitted and out.admitted[-1].request.request_id in self.suspects):
+                # A suspect (admitted in a step that failed) is admitted on its own.
+                if out.admitted and out.admitted[-1].request is not seq.request:
+                    break
             cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_cached_tokens = len(cached) * self.kv.block_size
             num_new = seq.num_tokens - seq.num_computed_tokens - num_cached_tokens
@@ -168,6 +219,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
+            out.admitted.append(seq)
             budget -= num_new
 
     def _pick_victim(self, scheduled_ids: set[int]) -> Sequence:
@@ -209,9 +261,23 @@ class Scheduler:
         now = time.time()
         touched: dict[str, Request] = {}
         for seq, token, logprobs in zip(result.sampled, result.token_ids, result.logprobs):
-            self._append_token(seq, token, logprobs, now)
-            touched[seq.request.request_id] = seq.request
-        return [self._output(req) for req in touched.values()]
+            req = seq.request
+            if seq.is_finished:
+                continue  # its request failed earlier in this loop (a sibling's token)
+            error = result.errors.get(seq.seq_id)
+            if error is None:
+                try:
+                    self._append_token(seq, token, logprobs, now)
+                except Exception as exc:  # noqa: BLE001 - detokenizing, stop checks: its own
+                    error = _describe("handling its sampled token", exc)
+            else:
+                error = f"sampling failed: {error}"
+            if error is not None:
+                self.fail_request(req, error)
+                touched.pop(req.request_id, None)
+                continue
+            touched[req.request_id] = req
+        return [self._output(req) for req in touched.values()] + self.take_failed()
 
     def _append_token(self, seq: Sequence, token: int, logprobs: LogprobsDict | None,
                       now: float) -> None:
@@ -238,6 +304,7 @@ class Scheduler:
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
+                self.suspects.discard(req.request_id)
 
     def _add_prompt_logprobs(self, seq: Sequence, entries: list[LogprobsDict]) -> None:
         """Entries for the prompt positions after those computed so far; a
@@ -253,3 +320,7 @@ class Scheduler:
     def _output(self, req: Request) -> RequestOutput:
         ordered = sorted(req.seqs, key=lambda s: s.index)
         return req.output([visible_text(s) for s in ordered])
+
+
+def _describe(what: str, exc: BaseException) -> str:
+    return f"{what} failed: {type(exc).__name__}: {exc}"

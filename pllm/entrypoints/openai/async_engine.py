@@ -7,8 +7,11 @@ The engine is not thread-safe, so exactly one thread touches it::
         └──── RequestStream (asyncio.Queue) ◀───────┘  loop.call_soon_threadsafe
 
 Commands are applied between steps, so a bad request (rejected by
-``add_request``) never disturbs the running batch. torch releases the GIL
-while it computes, so the event loop stays responsive during a step.
+``add_request``) never disturbs the running batch; one that fails inside a
+step is ended alone by the engine (its stream raises RequestFailedError),
+and only a step that fails as a whole fails the requests in it. torch
+releases the GIL while it computes, so the event loop stays responsive
+during a step.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop has stopped (shut down, or it failed outside a step)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request alone (the others went on): why."""
 
 
 class EngineObserver(Protocol):
@@ -100,6 +107,7 @@ class AsyncLLMEngine:
         self._dead: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}  # event-loop thread only
         self._active: set[str] = set()  # engine thread only
+        self._num_waiting = 0  # written by the engine thread after each step
 
     # ------------------------------------------------------------ lifecycle
 
@@ -116,6 +124,14 @@ class AsyncLLMEngine:
     @property
     def num_requests(self) -> int:
         return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: those waiting in the engine as of its last
+        step, and those handed over since."""
+        with self._lock:
+            queued = sum(isinstance(cmd, _Add) for cmd in self._inbox)
+        return self._num_waiting + queued
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is still in flight and stop the thread."""
@@ -263,8 +279,10 @@ class AsyncLLMEngine:
             self.observer.on_abort(request_ids)
 
     def _publish_stats(self) -> None:
+        stats = self.engine.get_stats()
+        self._num_waiting = stats.num_waiting
         if self.observer is not None:
-            self.observer.on_stats(self.engine.get_stats())
+            self.observer.on_stats(stats)
 
     # ------------------------------------------------------------ event-loop thread
 
@@ -285,7 +303,7 @@ class AsyncLLMEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            stream.put(out)
+            stream.put(out if out.error is None else RequestFailedError(out.error))
             if out.finished:
                 del self._streams[out.request_id]
 
