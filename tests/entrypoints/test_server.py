@@ -109,14 +109,18 @@ def test_health_version_models_openapi(server, client):
 
 @slow
 def test_tokenize_detokenize(server, model_name):
-    r = httpx.post(f"{server.url}/tokenize", json={"model": model_name, "prompt": PROMPTS[0]})
+    r = httpx.post(f"{server.url}/tokenize", json={"model": model_name, "prompt": PROMPTS[0]},
+                   headers=AUTH)
     body = r.json()
     assert r.status_code == 200 and body["count"] == len(body["tokens"]) > 0
     assert body["max_model_len"] == MAX_MODEL_LEN
-    r = httpx.post(f"{server.url}/detokenize", json={"tokens": body["tokens"]})
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": body["tokens"]}, headers=AUTH)
     assert r.json()["prompt"] == PROMPTS[0]
-    r = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT})
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT}, headers=AUTH)
     assert r.status_code == 200 and r.json()["count"] > 5
+    # With an API key set, these need it too.
+    _assert_error(httpx.post(f"{server.url}/tokenize", json={"prompt": "hi"}), 401)
+    _assert_error(httpx.post(f"{server.url}/detokenize", json={"tokens": [1]}), 401)
 
 
 # ---------------------------------------------------------------- parity
@@ -339,6 +343,64 @@ def test_errors_have_openai_shape_and_do_not_disturb_running(server, client, mod
     again = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=16,
                                       temperature=0)
     assert again.choices[0].text == expected
+
+
+@slow
+def test_a_bystander_streams_on_through_bad_requests(server, client, model_name):
+    """Requests that used to pass validation and then fail the whole batch
+    (ending every other client's stream), bodies that froze the event loop,
+    and text no tokenizer takes: each is refused alone, while a stream in
+    flight goes on to the same tokens and /health keeps answering."""
+    url = f"{server.url}/v1/completions"
+    body = {"model": model_name, "prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0,
+            "extra_body": {"ignore_eos": True}}
+    expected = client.completions.create(**body).choices[0].text
+    stream = client.completions.create(**body, stream=True)
+    text = next(iter(stream)).choices[0].text
+
+    def post(payload, path=url, **kw):
+        return httpx.post(path, headers={**AUTH, **kw.pop("headers", {})}, timeout=60,
+                          **({"content": payload} if isinstance(payload, (bytes, str))
+                             else {"json": payload}), **kw)
+
+    ok = {"model": model_name, "prompt": "hi", "max_tokens": 2}
+    _assert_error(post(b'{"prompt": "hi", "max_tokens": 2, "top_k": 1e23}',
+                       headers={"Content-Type": "application/json"}), 400, "top_k")
+    _assert_error(post({**ok, "seed": 2**64}), 400, "seed")
+    chat_url = f"{server.url}/v1/chat/completions"
+    _assert_error(post({"messages": CHAT, "max_tokens": 2, "seed": 2**64}, path=chat_url),
+                  400, "seed")
+    _assert_error(post({**ok, "stop_token_ids": [10**9], "min_tokens": 1}), 400,
+                  "stop_token_ids")
+    top_k_zero = post({**ok, "top_k": -5})
+    _assert_error(top_k_zero, 400, "top_k")
+    assert "0 (disabled)" in top_k_zero.json()["error"]["message"]
+    # The largest seed with n = 2 forks into seeds past 2**64: it runs.
+    forked = post({**ok, "seed": 2**64 - 1, "n": 2, "temperature": 1.0})
+    assert forked.status_code == 200 and len(forked.json()["choices"]) == 2
+    # A lone UTF-16 surrogate, as JSON can carry it.
+    surrogate = b'{"prompt": "caf\\ud800", "max_tokens": 2}'
+    _assert_error(post(surrogate, headers={"Content-Type": "application/json"}), 400, "prompt")
+    chat_surrogate = (b'{"messages": [{"role": "user", "content": "x\\udc00"}],'
+                      b' "max_tokens": 2}')
+    _assert_error(post(chat_surrogate, path=chat_url,
+                       headers={"Content-Type": "application/json"}), 400, "messages")
+    # A body over the limit is refused before it is read; text that cannot fit
+    # the context is refused by its length, before it is tokenized.
+    t0 = time.monotonic()
+    _assert_error(post(b"x" * (20 * 2**20), headers={"Content-Type": "application/json"}), 413)
+    _assert_error(post({**ok, "prompt": "word " * (2**20)}), 400, "prompt")
+    _assert_error(post({"messages": [{"role": "user", "content": "word " * 2**20}]},
+                       path=chat_url), 400, "messages")
+    _assert_error(post({"prompt": "word " * 2**20}, path=f"{server.url}/tokenize"), 400,
+                  "prompt")
+    assert time.monotonic() - t0 < 30
+    health = [time.monotonic()]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert time.monotonic() - health[0] < 1.0
+
+    text += "".join(c.choices[0].text for c in stream if c.choices)
+    assert text == expected
 
 
 # ---------------------------------------------------------------- disconnect, metrics

@@ -1,8 +1,14 @@
 """The OpenAI-compatible HTTP server: a FastAPI app around one AsyncLLMEngine.
 
-Routes under ``/v1`` need ``Authorization: Bearer <key>`` when an API key is
-set; ``/health``, ``/version``, ``/metrics``, ``/tokenize`` and ``/detokenize``
-never do (as in vLLM).
+Routes under ``/v1``, ``/tokenize`` and ``/detokenize`` need ``Authorization:
+Bearer <key>`` when an API key is set; ``/health``, ``/version`` and
+``/metrics`` never do.
+
+A request body over ``max_request_body_bytes`` gets a 413 before it is read;
+text is tokenized and chat templates rendered off the event loop (text that
+cannot fit the context is refused by its length first), so no request stalls
+``/health`` or the other streams; beyond ``max_waiting_requests`` requests
+waiting for the engine, new ones get a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from fastapi.responses import JSONResponse, Response
 
 import pllm
 from pllm.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDeadError
-from pllm.entrypoints.openai.errors import OpenAIError, error_response, install_error_handlers
+from pllm.entrypoints.openai.errors import (
+    BodyLimit,
+    OpenAIError,
+    error_response,
+    install_error_handlers,
+)
 from pllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -38,10 +49,14 @@ from pllm.entrypoints.openai.serving_completion import create_completion
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 2**20
+
 
 def build_app(engine: Any, *, api_key: str | None = None,
               should_exit: Callable[[], bool] | None = None,
-              shutdown_timeout: float = 10.0) -> FastAPI:
+              shutdown_timeout: float = 10.0,
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              max_waiting_requests: int | None = None) -> FastAPI:
     """An app serving ``engine`` (an LLMEngine); its engine thread runs during the lifespan.
 
     ``should_exit`` tells when the HTTP server began a graceful shutdown; the
@@ -52,7 +67,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
     async_engine = AsyncLLMEngine(engine, observer=metrics)
     ctx = ServingContext(async_engine=async_engine, model_name=engine.model_name,
                          max_model_len=engine.max_model_len, tokenizer=engine.tokenizer,
-                         engine=engine, max_num_seqs=engine.config.scheduler.max_num_seqs)
+                         engine=engine, max_num_seqs=engine.config.scheduler.max_num_seqs,
+                         max_waiting_requests=max_waiting_requests)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -70,14 +86,16 @@ def build_app(engine: Any, *, api_key: str | None = None,
                   lifespan=lifespan)
     app.state.ctx = ctx
     app.state.metrics = metrics
+    app.add_middleware(BodyLimit, limit=max_request_body_bytes)
     install_error_handlers(app)
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return JSONResponse(error_response(503, str(exc)).model_dump(), status_code=503)
 
-    app.include_router(_v1_router(ctx, api_key))
-    app.include_router(_ops_router(ctx, metrics))
+    auth = Depends(_auth_dependency(api_key))
+    app.include_router(_v1_router(ctx, auth))
+    app.include_router(_ops_router(ctx, metrics, auth))
     return app
 
 
@@ -108,8 +126,8 @@ def _auth_dependency(api_key: str | None):
     return check
 
 
-def _v1_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(api_key))])
+def _v1_router(ctx: ServingContext, auth: Any) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[auth])
 
     def card() -> ModelCard:
         return ModelCard(id=ctx.model_name, root=ctx.model_name, max_model_len=ctx.max_model_len)
@@ -134,7 +152,7 @@ def _v1_router(ctx: ServingContext, api_key: str | None) -> APIRouter:
     return router
 
 
-def _ops_router(ctx: ServingContext, metrics: ServerMetrics) -> APIRouter:
+def _ops_router(ctx: ServingContext, metrics: ServerMetrics, auth: Any) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
@@ -152,21 +170,25 @@ def _ops_router(ctx: ServingContext, metrics: ServerMetrics) -> APIRouter:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @router.post("/tokenize", response_model=TokenizeResponse)
+    @router.post("/tokenize", response_model=TokenizeResponse, dependencies=[auth])
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError(400, "give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            ids = render_chat_prompt(ctx, req.messages, req.add_generation_prompt)["prompt_token_ids"]
+            prompt = await render_chat_prompt(ctx, req.messages, req.add_generation_prompt)
+            ids = prompt["prompt_token_ids"]
         else:
-            ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await ctx.tokenize(req.prompt, "prompt", req.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.max_model_len)
 
-    @router.post("/detokenize", response_model=DetokenizeResponse)
+    @router.post("/detokenize", response_model=DetokenizeResponse, dependencies=[auth])
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_model(req.model)
+        if len(req.tokens) > ctx.max_model_len:
+            raise OpenAIError(400, f"tokens: at most {ctx.max_model_len} (the context length)",
+                              "tokens")
         ctx.check_token_ids(req.tokens, "tokens")
-        return DetokenizeResponse(prompt=ctx.tokenizer.decode(req.tokens))
+        return DetokenizeResponse(prompt=await ctx.run_off_loop(ctx.tokenizer.decode, req.tokens))
 
     return router

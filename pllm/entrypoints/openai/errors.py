@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
@@ -25,6 +26,7 @@ _TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -33,11 +35,13 @@ _TYPES = {
 class OpenAIError(Exception):
     """Raised by handlers; rendered as an OpenAI error response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
     def to_response(self) -> ErrorResponse:
         return error_response(self.status, self.message, self.param)
@@ -82,7 +86,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return _json(exc.to_response(), exc.status, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -95,7 +99,72 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(error_response(exc.status_code, str(exc.detail)), exc.status_code,
                      getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error while serving a request")
-        return _json(error_response(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+    # Last, so it sits outermost of the middleware: inside Starlette's own
+    # error middleware, which would answer a 500 and then re-raise (and the
+    # HTTP server would reset the connection).
+    app.add_middleware(CatchAll)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes "
+                              f"(--max-request-body-bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes gets a 413, at once when
+    Content-Length says so, else as soon as the bytes read pass the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            exc = BodyTooLarge(self.limit)
+            await _json(error_response(413, exc.detail), 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a 500 in OpenAI's
+    shape, and the connection stays usable for the client's next request.
+    (A response already under way cannot change: it is re-raised.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("unhandled error while serving a request")
+            await _json(error_response(500, f"internal error: {type(exc).__name__}: {exc}"),
+                        500)(scope, receive, send)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,47 @@ class ServingContext:
     tokenizer: Any
     engine: Any  # tokenize / render_chat (read-only, safe off the engine thread)
     max_num_seqs: int  # a request's n choices must fit one batch
+    max_waiting_requests: int | None = None  # beyond it, new requests get a 503
     _token_text: dict[int, str] = field(default_factory=dict)
+    # Tokenizing and chat templating run here, never on the event loop: a long
+    # prompt must not stall every other stream and /health. One thread, as
+    # the tokenizer is shared with the engine thread (which only decodes).
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="pllm-tokenize"))
+    _max_token_chars: int = 0
+
+    def __post_init__(self) -> None:
+        # The longest piece in the vocabulary: a token covers at most this many
+        # characters of text (byte-level pieces spell one byte per character,
+        # and a character is at least one byte), so text longer than twice
+        # (normalizers may fold characters) this times the context cannot fit.
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        self._max_token_chars = max((len(piece) for piece in vocab), default=0)
+
+    async def run_off_loop(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def check_text_length(self, text: str, param: str) -> None:
+        """Refuse text that cannot fit the context, by its length alone,
+        before any time is spent tokenizing it."""
+        if self._max_token_chars and len(text) > 2 * self._max_token_chars * self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"{param} is {len(text)} characters, more than that many tokens can hold.", param)
+
+    def check_capacity(self) -> None:
+        """``--max-waiting-requests``: a 503 with Retry-After once the queue is full."""
+        limit = self.max_waiting_requests
+        if limit is not None and self.async_engine.num_waiting >= limit:
+            raise OpenAIError(503, f"the server is at capacity ({limit} requests waiting); "
+                                   "retry later", headers={"Retry-After": "1"})
+
+    async def tokenize(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        self.check_text_length(text, param)
+        try:
+            return await self.run_off_loop(self.engine.tokenize, text, add_special_tokens)
+        except ValueError as exc:
+            raise from_value_error(exc, param) from exc
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -81,7 +122,11 @@ class ServingContext:
         if params.n > self.max_num_seqs:
             raise bad_request(f"n must be <= {self.max_num_seqs} (--max-num-seqs), got {params.n}",
                               "n")
-        prompts = [{"prompt": p, "prompt_token_ids": self.engine.tokenize(p)}
+        self.check_capacity()
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_text_length(p, param)
+        prompts = [{"prompt": p, "prompt_token_ids": await self.tokenize(p, param)}
                    if isinstance(p, str) else p for p in prompts]
         if params.max_tokens is not None:
             for prompt in prompts:

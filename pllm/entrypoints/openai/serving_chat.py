@@ -52,15 +52,16 @@ def _flatten(message: ChatMessage, index: int) -> dict:
     return msg
 
 
-def render_chat_prompt(ctx: ServingContext, messages: list[ChatMessage],
-                       add_generation_prompt: bool) -> dict:
+async def render_chat_prompt(ctx: ServingContext, messages: list[ChatMessage],
+                             add_generation_prompt: bool) -> dict:
     """The engine's prompt form ``{"prompt", "prompt_token_ids"}``, rendered
-    and tokenized by the engine (as ``LLM.chat`` does)."""
+    and tokenized by the engine (as ``LLM.chat`` does), off the event loop."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     flat = [_flatten(m, i) for i, m in enumerate(messages)]
+    ctx.check_text_length("".join(m["content"] for m in flat), "messages")
     try:
-        text, ids = ctx.engine.render_chat(flat, add_generation_prompt=add_generation_prompt)
+        text, ids = await ctx.run_off_loop(ctx.engine.render_chat, flat, add_generation_prompt)
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from exc
     return {"prompt": text, "prompt_token_ids": ids}
@@ -89,7 +90,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                                  raw_request: Request) -> Response:
     ctx.check_model(req.model)
     _check_unsupported(req)
-    prompt = render_chat_prompt(ctx, req.messages, req.add_generation_prompt)
+    ctx.check_capacity()
+    prompt = await render_chat_prompt(ctx, req.messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens,
