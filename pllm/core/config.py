@@ -61,7 +61,7 @@ class CacheConfig:
     # capped at 4 GiB). None: the platform's default.
     memory_utilization: float | None = None
     enable_prefix_caching: bool = True
-    num_blocks_override: int | None = None  # for tests: exactly this many blocks (the core applies it)
+    num_blocks_override: int | None = None  # exactly this many blocks (the core applies it)
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES (the user's choice)
     cache_dtype: str | None = None  # the resolved storage dtype's torch name
     # vLLM's spelling of memory_utilization, kept as an alias.
@@ -106,8 +106,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     enable_chunked_prefill: bool = True
+    # While requests are decoding, size each step's prefill work from measured
+    # step times so that a step takes about this long (the inter-token latency
+    # streams see); None: every step may carry max_num_batched_tokens.
+    target_step_latency_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.target_step_latency_s is not None and not self.target_step_latency_s > 0:
+            raise ValueError(f"target_step_latency_s must be > 0 seconds, got "
+                             f"{self.target_step_latency_s}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
@@ -133,6 +140,10 @@ class DeviceConfig:
     # (the CPU platform's setup_process applies it; None: the cores split over
     # the tensor-parallel ranks).
     num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
 @dataclass(frozen=True)
@@ -165,5 +176,5 @@ def parse_memory(value: str | int | None) -> int | None:
         number, scale = text, 1
     try:
         return int(float(number) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf"
         raise ValueError(f"kv_cache_memory={value!r} is not a size like '2GiB' or '512MB'") from None

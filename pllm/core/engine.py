@@ -216,6 +216,7 @@ class LLMEngine:
         ran the step before); those fail, and only a second failure (or a
         failing step that admitted nothing) is raised, for the caller to fail
         the batch."""
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -232,7 +233,9 @@ class LLMEngine:
             if sched.is_empty:
                 return self.scheduler.take_failed()
             result = self.executor.execute(sched)
-        return self.scheduler.update_from_output(sched, result)
+        outputs = self.scheduler.update_from_output(sched, result)
+        self.scheduler.observe_step(sched, time.perf_counter() - start)
+        return outputs
 
     def _without_newest(self, sched: SchedulerOutput, exc: Exception) -> SchedulerOutput:
         """The step failed: fail the request it admitted, or, when it admitted

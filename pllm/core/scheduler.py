@@ -86,6 +86,15 @@ class Scheduler:
         # Requests admitted together in a step that failed: each is admitted
         # alone from then on, so the next failure names the one at fault.
         self.suspects: set[str] = set()
+        self.step_budget = (StepBudget(config.target_step_latency_s,
+                                       config.max_num_batched_tokens)
+                            if config.target_step_latency_s else None)
+
+    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """How long a step took (the engine measures it), for the step budget."""
+        if self.step_budget is not None and sched.scheduled:
+            decoding = any(s.num_new_tokens == 1 for s in sched.scheduled)
+            self.step_budget.observe(sched.num_tokens, seconds, decoding)
 
     # ---- requests in and out ----------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -155,12 +164,23 @@ class Scheduler:
 
     # ---- schedule -----------------------------------------------------------
     def schedule(self, admit: bool = True) -> SchedulerOutput:
-        """The next step's batch; ``admit=False`` takes nobody from the waiting queue."""
+        """The next step's batch; ``admit=False`` takes nobody from the waiting queue.
+
+        With a step-latency target, decodes go first and, while any request is
+        decoding, the prefill work of the step is what the measured step times
+        say fits the target (see :class:`StepBudget`); with nobody decoding,
+        prefills get the whole token budget."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        running = list(self.running)
+        if self.step_budget is not None:
+            decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+            if decodes:
+                running = decodes + [s for s in running if s.num_tokens - s.num_computed_tokens != 1]
+                budget = min(budget, max(self.step_budget.tokens, len(decodes) + self.kv.block_size))
 
-        for seq in list(self.running):
+        for seq in running:
             if budget <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
@@ -324,3 +344,29 @@ class Scheduler:
 
 def _describe(what: str, exc: BaseException) -> str:
     return f"{what} failed: {type(exc).__name__}: {exc}"
+
+
+class StepBudget:
+    """How many tokens a step may carry while requests are decoding, so that
+    a step (the time between two of a streaming request's tokens) takes about
+    ``target_s``: a prefill chunk that takes seconds would freeze every
+    stream. Step time grows about linearly with the step's tokens, so after a
+    decoding step of ``n`` tokens that took ``t`` seconds the budget moves
+    halfway (geometrically) towards ``n * target / t``; the estimate through
+    the origin overrates the cost per token, which errs on the short side.
+    Steps without decodes change nothing (their length costs no stream)."""
+
+    def __init__(self, target_s: float, max_tokens: int, min_tokens: int = 16) -> None:
+        self.target_s = target_s
+        self.max_tokens = max_tokens
+        self.min_tokens = min(min_tokens, max_tokens)
+        self.tokens = max_tokens
+
+    def observe(self, num_tokens: int, seconds: float, decoding: bool) -> None:
+        if not decoding or num_tokens <= 0 or seconds <= 0:
+            return
+        ideal = num_tokens * self.target_s / seconds
+        if num_tokens < self.tokens and ideal > num_tokens:
+            return  # a short step (little work left) says nothing about a full one
+        self.tokens = int(min(max((self.tokens * ideal) ** 0.5, self.min_tokens),
+                              self.max_tokens))

@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pllm.entrypoints.engine_args import EngineArgs
+
+# The least KV cache `pllm generate` sizes for itself, in blocks.
+_MIN_KV_BLOCKS = 4
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -27,13 +34,52 @@ def _generate(args) -> int:
     from pllm.entrypoints.engine_args import EngineArgs
     from pllm.entrypoints.llm import LLM
 
-    ea = EngineArgs.from_cli_args(args)
+    params = _sampling_params(args)
+    ea, prompts = _fit_kv_cache(EngineArgs.from_cli_args(args), args.prompts or ["Hello"],
+                                args.max_tokens)
     llm = LLM(**vars(ea))
-    prompts = args.prompts or ["Hello"]
-    for out in llm.generate(prompts, _sampling_params(args), use_tqdm=False):
+    for out in llm.generate(prompts, params, use_tqdm=False):
         print(f"{out.prompt}{out.outputs[0].text}")
         print("-" * 40)
     return 0
+
+
+def _fit_kv_cache(ea: EngineArgs, prompts: list[str],
+                  max_tokens: int) -> tuple[EngineArgs, list[str | dict]]:
+    """Engine args whose KV cache holds these prompts and their outputs, all
+    at once, and little more, and the prompts tokenized (so the engine counts
+    what was counted here): the platform's default budget (4 GiB on the CPU)
+    would be zeroed at start for a few hundred tokens. A --kv-cache-memory
+    given is kept.
+
+    The context becomes the longest prompt plus ``max_tokens`` (at most the
+    model's), unless --max-model-len is given: left at the model's, it would
+    not fit the cache, and the engine would lower it with a warning."""
+    import dataclasses
+
+    from pllm.core.resolve import DEFAULT_CONTEXT
+    from pllm.loader import load_model
+    from pllm.models import describe_model
+    from pllm.plugins.manager import PluginManager
+
+    if ea.kv_cache_memory is not None or ea.num_blocks_override is not None:
+        return ea, prompts
+    # What the engine will decide too; the tokenizer and config load lazily,
+    # without the weights.
+    plugins = PluginManager()
+    platform = plugins.select_platform(ea.device)
+    block_size = (plugins.update_config(platform, ea.create_engine_config()).cache.block_size
+                  or platform.capabilities.default_block_size)
+    loaded = load_model(ea.model, tokenizer=ea.tokenizer, chat_template=ea.chat_template)
+    context = (ea.max_model_len or describe_model(loaded.hf_config).max_position_embeddings
+               or DEFAULT_CONTEXT)
+    token_ids = [loaded.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    lengths = [min(len(ids) + max_tokens, context) for ids in token_ids]
+    max_model_len = ea.max_model_len or max(lengths)
+    num_blocks = max(sum(-(-n // block_size) for n in lengths), -(-max_model_len // block_size),
+                     _MIN_KV_BLOCKS)
+    ea = dataclasses.replace(ea, max_model_len=max_model_len, num_blocks_override=num_blocks)
+    return ea, [{"prompt": p, "prompt_token_ids": ids} for p, ids in zip(prompts, token_ids)]
 
 
 def _chat(args) -> int:

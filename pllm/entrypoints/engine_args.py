@@ -17,6 +17,40 @@ from pllm.core.config import (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def memory_size(text: str) -> str:
+    """An argparse type: a size such as 2GiB or 512MB, checked here and kept
+    as typed (parsed to bytes with the rest of the config)."""
+    try:
+        value = parse_memory(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2GiB or 512MB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return text
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None
@@ -32,6 +66,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    # While requests decode, steps aim at this many ms (prefill chunks sized
+    # from measured step times); None or 0: off (`pllm serve` defaults it on).
+    target_itl_ms: float | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
     served_model_name: str | None = None
@@ -56,6 +93,7 @@ class EngineArgs:
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+                target_step_latency_s=self.target_itl_ms / 1000 if self.target_itl_ms else None,
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             device=DeviceConfig(
@@ -77,11 +115,11 @@ class EngineArgs:
                             "`pllm platforms` lists them")
         g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weight and activation dtype (auto: the platform's default)")
-        g.add_argument("--max-model-len", type=int, default=None,
+        g.add_argument("--max-model-len", type=positive_int, default=None,
                        help="context length (prompt + output); default: the model's")
-        g.add_argument("--block-size", type=int, default=None,
+        g.add_argument("--block-size", type=positive_int, default=None,
                        help="tokens per KV-cache block (default: the platform's, 16 on most)")
-        g.add_argument("--kv-cache-memory", default=None,
+        g.add_argument("--kv-cache-memory", type=memory_size, default=None,
                        help="KV-cache budget, e.g. 2GiB or 512MB (default: the platform decides)")
         g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                        help="KV-cache storage: auto (the model dtype), or 8-bit floats with "
@@ -95,10 +133,15 @@ class EngineArgs:
                             "after loading for the KV cache, at most 4 GiB (default 0.5)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse KV blocks of shared prompt prefixes (on by default)")
-        g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")
-        g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+        g.add_argument("--max-num-seqs", type=positive_int, default=128, help="most sequences in one step")
+        g.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                        help="token budget of one step (long prompts are prefilled in chunks)")
-        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+        g.add_argument("--target-itl-ms", type=non_negative_float, default=None,
+                       help="inter-token latency to aim for while requests are decoding: decodes "
+                            "go first and each step's prefill chunk is sized, from measured step "
+                            "times, to finish within it (0: off, every step may carry "
+                            "--max-num-batched-tokens; default: off, 250 for pllm serve)")
+        g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                        help="ranks to shard the model over, one process each (attention heads, "
                             "KV heads and the MLP width must divide by it); on the CPU the ranks "
                             "split the cores and --kv-cache-memory is their total")
@@ -108,7 +151,8 @@ class EngineArgs:
         g.add_argument("--enforce-eager", action="store_true",
                        help="run every layer module by module: on the CPU, no one-call "
                             "decoder layers for decode steps")
-        g.add_argument("--num-threads", type=int, default=None, help="CPU threads per rank (default: the cores over the tensor-parallel ranks)")
+        g.add_argument("--num-threads", type=positive_int, default=None,
+                       help="CPU threads per rank (default: the cores over the tensor-parallel ranks)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

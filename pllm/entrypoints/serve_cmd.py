@@ -5,6 +5,10 @@ the network can reach, with no API key, should be something one asks for with
 ``--host 0.0.0.0``. On SIGTERM or Ctrl+C the server stops accepting
 connections, lets in-flight requests finish for up to ``--shutdown-timeout``
 seconds, aborts the rest, and exits 0.
+
+The port is bound before the model loads, so that a port in use (or one that
+cannot be bound) is reported at once, not after a minute of loading; clients
+that connect meanwhile wait in the listen backlog until the server is up.
 """
 
 from __future__ import annotations
@@ -13,11 +17,26 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 
-from pllm.entrypoints.engine_args import EngineArgs
+from pllm.entrypoints.engine_args import EngineArgs, positive_int
 
+# Streams should not freeze while a long prompt is prefilled: a server's
+# steps aim at this many ms while requests decode (--target-itl-ms).
+SERVE_TARGET_ITL_MS = 250.0
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {value}")
+    return value
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +45,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, this machine only; "
                         "0.0.0.0 for every interface)")
-    g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    g.add_argument("--port", type=_port, default=8000,
+                   help="port to listen on (default 8000; 0: any free port)")
     g.add_argument("--api-key", default=os.environ.get("PLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $PLLM_API_KEY; none: no key)")
@@ -35,6 +55,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may run on after SIGTERM before they are "
                         "aborted (default 10)")
+    g.add_argument("--max-request-body-bytes", type=positive_int, default=8 << 20,
+                   help="largest request body accepted; a larger one gets HTTP 413 "
+                        "(default 8388608, 8 MiB)")
+    g.add_argument("--max-waiting-requests", type=positive_int, default=None,
+                   help="most requests waiting for the engine; beyond that new ones get "
+                        "HTTP 503 with Retry-After (default: no limit)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,29 +86,61 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from pllm.core.engine import LLMEngine
 
+    engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.target_itl_ms is None:
+        engine_args.target_itl_ms = SERVE_TARGET_ITL_MS
     try:
-        engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
-    except (ValueError, OSError) as exc:
+        engine_config = engine_args.create_engine_config()
+        sock = _listen(args.host, args.port)
+    except ValueError as exc:
         print(f"pllm serve: error: {exc}", file=sys.stderr)
         return 1
-    server: uvicorn.Server | None = None
-    app = build_app(engine, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
-                    should_exit=lambda: server is not None and server.should_exit)
-    # The app aborts what is left after --shutdown-timeout; uvicorn's own limit
-    # (which cancels connection tasks outright) is only a backstop behind it.
-    config = uvicorn.Config(app, host=args.host, port=args.port,
-                            log_level=args.uvicorn_log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
-    server = uvicorn.Server(config)
-    # uvicorn handles SIGINT/SIGTERM itself and, once shut down, re-raises the
-    # signal to the handler that was installed before it. A no-op handler there
-    # turns a graceful shutdown into exit status 0 instead of death by signal.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_name,
-                                     args.host, args.port)
-    server.run()
+    with sock:
+        try:
+            engine = LLMEngine(engine_config)
+        except (ValueError, OSError) as exc:
+            print(f"pllm serve: error: {exc}", file=sys.stderr)
+            return 1
+        server: uvicorn.Server | None = None
+        app = build_app(engine, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
+                        should_exit=lambda: server is not None and server.should_exit,
+                        max_request_body_bytes=args.max_request_body_bytes,
+                        max_waiting_requests=args.max_waiting_requests)
+        # The app aborts what is left after --shutdown-timeout; uvicorn's own limit
+        # (which cancels connection tasks outright) is only a backstop behind it.
+        config = uvicorn.Config(app, log_level=args.uvicorn_log_level,
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5)
+        server = uvicorn.Server(config)
+        # uvicorn handles SIGINT/SIGTERM itself and, once shut down, re-raises the
+        # signal to the handler that was installed before it. A no-op handler there
+        # turns a graceful shutdown into exit status 0 instead of death by signal.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        logging.getLogger(__name__).info("serving %s on http://%s", engine.model_name,
+                                         _address(args.host, sock.getsockname()[1]))
+        server.run(sockets=[sock])
     return 0 if server.started else 1
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port``, as uvicorn would open it (with
+    SO_REUSEADDR: a server restarted at once gets its port back); raises
+    ValueError saying why it cannot (in use, no such address, ...)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"cannot listen on {_address(host, port)}: "
+                         f"{reason[:1].lower()}{reason[1:]}") from None
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,23 @@ def test_generate_prints_the_completion(tiny_model_dir):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("-" * 40) == 2 and "Hello" in res.stdout and "The capital" in res.stdout
     assert "KV cache" in res.stderr  # capacity is logged at start-up
+
+
+def test_generate_sizes_the_kv_cache_to_its_prompts(tiny_model_dir, tiny_llm):
+    """Without --kv-cache-memory the cache holds the prompts and their
+    outputs and little more (not the platform's default budget), with no
+    warning that the context was lowered to fit it; the outputs are unchanged."""
+    prompts = ["Hello", "The capital of France is"]
+    res = pllm("generate", "--model", tiny_model_dir, "--max-tokens", "5", *prompts)
+    assert res.returncode == 0, res.stderr
+    lengths = [len(tiny_llm.llm_engine.tokenize(p)) + 5 for p in prompts]
+    blocks, block_size = map(int, re.search(r"KV cache (\d+) blocks x (\d+)", res.stderr).groups())
+    assert blocks == max(sum(-(-n // block_size) for n in lengths), 4)
+    assert f"max_model_len {max(lengths)} " in res.stderr
+    assert "WARNING" not in res.stderr
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    expected = tiny_llm.generate(prompts, params, use_tqdm=False)
+    assert res.stdout == "".join(f"{o.prompt}{o.outputs[0].text}\n{'-' * 40}\n" for o in expected)
 
 
 def test_chat_answers_each_message(tiny_model_dir, tiny_llm):

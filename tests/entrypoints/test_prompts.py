@@ -60,7 +60,8 @@ def test_chat_renders_and_tokenizes_in_the_engine_for_both_apis(tiny_llm, monkey
     ctx = ServingContext(async_engine=_Recorder(), model_name="tiny",
                          max_model_len=engine.max_model_len, tokenizer=engine.tokenizer,
                          engine=engine, max_num_seqs=8)
-    served = render_chat_prompt(ctx, [ChatMessage(role="user", content="hi there")], True)
+    served = asyncio.run(render_chat_prompt(ctx, [ChatMessage(role="user", content="hi there")],
+                                            True))
     assert served == {"prompt": text, "prompt_token_ids": ids}
     calls = _counting(engine, monkeypatch)
     out = tiny_llm.chat(messages, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0]

@@ -158,7 +158,8 @@ def test_greedy_matches_offline_llm(client, model_name, offline_greedy):
 
 @slow
 def test_completion_prompt_forms_n_and_usage(server, client, model_name):
-    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"]
+    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]},
+                        headers=AUTH).json()["tokens"]
     r = client.completions.create(model=model_name, prompt=PROMPTS, n=2, max_tokens=4,
                                   temperature=0)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]

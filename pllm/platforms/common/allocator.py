@@ -27,6 +27,7 @@ class BudgetKVCacheAllocator(KVCacheAllocator):
             raise ValueError(f"bytes_per_block must be > 0, got {bytes_per_block}")
         if cache_config.kv_cache_memory is not None:
             budget, source = cache_config.kv_cache_memory, "kv_cache_memory"
+            self._check_fits(budget)
         else:
             budget, source = self.default_budget(cache_config)
         num_blocks = budget // bytes_per_block
@@ -41,6 +42,22 @@ class BudgetKVCacheAllocator(KVCacheAllocator):
         """Bytes for the cache when ``kv_cache_memory`` is unset, and a phrase
         naming where the number came from (for error messages)."""
         raise NotImplementedError
+
+    def memory_limit(self) -> tuple[int, str] | None:
+        """The most bytes a ``kv_cache_memory`` can have on this device, and
+        what they are ("RAM available on this host"); optional, defaults to
+        None: no check."""
+        return None
+
+    def _check_fits(self, budget: int) -> None:
+        # Refused here, before allocating: past the limit torch fails deep
+        # in an allocation (or the host swaps) only after the model loaded.
+        limit = self.memory_limit()
+        if limit is not None and budget > limit[0]:
+            raise KVCacheMemoryError(
+                f"--kv-cache-memory {_gib(budget)} is more than the {_gib(limit[0])} of "
+                f"{limit[1]}; give less, or leave it out for the platform's default"
+            )
 
     def allocate(
         self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -57,13 +74,17 @@ class HostKVCacheAllocator(BudgetKVCacheAllocator):
     vLLM's CPU default): zeroing a cache of most of the host's RAM would slow
     start-up for capacity few workloads use, and a habitual
     ``--gpu-memory-utilization 0.9`` must not push the host into swap. A
-    larger cache is asked for by size, with ``kv_cache_memory``."""
+    larger cache is asked for by size, with ``kv_cache_memory``, up to the
+    RAM available."""
 
     def __init__(self, memory_fraction: float = 0.5, max_bytes: int = 4 << 30) -> None:
         if not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         self.memory_fraction = memory_fraction
         self.max_bytes = max_bytes
+
+    def memory_limit(self) -> tuple[int, str]:
+        return psutil.virtual_memory().available, "RAM available on this host"
 
     def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
         available = psutil.virtual_memory().available
@@ -75,3 +96,7 @@ class HostKVCacheAllocator(BudgetKVCacheAllocator):
         budget = min(int(available * self.memory_fraction), self.max_bytes)
         return budget, (f"min({self.memory_fraction:g} of the {available} bytes of available RAM, "
                         f"{self.max_bytes} bytes)")
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"

@@ -39,6 +39,9 @@ class GPUKVCacheAllocator(BudgetKVCacheAllocator):
         torch.cuda.synchronize()
         self._peak = torch.cuda.max_memory_allocated() - throwaway_cache
 
+    def memory_limit(self) -> tuple[int, str]:
+        return torch.cuda.mem_get_info()[1], "memory on this GPU"
+
     def default_budget(self, cache_config: CacheConfig) -> tuple[int, str]:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
