@@ -9,5 +9,6 @@ measured limit (memory read bandwidth), and written as JSON with a plot.
     offline.py      pllm's throughput and latency runs (in this process)
     hf_baseline.py  HF `generate` / `generate_batch`, run as a subprocess
     serve.py        a Poisson stream of streaming completions against a server
+    launch.py       servers the serve benchmark starts itself, one process a rate
     report.py       JSON results, summaries and plots
 """

@@ -36,6 +36,27 @@ def ratios(pllm_value: float, baselines: dict, key: str) -> dict:
     return out
 
 
+# Serving figures compared as reference / baseline at each rate; below 1 is
+# better for a latency, above 1 for tokens/s.
+SERVE_RATIO_KEYS = {"itl_p99": "itl_p99_s", "ttft_p99": "ttft_p99_s",
+                    "output_tokens_per_s": "output_tokens_per_s"}
+
+
+def serve_ratios(rows: list[dict], reference: str = "pllm") -> list[dict]:
+    """``reference``'s figures over every other server's at the same rate; None
+    where either has no figure."""
+    refs = {str(r["request_rate"]): r for r in rows if r.get("server") == reference}
+    out = []
+    for row in rows:
+        ref = refs.get(str(row["request_rate"]))
+        if ref is None or row is ref:
+            continue
+        out.append({"request_rate": row["request_rate"], "baseline": row["server"],
+                    **{name: ref[key] / row[key] if ref[key] and row[key] else None
+                       for name, key in SERVE_RATIO_KEYS.items()}})
+    return out
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -101,22 +122,28 @@ def plot_latency(result: dict, path: str) -> str:
 
 def plot_serve(result: dict, path: str) -> str:
     plt = _pyplot()
-    rows = result["per_rate"]
-    labels = [str(r["request_rate"]) for r in rows]
-    xs = list(range(len(rows)))
+    rates = list(dict.fromkeys(str(r["request_rate"]) for r in result["per_rate"]))
+    by_server: dict[str, list[dict]] = {}
+    for row in result["per_rate"]:
+        by_server.setdefault(row.get("server", ""), []).append(row)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, metric, title in ((axes[0], "ttft", "time to first token"),
                               (axes[1], "itl", "inter-token latency"),
                               (axes[2], "e2e", "end-to-end latency")):
-        for q, style in (("p50", "o-"), ("p99", "s--")):
-            ys = [r[f"{metric}_{q}_s"] for r in rows]
-            ax.plot(xs, [y * 1000 if y is not None else float("nan") for y in ys], style, label=q)
-        ax.set_xticks(xs, labels)
+        for i, (server, rows) in enumerate(by_server.items()):
+            xs = [rates.index(str(r["request_rate"])) for r in rows]
+            for q, style in (("p50", "o-"), ("p99", "s--")):
+                ys = [r[f"{metric}_{q}_s"] for r in rows]
+                ax.plot(xs, [y * 1000 if y is not None else float("nan") for y in ys], style,
+                        color=f"C{i}", label=f"{server} {q}".strip())
+        ax.set_xticks(range(len(rates)), rates)
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("ms")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle(f"serving: {result['model']} at {result['base_url']}", fontsize=10)
+    where = (f"at {result['base_url']}" if "base_url" in result
+             else ": " + " vs ".join(result["servers"]) + ", each started afresh per rate")
+    fig.suptitle(f"serving: {result['model']}{' ' * ('base_url' in result)}{where}", fontsize=10)
     return _save(fig, path)
 
 
@@ -178,13 +205,33 @@ def _print_baselines(result: dict, key: str, label: str) -> None:
 
 
 def print_serve(result: dict) -> None:
-    print(f"{'rate':>6} {'done':>5} {'req/s':>7} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'ITL p50':>8} {'ITL p99':>8} {'e2e p50':>8}")
-    for r in result["per_rate"]:
-        print(f"{r['request_rate']!s:>6} {r['num_completed']:>5} {r['requests_per_s']:>7.2f} "
-              f"{r['output_tokens_per_s']:>9.1f} {_fmt(r['ttft_p50_s'], '', 1000):>9} "
-              f"{_fmt(r['ttft_p99_s'], '', 1000):>9} {_fmt(r['itl_p50_s'], '', 1000):>8} "
-              f"{_fmt(r['itl_p99_s'], '', 1000):>8} {_fmt(r['e2e_p50_s'], '', 1):>8}")
+    rows, ratios = result["per_rate"], result.get("ratios") or []
+    ref = result.get("reference", "pllm")
+    by_row = {(str(r["request_rate"]), r["baseline"]): r for r in ratios}
+    width = max([len(r.get("server", "")) for r in rows] + [6])
+    head = f"{'server':<{width}} " if "servers" in result else ""
+    print(f"{head}{'rate':>6} {'done':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>9} "
+          f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'e2e p50':>8}"
+          + (f"   {ref}/server: ITL p99 TTFT p99 tok/s" if ratios else ""))
+    for r in rows:
+        line = (f"{r['server']:<{width}} " if head else "") + (
+            f"{r['request_rate']!s:>6} {r['num_completed']:>5} {r['num_failed']:>4} "
+            f"{r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>9.1f} "
+            f"{_fmt(r['ttft_p50_s'], '', 1000):>9} {_fmt(r['ttft_p99_s'], '', 1000):>9} "
+            f"{_fmt(r['itl_p50_s'], '', 1000):>8} {_fmt(r['itl_p99_s'], '', 1000):>8} "
+            f"{_fmt(r['e2e_p50_s'], '', 1):>8}")
+        ratio = by_row.get((str(r["request_rate"]), r.get("server")))
+        if ratio:
+            line += (f"   {'':>{len(ref) + 8}} {_fmt(ratio['itl_p99'], 'x'):>7} "
+                     f"{_fmt(ratio['ttft_p99'], 'x'):>8} {_fmt(ratio['output_tokens_per_s'], 'x'):>5}")
+        print(line)
         if r["first_error"]:
             print(f"       {r['num_failed']} failed; first error: {r['first_error']}")
-    print("(latencies in ms, e2e in s)")
+        if r.get("server_log_tail"):
+            print(f"       server log ({r['server_log']}), last lines:\n{r['server_log_tail']}")
+        counted = {k: n for k, n in r.get("num_output_tokens_from", {}).items() if k != "usage"}
+        if counted:
+            print(f"       output tokens of {sum(counted.values())} requests counted from "
+                  f"{' and '.join(counted)} (no usage chunk)")
+    print("(latencies in ms, e2e in s" + (f"; {ref}/server: below 1x is better for a latency, "
+                                          "above 1x for tok/s)" if ratios else ")"))

@@ -256,13 +256,34 @@ def run_latency(args) -> dict:
 # ---------------------------------------------------------------- serve
 
 
+def _server_commands(args) -> list:
+    """The servers to start, in order (pllm first); none: drive --base-url."""
+    from pllm.bench.launch import ServerCommand, pllm_command
+
+    if args.pllm_args and not args.launch:
+        raise BenchArgumentError("--pllm-args needs --launch pllm")
+    commands = [pllm_command(args.model, args.tokenizer, args.pllm_args)] if args.launch else []
+    commands += [ServerCommand.parse(text) for text in args.launch_command]
+    names = [c.name for c in commands]
+    if len(set(names)) < len(names):
+        raise BenchArgumentError(f"two launched servers share a name: {', '.join(names)}")
+    if commands and (args.base_url or args.served_model_name):
+        raise BenchArgumentError("--base-url and --served-model-name are for a running server; "
+                                 "launched servers are reached on their own ports")
+    return commands
+
+
 def run_serve(args) -> dict:
     from pllm.bench import report
+    from pllm.bench.launch import run_launched_bench
     from pllm.bench.serve import check_loopback, run_serve_bench
     from pllm.bench.workload import build_requests, parse_range, workload_summary
-    from pllm.loader import load_model
+    from pllm.loader import DEFAULT_MODEL, load_model
 
-    check_loopback(args.base_url, args.allow_remote)
+    commands = _server_commands(args)
+    base_url = args.base_url or "http://127.0.0.1:8000/v1"
+    if not commands:
+        check_loopback(base_url, args.allow_remote)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     if any(not (r > 0) for r in args.request_rate):
         raise BenchArgumentError(
@@ -278,10 +299,17 @@ def run_serve(args) -> dict:
                                prompt_seed=args.seed + 7919 * i)
                 for i in range(len(args.request_rate))]
     requests = per_rate[0]
-    runs = asyncio.run(run_serve_bench(
-        args.base_url, requests, args.request_rate, model=args.served_model_name,
-        max_seconds=args.max_seconds, drain_seconds=args.drain_seconds, seed=args.seed,
-        api_key=args.api_key, requests_per_rate=per_rate))
+    bench = dict(max_seconds=args.max_seconds, drain_seconds=args.drain_seconds, seed=args.seed,
+                 api_key=args.api_key)
+    if commands:
+        runs = asyncio.run(run_launched_bench(
+            commands, args.request_rate, per_rate, ready_timeout_s=args.ready_timeout,
+            stop_grace_s=args.stop_timeout, **bench))
+        runs["model"] = args.model or DEFAULT_MODEL
+    else:
+        runs = asyncio.run(run_serve_bench(base_url, requests, args.request_rate,
+                                           model=args.served_model_name,
+                                           requests_per_rate=per_rate, **bench))
     result = _header("serve", runs["model"])
     result["workload"] = {"num_prompts": args.num_prompts, "input_len_range": list(in_range),
                           "output_len_range": list(out_range), "seed": args.seed,
@@ -292,7 +320,11 @@ def run_serve(args) -> dict:
                           "prompts_per_rate": "the same lengths at every rate; the i-th rate's "
                                               "prompt tokens are drawn with seed + 7919 * i",
                           **workload_summary(requests)}
-    result.update(base_url=runs["base_url"], per_rate=runs["per_rate"])
+    if commands:
+        result.update(servers=runs["servers"], per_rate=runs["per_rate"], reference="pllm",
+                      ratios=report.serve_ratios(runs["per_rate"], "pllm"))
+    else:
+        result.update(base_url=runs["base_url"], per_rate=runs["per_rate"])
     report.print_serve(result)
     _finish(result, args, report.plot_serve)
     return result

@@ -4,15 +4,22 @@ For each request rate, requests (the workload's prompts, sent as token ids
 with ``ignore_eos``) start at exponentially spaced times. No request starts
 after ``max_seconds``; those still running ``drain_seconds`` later are
 cancelled and counted, not timed. Token arrivals are the streamed chunks that
-carry a choice (a chunk may hold more than one token when the server holds
-back text); the output token count comes from the final usage chunk.
+carry text, and the first chunk with a choice even when its text is empty (a
+server may hold back an incomplete character); a chunk may hold more than one
+token. The output token count comes from the last usage chunk, else from
+llama.cpp's ``timings``, else from the arrivals; each row says which.
+
+The server is one already running at a base URL, or servers that
+``launch.py`` starts for every rate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import json
+import logging
 import math
 import random
 import statistics
@@ -23,9 +30,13 @@ from urllib.parse import urlsplit
 from pllm.bench.figures import percentile
 from pllm.bench.workload import BenchRequest
 
+logger = logging.getLogger(__name__)
+
 
 class ServeBenchError(RuntimeError):
-    """The server cannot be benchmarked: unreachable, remote without consent, no model."""
+    """The server cannot be benchmarked: unreachable, remote without consent, no
+    model, a malformed launch command, or a launched server that died or never
+    became ready."""
 
 
 def check_loopback(base_url: str, allow_remote: bool) -> None:
@@ -57,6 +68,18 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     e2e_s: float | None = None
     num_output_tokens: int = 0
+    num_tokens_from: str | None = None  # "usage", "timings" or "chunks"
+
+
+def _output_count(chunk: dict) -> tuple[int | None, str | None]:
+    """(completion tokens, where from) a chunk reports, if any."""
+    usage = chunk.get("usage") or {}
+    if usage.get("completion_tokens") is not None:
+        return usage["completion_tokens"], "usage"
+    timings = chunk.get("timings") or {}  # llama-server's own figures
+    if timings.get("predicted_n") is not None:
+        return timings["predicted_n"], "timings"
+    return None, None
 
 
 async def _send(client, url: str, model: str, req: BenchRequest, t0: float) -> RequestResult:
@@ -65,7 +88,7 @@ async def _send(client, url: str, model: str, req: BenchRequest, t0: float) -> R
                "temperature": 0.0, "ignore_eos": True, "stream": True,
                "stream_options": {"include_usage": True}}
     start = last = time.perf_counter()
-    num_chunks, usage = 0, None
+    num_arrivals, counted = 0, {}
     try:
         async with client.stream("POST", url, json=payload) as resp:
             if resp.status_code != 200:
@@ -82,21 +105,24 @@ async def _send(client, url: str, model: str, req: BenchRequest, t0: float) -> R
                 if "error" in chunk:
                     res.error = str(chunk["error"])[:300]
                     return res
-                if chunk.get("usage"):
-                    usage = chunk["usage"].get("completion_tokens")
-                if chunk.get("choices"):
+                num, source = _output_count(chunk)
+                if num is not None:
+                    counted[source] = num  # usage may come in every chunk, cumulative
+                choices = chunk.get("choices") or []
+                if any(c.get("text") for c in choices) or (choices and num_arrivals == 0):
                     now = time.perf_counter()
-                    if num_chunks == 0:
+                    if num_arrivals == 0:
                         res.ttft_s = now - start
                     else:
                         res.itl_s.append(now - last)
-                    last, num_chunks = now, num_chunks + 1
+                    last, num_arrivals = now, num_arrivals + 1
     except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash
         res.error = f"{type(exc).__name__}: {exc}"
         return res
     res.e2e_s = time.perf_counter() - start
-    res.num_output_tokens = usage if usage is not None else num_chunks
-    res.ok = num_chunks > 0
+    res.num_tokens_from = next((s for s in ("usage", "timings") if s in counted), "chunks")
+    res.num_output_tokens = counted.get(res.num_tokens_from, num_arrivals)
+    res.ok = num_arrivals > 0
     if not res.ok:
         res.error = "the stream carried no tokens"
     return res
@@ -161,6 +187,7 @@ def summarize(results: list[RequestResult], *, rate: float, num_sent: int, num_c
         "output_tokens_per_s": num_out / duration if duration else 0.0,
         "num_prompt_tokens": sum(r.prompt_len for r in ok),
         "num_output_tokens": num_out,
+        "num_output_tokens_from": dict(collections.Counter(r.num_tokens_from for r in ok)),
         **stats("ttft", ttft), **stats("itl", itl), **stats("e2e", e2e), **stats("tpot", tpot),
     }
 
@@ -180,32 +207,44 @@ async def _served_model(client, base_url: str) -> str:
     return data[0]["id"]
 
 
+def _client(api_key: str | None):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits,
+                             headers=headers, trust_env=False)
+
+
+async def _warmed_up(client, base_url: str, model: str | None,
+                     requests: list[BenchRequest]) -> str:
+    """The model to request, after one untimed warm-up request."""
+    model = model or await _served_model(client, base_url)
+    url = f"{base_url}/completions"
+    # One repeated token: the warm-up shares no prefix-cache block with the workload.
+    warm_prompt = [requests[0].prompt_token_ids[0]] * 16
+    warm = await _send(client, url, model, BenchRequest(warm_prompt, 2), time.perf_counter())
+    if not warm.ok:
+        raise ServeBenchError(f"the warm-up request to {url} failed: {warm.error}")
+    return model
+
+
 async def run_serve_bench(base_url: str, requests: list[BenchRequest], rates: list[float], *,
                           model: str | None = None, max_seconds: float = 120.0,
                           drain_seconds: float = 60.0, seed: int = 0,
                           api_key: str | None = None,
                           requests_per_rate: list[list[BenchRequest]] | None = None) -> dict:
-    """One summary per rate (in order), after one untimed warm-up request.
-    ``requests_per_rate`` (one list per rate) replaces ``requests``, so that a
-    later rate need not resend prompts the server has cached."""
-    import httpx
-
+    """One summary per rate (in order) from the server at ``base_url``, after
+    one untimed warm-up request. ``requests_per_rate`` (one list per rate)
+    replaces ``requests``, so that a later rate need not resend prompts the
+    server has cached."""
     base_url = base_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits,
-                                 headers=headers, trust_env=False) as client:
-        model = model or await _served_model(client, base_url)
-        url = f"{base_url}/completions"
-        # One repeated token: the warm-up shares no prefix-cache block with the workload.
-        warm_prompt = [requests[0].prompt_token_ids[0]] * 16
-        warm = await _send(client, url, model, BenchRequest(warm_prompt, 2), time.perf_counter())
-        if not warm.ok:
-            raise ServeBenchError(f"the warm-up request to {url} failed: {warm.error}")
+    async with _client(api_key) as client:
+        model = await _warmed_up(client, base_url, model, requests)
         per_rate = []
         for i, rate in enumerate(rates):
             batch = requests_per_rate[i] if requests_per_rate else requests
-            per_rate.append(await _run_rate(client, url, model, batch, rate,
+            per_rate.append(await _run_rate(client, f"{base_url}/completions", model, batch, rate,
                                             max_seconds=max_seconds, drain_seconds=drain_seconds,
                                             seed=seed))
     return {"model": model, "base_url": base_url, "per_rate": per_rate}

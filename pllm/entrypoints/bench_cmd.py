@@ -4,6 +4,8 @@ a baseline measured in the same run (see pllm/bench/).
     pllm bench throughput --compare hf             # 64 mixed requests, pllm vs HF transformers
     pllm bench latency --compare hf                # batch 1, 128 + 128 tokens, vs read bandwidth
     pllm bench serve --request-rate 1 2 4          # a running `pllm serve` at 127.0.0.1:8000
+    pllm bench serve --launch pllm --launch-command 'llama=llama-server -m m.gguf --port {port}'
+                                                   # both started afresh for every rate
 
 Each writes JSON (default bench-results/<kind>-<time>.json) and a PNG beside it.
 """
@@ -89,15 +91,17 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
-    g.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
-                   help="OpenAI-compatible API root (default http://127.0.0.1:8000/v1)")
+    g.add_argument("--base-url", default=None,
+                   help="OpenAI-compatible API root of a running server "
+                        "(default http://127.0.0.1:8000/v1)")
     g.add_argument("--allow-remote", action="store_true",
                    help="allow a host other than this machine's loopback")
     g.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     g.add_argument("--served-model-name", default=None,
                    help="model name to request (default: the first of /v1/models)")
     g.add_argument("--model", default=None,
-                   help="model whose tokenizer builds the prompts (default: SmolLM2-135M-Instruct)")
+                   help="model whose tokenizer builds the prompts, and that --launch pllm "
+                        "serves (default: SmolLM2-135M-Instruct)")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     g.add_argument("--request-rate", type=float, nargs="+", default=[1.0],
                    help="Poisson request rates in requests/s, one run each; inf = all at once")
@@ -106,6 +110,23 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-seconds", type=float, default=60.0,
                    help="how long requests may run on after that before they are cancelled")
     g.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrivals")
+    g = parser.add_argument_group(
+        "launched servers", "instead of --base-url: start each server afresh on a free "
+        "loopback port for every rate, run that rate, stop it; one row per server and rate, "
+        "with the pllm server's figures over each other server's")
+    g.add_argument("--launch", choices=["pllm"], default=None,
+                   help="start `pllm serve` with --model and --tokenizer")
+    g.add_argument("--pllm-args", default="",
+                   help="more `pllm serve` arguments, one quoted string "
+                        "(--pllm-args='--max-num-seqs 16 --enforce-eager')")
+    g.add_argument("--launch-command", action="append", default=[], metavar="NAME=COMMAND",
+                   help="start another server, repeatable: a command line with {host} and "
+                        "{port} placeholders, e.g. llama-server='llama-server -m model.gguf "
+                        "--host {host} --port {port} -np 16'")
+    g.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds a started server may take to answer /v1/models (default 600)")
+    g.add_argument("--stop-timeout", type=float, default=15.0,
+                   help="seconds from SIGTERM to SIGKILL when stopping one (default 15)")
     _add_workload_args(parser, num_prompts=64)
     _add_output_args(parser)
 
