@@ -67,7 +67,7 @@ class EngineArgs:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     # While requests decode, steps aim at this many ms (prefill chunks sized
-    # from measured step times); None or 0: off (`pllm serve` defaults it on).
+    # from measured step times); None or 0: off.
     target_itl_ms: float | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
@@ -139,8 +139,9 @@ class EngineArgs:
         g.add_argument("--target-itl-ms", type=non_negative_float, default=None,
                        help="inter-token latency to aim for while requests are decoding: decodes "
                             "go first and each step's prefill chunk is sized, from measured step "
-                            "times, to finish within it (0: off, every step may carry "
-                            "--max-num-batched-tokens; default: off, 250 for pllm serve)")
+                            "times, to finish within it (default: off, every step may carry "
+                            "--max-num-batched-tokens); it trades time to first token and "
+                            "throughput for it, see the README")
         g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                        help="ranks to shard the model over, one process each (attention heads, "
                             "KV heads and the MLP width must divide by it); on the CPU the ranks "

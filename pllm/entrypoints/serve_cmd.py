@@ -22,9 +22,6 @@ import sys
 
 from pllm.entrypoints.engine_args import EngineArgs, positive_int
 
-# Streams should not freeze while a long prompt is prefilled: a server's
-# steps aim at this many ms while requests decode (--target-itl-ms).
-SERVE_TARGET_ITL_MS = 250.0
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 
@@ -86,11 +83,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from pllm.core.engine import LLMEngine
 
-    engine_args = EngineArgs.from_cli_args(args)
-    if engine_args.target_itl_ms is None:
-        engine_args.target_itl_ms = SERVE_TARGET_ITL_MS
     try:
-        engine_config = engine_args.create_engine_config()
+        engine_config = EngineArgs.from_cli_args(args).create_engine_config()
         sock = _listen(args.host, args.port)
     except ValueError as exc:
         print(f"pllm serve: error: {exc}", file=sys.stderr)
