@@ -77,3 +77,64 @@ class ServerProcess:
     def cleanup(self) -> None:
         self._log.close()
         os.unlink(self._log.name)
+
+
+class ScriptedEngine:
+    """LLMEngine's contract in miniature, for the async engine and the HTTP
+    layer without a model: one token (id 7, text "x") per step for every
+    request until its max_tokens. A request whose prompt is ``[66, 6]`` fails
+    on its own at its first step (an output with ``error``, as the engine
+    reports a per-request failure); ``fail_next_step`` fails a whole step."""
+
+    FAILING_PROMPT = [66, 6]
+
+    def __init__(self, step_delay: float = 0.002) -> None:
+        self.requests: dict[str, tuple[list[int], object, list[int]]] = {}
+        self.aborted: list[str] = []
+        self.fail_next_step = False
+        self.step_delay = step_delay
+        self.shut_down = False
+
+    def add_request(self, request_id, prompt, params) -> None:
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+        self.requests[request_id] = (list(ids) if isinstance(ids, list) else [1, 2], params, [])
+
+    def abort_request(self, request_ids) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.requests.pop(rid, None)
+            self.aborted.append(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    def get_stats(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(num_running=0, num_waiting=len(self.requests), kv_cache_usage=0.0,
+                               num_free_blocks=8, num_total_blocks=8, prefix_cache_queries=0,
+                               prefix_cache_hits=0, num_preemptions=0)
+
+    def step(self):
+        from pllm.core.outputs import CompletionOutput, RequestOutput
+
+        time.sleep(self.step_delay)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("boom")
+        outputs = []
+        for rid, (prompt, params, tokens) in list(self.requests.items()):
+            failing = prompt == self.FAILING_PROMPT
+            tokens.append(7)
+            done = failing or len(tokens) >= params.max_tokens
+            reason = "abort" if failing else "length" if done else None
+            comp = CompletionOutput(0, "x" * len(tokens), list(tokens), None, None, reason)
+            outputs.append(RequestOutput(rid, None, prompt, None, [comp], done,
+                                         error="sampling failed: boom" if failing else None))
+            if done:
+                del self.requests[rid]
+        return outputs

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from server_utils import ServerProcess  # noqa: E402
+from server_utils import ScriptedEngine, ServerProcess  # noqa: E402
 
 slow = pytest.mark.slow  # the tests that talk to the real server
 
@@ -462,62 +462,12 @@ def test_metrics_counters_move(server, client, model_name):
 # ---------------------------------------------------------------- the async engine alone
 
 
-class _FakeEngine:
-    """LLMEngine's contract in miniature: one token per step, "x" per token."""
-
-    def __init__(self) -> None:
-        self.requests: dict[str, tuple[list[int], object, list[int]]] = {}
-        self.aborted: list[str] = []
-        self.fail_next_step = False
-
-    def add_request(self, request_id, prompt, params) -> None:
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        self.requests[request_id] = ([1, 2], params, [])
-
-    def abort_request(self, request_ids) -> None:
-        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            self.requests.pop(rid, None)
-            self.aborted.append(rid)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
-
-    def shutdown(self) -> None:
-        self.shut_down = True
-
-    def get_stats(self):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(num_running=len(self.requests), num_waiting=0, kv_cache_usage=0.0,
-                               num_free_blocks=8, num_total_blocks=8, prefix_cache_queries=0,
-                               prefix_cache_hits=0, num_preemptions=0)
-
-    def step(self):
-        from pllm.core.outputs import CompletionOutput, RequestOutput
-
-        time.sleep(0.002)
-        if self.fail_next_step:
-            self.fail_next_step = False
-            raise RuntimeError("boom")
-        outputs = []
-        for rid, (prompt, params, tokens) in list(self.requests.items()):
-            tokens.append(7)
-            done = len(tokens) >= params.max_tokens
-            comp = CompletionOutput(0, "x" * len(tokens), list(tokens), None, None,
-                                    "length" if done else None)
-            outputs.append(RequestOutput(rid, None, prompt, None, [comp], done))
-            if done:
-                del self.requests[rid]
-        return outputs
-
-
 def test_async_engine_rejects_aborts_and_survives_a_failed_step():
     from pllm import SamplingParams
-    from pllm.entrypoints.openai.async_engine import AsyncLLMEngine
+    from pllm.entrypoints.openai.async_engine import AsyncLLMEngine, RequestFailedError
     from pllm.entrypoints.openai.metrics import ServerMetrics
 
-    fake, metrics = _FakeEngine(), ServerMetrics("fake")
+    fake, metrics = ScriptedEngine(), ServerMetrics("fake")
 
     async def run() -> None:
         engine = AsyncLLMEngine(fake, observer=metrics)
@@ -541,10 +491,18 @@ def test_async_engine_rejects_aborts_and_survives_a_failed_step():
                 pass
         outs = [o async for o in engine.generate("hi", SamplingParams(max_tokens=2), "after")]
         assert outs[-1].finished and engine.is_running
+
+        # A request the engine ends alone fails its own stream, and only it.
+        bystander = await engine.add_request("by", "hi", SamplingParams(max_tokens=20))
+        with pytest.raises(RequestFailedError, match="sampling failed"):
+            async for _ in engine.generate(ScriptedEngine.FAILING_PROMPT,
+                                           SamplingParams(max_tokens=5), "bad"):
+                pass
+        assert [o async for o in bystander][-1].outputs[0].text == "x" * 20
         await engine.shutdown()
         assert not engine.is_running and fake.shut_down  # the engine's worker processes too
 
     asyncio.run(run())
-    for reason, count in (("abort", 2), ("length", 2), ("stop", 0)):
+    for reason, count in (("abort", 3), ("length", 3), ("stop", 0)):
         labels = {"model_name": "fake", "finished_reason": reason}
         assert metrics.registry.get_sample_value("pllm:request_finished_total", labels) == count

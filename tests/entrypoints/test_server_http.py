@@ -1,6 +1,6 @@
 """The HTTP layer alone, on a real uvicorn server on 127.0.0.1 in this
 process, in front of a scripted engine: what a connection sees after an
-unexpected error, and the admission bound."""
+unexpected error, the body limit, and the admission bound."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
-from server_utils import free_port  # noqa: E402
+from server_utils import ScriptedEngine, free_port  # noqa: E402
 
 
 class _Tokenizer:
@@ -33,16 +33,16 @@ class _Tokenizer:
         return 256
 
 
-class _Engine:
-    """LLMEngine's contract in miniature: every request waits until it has
-    been stepped ``delay_steps`` times, then gets one token per step."""
+class _Engine(ScriptedEngine):
+    """The scripted engine with what the HTTP layer reads: a name, a context,
+    a tokenizer, tokenize and render_chat; a step takes 20 ms."""
 
     def __init__(self) -> None:
+        super().__init__(step_delay=0.02)
         self.tokenizer = _Tokenizer()
         self.model_name = "scripted"
         self.max_model_len = 512
         self.config = SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=8))
-        self.requests: dict[str, list] = {}
 
     def tokenize(self, text, add_special_tokens=True):
         return self.tokenizer.encode(text)
@@ -50,40 +50,6 @@ class _Engine:
     def render_chat(self, messages, add_generation_prompt=True):
         text = "".join(m["content"] for m in messages)
         return text, self.tokenizer.encode(text)
-
-    def add_request(self, request_id, prompt, params) -> None:
-        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
-        self.requests[request_id] = [ids, params, []]
-
-    def abort_request(self, request_ids) -> None:
-        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            self.requests.pop(rid, None)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
-
-    def shutdown(self) -> None:
-        pass
-
-    def get_stats(self):
-        return SimpleNamespace(num_running=0, num_waiting=len(self.requests), kv_cache_usage=0.0,
-                               num_free_blocks=8, num_total_blocks=8, prefix_cache_queries=0,
-                               prefix_cache_hits=0, num_preemptions=0)
-
-    def step(self):
-        from pllm.core.outputs import CompletionOutput, RequestOutput
-
-        time.sleep(0.02)
-        outputs = []
-        for rid, (prompt, params, tokens) in list(self.requests.items()):
-            tokens.append(7)
-            done = len(tokens) >= params.max_tokens
-            comp = CompletionOutput(0, "x" * len(tokens), list(tokens), None, None,
-                                    "length" if done else None)
-            outputs.append(RequestOutput(rid, None, prompt, None, [comp], done))
-            if done:
-                del self.requests[rid]
-        return outputs
 
 
 @pytest.fixture
@@ -168,3 +134,20 @@ def test_beyond_max_waiting_requests_new_ones_get_503_with_retry_after(serve):
                 break
             time.sleep(0.1)
         assert r.status_code == 200
+
+
+def test_a_request_the_engine_fails_alone_errors_alone(serve):
+    host = serve()
+    url = f"http://{host}/v1/completions"
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", url, json={"prompt": "by", "max_tokens": 40,
+                                              "stream": True}) as bystander:
+            r = client.post(url, json={"prompt": ScriptedEngine.FAILING_PROMPT, "max_tokens": 5})
+            assert r.status_code == 500 and "sampling failed" in r.json()["error"]["message"]
+            with client.stream("POST", url, json={"prompt": ScriptedEngine.FAILING_PROMPT,
+                                                  "max_tokens": 5, "stream": True}) as failing:
+                lines = [line for line in failing.iter_lines() if line]
+            assert '"code": 500' in lines[-2] and lines[-1] == "data: [DONE]"
+            events = [line for line in bystander.iter_lines() if line.startswith("data: {")]
+        assert '"finish_reason":"length"' in events[-1]
+        assert sum(len(json.loads(e[6:])["choices"][0]["text"]) for e in events) == 40
