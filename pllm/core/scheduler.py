@@ -93,8 +93,7 @@ class Scheduler:
     def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """How long a step took (the engine measures it), for the step budget."""
         if self.step_budget is not None and sched.scheduled:
-            decoding = any(s.num_new_tokens == 1 for s in sched.scheduled)
-            self.step_budget.observe(sched.num_tokens, seconds, decoding)
+            self.step_budget.observe(sched.num_tokens, seconds)
 
     # ---- requests in and out ----------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -350,11 +349,13 @@ class StepBudget:
     """How many tokens a step may carry while requests are decoding, so that
     a step (the time between two of a streaming request's tokens) takes about
     ``target_s``: a prefill chunk that takes seconds would freeze every
-    stream. Step time grows about linearly with the step's tokens, so after a
-    decoding step of ``n`` tokens that took ``t`` seconds the budget moves
-    halfway (geometrically) towards ``n * target / t``; the estimate through
-    the origin overrates the cost per token, which errs on the short side.
-    Steps without decodes change nothing (their length costs no stream)."""
+    stream. Step time grows about linearly with the step's tokens, so a step
+    of ``n`` tokens that took ``t`` seconds says ``n * target / t`` tokens
+    fit (the estimate through the origin overrates the cost per token, which
+    errs on the short side). Every step teaches it, prefill-only ones too, so
+    the first step with decodes is already sized; the budget drops to a
+    smaller estimate at once and grows halfway (geometrically) towards a
+    larger one."""
 
     def __init__(self, target_s: float, max_tokens: int, min_tokens: int = 16) -> None:
         self.target_s = target_s
@@ -362,11 +363,12 @@ class StepBudget:
         self.min_tokens = min(min_tokens, max_tokens)
         self.tokens = max_tokens
 
-    def observe(self, num_tokens: int, seconds: float, decoding: bool) -> None:
-        if not decoding or num_tokens <= 0 or seconds <= 0:
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= 0 or seconds <= 0:
             return
         ideal = num_tokens * self.target_s / seconds
-        if num_tokens < self.tokens and ideal > num_tokens:
-            return  # a short step (little work left) says nothing about a full one
-        self.tokens = int(min(max((self.tokens * ideal) ** 0.5, self.min_tokens),
-                              self.max_tokens))
+        if ideal >= self.tokens:
+            if num_tokens < self.tokens:
+                return  # a short step (little work left) says nothing about a full one
+            ideal = (self.tokens * ideal) ** 0.5
+        self.tokens = int(min(max(ideal, self.min_tokens), self.max_tokens))
