@@ -3,8 +3,9 @@
 # llama-server on the same weights (fp32; llama-server keeps its default f16
 # KV cache), the throughput workload's 64 mixed requests streamed with
 # ignore_eos under Poisson arrivals at each rate, a fresh server for every
-# (server, rate). Also runs pllm with --target-itl-ms 0 (a fixed 2,048-token
-# step budget), to show what the step-latency target changes.
+# (server, rate). pllm runs with its serving default (--target-itl-ms 800) and
+# with --target-itl-ms 0 (a fixed 2,048-token step budget), to show what the
+# step-latency target changes.
 #
 #   ci/bench/serve_vs_llama_server.sh [OUT.json] [RATE ...]   (default rates: 0.5 1 inf)
 #
@@ -24,7 +25,7 @@ PY="$ROOT/.venv/bin/python"
 
 "$PLLM" bench serve --request-rate "${RATES[@]}" --num-prompts 64 \
     --max-seconds 200 --drain-seconds 120 \
-    --launch pllm --pllm-args "--kv-cache-memory 2GiB" \
+    --launch pllm --pllm-args "--kv-cache-memory 2GiB --target-itl-ms 800" \
     --launch-command "pllm-fixed-budget=$PY -m pllm.entrypoints.cli serve --kv-cache-memory 2GiB --target-itl-ms 0 --host {host} --port {port}" \
     --launch-command "llama-server=$LLAMA_SERVER -m $GGUF_F32 --alias SmolLM2-135M-Instruct --host {host} --port {port} -np 16 -c 16384 -t 2 -tb 2" \
     --output-json "$OUT"

@@ -139,9 +139,10 @@ class EngineArgs:
         g.add_argument("--target-itl-ms", type=non_negative_float, default=None,
                        help="inter-token latency to aim for while requests are decoding: decodes "
                             "go first and each step's prefill chunk is sized, from measured step "
-                            "times, to finish within it (default: off, every step may carry "
-                            "--max-num-batched-tokens); it trades time to first token and "
-                            "throughput for it, see the README")
+                            "times, to finish within it (0: off, every step may carry "
+                            "--max-num-batched-tokens; default: 800 for pllm serve, off "
+                            "offline); it trades some time to first token and throughput "
+                            "for it, see the README")
         g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                        help="ranks to shard the model over, one process each (attention heads, "
                             "KV heads and the MLP width must divide by it); on the CPU the ranks "

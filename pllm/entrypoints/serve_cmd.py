@@ -22,6 +22,9 @@ import sys
 
 from pllm.entrypoints.engine_args import EngineArgs, positive_int
 
+# Streams should not freeze while long prompts are prefilled: while requests
+# decode, a server's steps aim at this many ms (--target-itl-ms; 0: off).
+SERVE_TARGET_ITL_MS = 800.0
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 
@@ -83,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from pllm.core.engine import LLMEngine
 
+    engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.target_itl_ms is None:
+        engine_args.target_itl_ms = SERVE_TARGET_ITL_MS
     try:
-        engine_config = EngineArgs.from_cli_args(args).create_engine_config()
+        engine_config = engine_args.create_engine_config()
         sock = _listen(args.host, args.port)
     except ValueError as exc:
         print(f"pllm serve: error: {exc}", file=sys.stderr)
