@@ -349,26 +349,57 @@ class StepBudget:
     """How many tokens a step may carry while requests are decoding, so that
     a step (the time between two of a streaming request's tokens) takes about
     ``target_s``: a prefill chunk that takes seconds would freeze every
-    stream. Step time grows about linearly with the step's tokens, so a step
-    of ``n`` tokens that took ``t`` seconds says ``n * target / t`` tokens
-    fit (the estimate through the origin overrates the cost per token, which
-    errs on the short side). Every step teaches it, prefill-only ones too, so
-    the first step with decodes is already sized; the budget drops to a
-    smaller estimate at once and grows halfway (geometrically) towards a
-    larger one."""
+    stream.
 
-    def __init__(self, target_s: float, max_tokens: int, min_tokens: int = 16) -> None:
+    A step's time is about affine in its tokens: a fixed part (reading every
+    weight once, the step's own overhead) plus a cost per token. The two are
+    fitted by least squares to the last ``window`` steps, and the budget is
+    what fits in the target: ``(target - fixed) / per_token``. Every step
+    teaches it, prefill-only ones too, so the first step with decodes is
+    already sized. A window whose steps are all about the same size (decode
+    steps only) cannot tell the two parts apart and keeps the last fit: a
+    decode step of 4 tokens that took 50 ms, read through the origin, would
+    say only 64 tokens fit in 800 ms when its time is almost all fixed cost.
+    Until a fit exists the largest step seen is read through the origin,
+    which overrates the cost per token and errs on the short side."""
+
+    def __init__(self, target_s: float, max_tokens: int, min_tokens: int = 16,
+                 window: int = 64) -> None:
         self.target_s = target_s
         self.max_tokens = max_tokens
         self.min_tokens = min(min_tokens, max_tokens)
         self.tokens = max_tokens
+        self.steps: deque[tuple[int, float]] = deque(maxlen=window)
+        self.fixed_s: float | None = None  # the last fit: seconds a step costs ...
+        self.per_token_s: float | None = None  # ... plus these per token
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0 or seconds <= 0:
             return
-        ideal = num_tokens * self.target_s / seconds
-        if ideal >= self.tokens:
-            if num_tokens < self.tokens:
-                return  # a short step (little work left) says nothing about a full one
-            ideal = (self.tokens * ideal) ** 0.5
+        self.steps.append((num_tokens, seconds))
+        self._fit()
+        if self.per_token_s is None:
+            n, t = max(self.steps)  # no fit yet: the largest step, through the origin
+            fixed, per_token = 0.0, t / n
+        else:
+            fixed, per_token = self.fixed_s, self.per_token_s
+        ideal = (self.target_s - fixed) / per_token
         self.tokens = int(min(max(ideal, self.min_tokens), self.max_tokens))
+
+    def _fit(self) -> None:
+        ns = [n for n, _ in self.steps]
+        lo, hi = min(ns), max(ns)
+        if hi < max(2 * lo, lo + 32):
+            return  # steps of one size: keep the last fit
+        k = len(self.steps)
+        mean_n = sum(ns) / k
+        mean_t = sum(t for _, t in self.steps) / k
+        var = sum((n - mean_n) ** 2 for n in ns)
+        cov = sum((n - mean_n) * (t - mean_t) for n, t in self.steps)
+        per_token = cov / var
+        if per_token <= 0:
+            return  # noise swamped the slope; keep the last fit
+        fixed = mean_t - per_token * mean_n
+        if fixed < 0:  # a line through the origin fits better
+            fixed, per_token = 0.0, sum(n * t for n, t in self.steps) / sum(n * n for n in ns)
+        self.fixed_s, self.per_token_s = fixed, per_token

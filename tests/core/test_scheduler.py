@@ -174,11 +174,15 @@ def test_a_step_latency_target_sizes_prefill_chunks_while_requests_decode():
         assert out.scheduled[0].seq.request.request_id == "long1"
         assert out.num_tokens <= 20
         sched.observe_step(out, 0.01 * out.num_tokens)
-    budget = StepBudget(0.1, 64, min_tokens=4)
-    budget.tokens = 20
-    budget.observe(5, 0.001)  # less work than the budget, and fast: says nothing new
-    assert budget.tokens == 20
-    budget.observe(20, 0.05)  # a full step at half the target: grow halfway
-    assert budget.tokens == int((20 * 40) ** 0.5)
-    budget.observe(30, 3.0)  # far too slow: shrink at once, never below the floor
+    # A step costs 50 ms plus 1 ms a token: 50 tokens fit in 100 ms.
+    budget = StepBudget(0.1, 512, min_tokens=4)
+    budget.observe(200, 0.25)  # no fit yet: through the origin, on the short side
+    assert budget.tokens == 80
+    for _ in range(10):
+        budget.observe(4, 0.054)  # decode steps: almost all fixed cost
+    assert budget.tokens == 50  # not 4 * 0.1 / 0.054 = 7
+    for _ in range(200):
+        budget.observe(4, 0.054)  # a window of decode steps only keeps the last fit
+    assert budget.tokens == 50
+    budget.observe(60, 3.0)  # far too slow: shrink at once, never below the floor
     assert budget.tokens == 4

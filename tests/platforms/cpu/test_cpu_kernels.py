@@ -166,19 +166,31 @@ def test_compiled_fp8_write_is_bit_identical_to_quantize(kv_dtype, scales, monke
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 24, 25, 64, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 24, 25, 64, 128, 129, 300])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows_out", [False, True])
-def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, rows, bias, rows_out):
+@pytest.mark.parametrize("pack", [False, True])
+def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, rows, bias, rows_out, pack):
     torch.manual_seed(0)
     dense = nn.Linear(99, 203, bias=bias)  # odd sizes: remainders of every tile
-    fast = CPULinear(dense, rows_out=rows_out)
+    fast = CPULinear(dense, rows_out=rows_out, pack=pack)
+    assert (fast._packed is not None) == (pack or rows_out)
     x = torch.randn(rows, 99)
     with torch.inference_mode():
         out = fast(x)
         torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-5)
     if rows_out:
         assert out.is_contiguous()
+
+
+def test_linear_weights_are_packed_only_when_the_copies_fit():
+    from pllm.platforms.common.host_linear import PACK_SHARE, should_pack
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    size = 2 * 64 * 128 * 4
+    assert should_pack(model, available_bytes=int(size / PACK_SHARE))
+    assert not should_pack(model, available_bytes=int(size / PACK_SHARE) - 1)
+    assert not should_pack(model.to(torch.bfloat16), available_bytes=2**40)  # fp32 copies only
 
 
 def _model_like(hidden: int = 203, heads: int = 4, kv_heads: int = 2, head_dim: int = 24):
