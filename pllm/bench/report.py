@@ -169,6 +169,7 @@ def print_throughput(result: dict) -> None:
     print(f"pllm: {_fmt(p['useful_output_tokens_per_s'])} useful output tokens/s, "
           f"{_fmt(p['total_tokens_per_s'])} prompt+output tokens/s, "
           f"{_fmt(p['requests_per_s'])} requests/s ({p['elapsed_s']:.1f}s)")
+    _print_spec(p)
     _print_compilations(p)
     _print_baselines(result, "useful_output_tokens_per_s", "useful output tokens/s")
 
@@ -185,6 +186,7 @@ def print_latency(result: dict) -> None:
     p, bw = result["pllm"], result.get("bandwidth", {})
     print(f"pllm: decode {_fmt(p['decode_tokens_per_s'])} tokens/s, "
           f"TTFT {_fmt(p['ttft_s'], ' ms', 1000)}, e2e {_fmt(p['e2e_latency_s'], ' s')}")
+    _print_spec(p)
     _print_compilations(p)
     if bw:
         print(f"  weights {bw['weight_bytes'] / 1e6:.0f} MB per decode step -> "
@@ -193,6 +195,15 @@ def print_latency(result: dict) -> None:
               f"({_fmt(bw['bandwidth_fraction'], '%', 100)}; limit "
               f"{_fmt(bw['decode_ceiling_tokens_per_s'])} tokens/s)")
     _print_baselines(result, "decode_tokens_per_s", "decode tokens/s")
+
+
+def _print_spec(figures: dict) -> None:
+    spec = figures.get("spec_decode")
+    if spec:
+        print(f"  speculative decoding: {spec['num_accepted_tokens']} of "
+              f"{spec['num_draft_tokens']} draft tokens accepted "
+              f"({_fmt(spec['acceptance_rate'], '%', 100)}), "
+              f"{_fmt(spec['mean_accepted_length'])} tokens per step with drafts")
 
 
 def _print_baselines(result: dict, key: str, label: str) -> None:

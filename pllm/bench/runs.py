@@ -33,6 +33,8 @@ class BenchArgumentError(ValueError):
 
 
 PLLM_BASELINE = "pllm-"  # pllm-DEVICE: pllm on another platform (throughput, latency)
+# pllm with the same arguments but no --speculative-config (throughput, latency).
+NO_SPEC = "no-spec"
 
 
 def _baselines(kind: str, compare: list[str]) -> list[str]:
@@ -40,7 +42,8 @@ def _baselines(kind: str, compare: list[str]) -> list[str]:
     names: list[str] = []
     for item in compare:
         for name in filter(None, (s.strip() for s in item.split(","))):
-            if kind in ("throughput", "latency") and name.startswith(PLLM_BASELINE) and len(name) > 5:
+            if kind in ("throughput", "latency") and (
+                    (name.startswith(PLLM_BASELINE) and len(name) > 5) or name == NO_SPEC):
                 names += [name] if name not in names else []
                 continue
             if name not in known:
@@ -129,15 +132,17 @@ def run_throughput(args) -> dict:
           f"{result['workload']['num_output_tokens']} output tokens)", flush=True)
     result["pllm"] = pllm_throughput(llm, requests, use_tqdm=sys.stderr.isatty())
     result["pllm"]["peak_rss_bytes"] = peak_rss_bytes()
+    if (spec := spec_figures(engine)) is not None:
+        result["pllm"]["spec_decode"] = spec
     specs = {name: _baseline_spec(engine, BASELINE_MODES[name], requests) for name in baselines
-             if not name.startswith(PLLM_BASELINE)}
+             if not name.startswith(PLLM_BASELINE) and name != NO_SPEC}
     llm.shutdown()
     del llm, engine  # pllm's weights and KV cache go back before a baseline loads its own
     gc.collect()
     result["baselines"] = {}
     for name in baselines:
-        if name.startswith(PLLM_BASELINE):
-            result["baselines"][name] = _pllm_on(ea, name[len(PLLM_BASELINE):], requests)
+        if name.startswith(PLLM_BASELINE) or name == NO_SPEC:
+            result["baselines"][name] = _pllm_baseline(ea, name, requests)
     result["baseline_settings"] = {"hf_batch_size": args.hf_batch_size, "hf_order": args.hf_order,
                                    "hf_page_size": args.hf_page_size,
                                    "hf_max_batch_tokens": ea.max_num_batched_tokens}
@@ -154,7 +159,32 @@ def run_throughput(args) -> dict:
     return result
 
 
-def _pllm_on(ea, device: str, requests, num_warmup: int | None = None) -> dict:
+def _pllm_baseline(ea, name: str, requests, num_warmup: int | None = None) -> dict:
+    """A pllm baseline: ``pllm-DEVICE`` or ``no-spec``."""
+    import dataclasses
+
+    if name == NO_SPEC:
+        if not ea.speculative_config:
+            return {"error": "--compare no-spec needs --speculative-config"}
+        return _pllm_on(dataclasses.replace(ea, speculative_config=None), ea.device, requests,
+                        num_warmup, label="without speculation")
+    return _pllm_on(ea, name[len(PLLM_BASELINE):], requests, num_warmup)
+
+
+def spec_figures(engine) -> dict | None:
+    """Speculative decoding's counters, for a result (None when it is off)."""
+    spec = engine.get_stats().spec_decode
+    if spec is None:
+        return None
+    return {"num_steps": spec.num_steps, "num_drafts": spec.num_proposals,
+            "num_draft_tokens": spec.num_draft_tokens,
+            "num_accepted_tokens": spec.num_accepted_tokens,
+            "acceptance_rate": spec.acceptance_rate,
+            "mean_accepted_length": spec.mean_accepted_length}
+
+
+def _pllm_on(ea, device: str, requests, num_warmup: int | None = None,
+             label: str | None = None) -> dict:
     """pllm with the same engine arguments and requests on ``device`` (a
     baseline of the same run): its throughput, or with ``num_warmup`` its
     latency; its start-up time is recorded."""
@@ -162,7 +192,7 @@ def _pllm_on(ea, device: str, requests, num_warmup: int | None = None) -> dict:
     from pllm.bench.offline import run_throughput as pllm_throughput
     from pllm.entrypoints.llm import LLM
 
-    print(f"pllm on --device {device}: running ...", flush=True)
+    print(f"pllm {label or f'on --device {device}'}: running ...", flush=True)
     t0 = time.perf_counter()
     try:
         llm = LLM(**{**vars(ea), "device": device})
@@ -212,10 +242,12 @@ def run_latency(args) -> dict:
                           "temperature": 0.0, **workload_summary(requests)}
     result["engine_args"] = vars(ea)
     result["pllm"] = pllm = pllm_latency(llm, requests, num_warmup=args.num_iters_warmup)
+    if (spec := spec_figures(engine)) is not None:
+        pllm["spec_decode"] = spec
     pllm["peak_rss_bytes"] = peak_rss_bytes()  # before the bandwidth probe's tensor
     weight_bytes = decode_weight_bytes(engine)
     specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines
-             if not name.startswith(PLLM_BASELINE)}
+             if not name.startswith(PLLM_BASELINE) and name != NO_SPEC}
     llm.shutdown()
     del llm, engine
     gc.collect()
@@ -228,8 +260,8 @@ def run_latency(args) -> dict:
     }
     result["baselines"] = {}
     for name in baselines:
-        if name.startswith(PLLM_BASELINE):
-            base = _pllm_on(ea, name[len(PLLM_BASELINE):], requests, args.num_iters_warmup)
+        if name.startswith(PLLM_BASELINE) or name == NO_SPEC:
+            base = _pllm_baseline(ea, name, requests, args.num_iters_warmup)
             if base.get("time_per_output_token_s"):
                 base["bandwidth_fraction"] = (weight_bytes / base["time_per_output_token_s"] / 1e9
                                               / bw["read_bandwidth_gb_per_s"])

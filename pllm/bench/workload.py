@@ -47,6 +47,57 @@ pigeons and a few cabbage leaves on the cobbles.
 """
 
 
+# `--dataset grounded`: requests whose answers copy from their prompts (rewrite,
+# extract, edit code), as a chat model is asked them: the workload where
+# prompt-lookup speculation (an n-gram proposer) has something to find.
+_CODE = """\
+def summarise(readings):
+    total = 0
+    count = 0
+    for value in readings:
+        if value is None:
+            continue
+        total += value
+        count += 1
+    if count == 0:
+        return None
+    mean = total / count
+    spread = max(r for r in readings if r is not None) - min(r for r in readings if r is not None)
+    return {"mean": mean, "spread": spread, "count": count}
+"""
+GROUNDED_TASKS = (
+    "Repeat the following paragraph exactly as it is written:\n\n{text}",
+    "Rewrite the following paragraph in the present tense, keeping everything else the "
+    "same:\n\n{text}",
+    "Copy out every sentence of the following text that contains a number or a colour:\n\n{text}",
+    "In the following Python function, rename the variable `total` to `acc` and give back the "
+    "whole function:\n\n```python\n" + _CODE + "```",
+    "Add a docstring to the following Python function and give back the whole function:"
+    "\n\n```python\n" + _CODE + "```",
+)
+
+
+def grounded_prompts(tokenizer, num_requests: int, seed: int) -> list[list[int]]:
+    """``num_requests`` chat prompts from ``GROUNDED_TASKS`` over the
+    paragraphs of ``BUILTIN_TEXT``, in a seeded order (chat-templated when the
+    tokenizer has a template)."""
+    paragraphs = [p.replace("\n", " ") for p in BUILTIN_TEXT.strip().split("\n\n")]
+    cases = [task.format(text=text) for task in GROUNDED_TASKS for text in paragraphs
+             if "{text}" in task] + [task for task in GROUNDED_TASKS if "{text}" not in task]
+    random.Random(seed + 1).shuffle(cases)
+    prompts = []
+    for i in range(num_requests):
+        content = cases[i % len(cases)]
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer.encode(content)
+        prompts.append(list(ids))
+    return prompts
+
+
 @dataclass(frozen=True)
 class BenchRequest:
     prompt_token_ids: list[int]
@@ -117,7 +168,9 @@ def build_requests(tokenizer, vocab_size: int, *, num_requests: int,
                    seed: int = 0, dataset: str = "random",
                    prompt_seed: int | None = None) -> list[BenchRequest]:
     """``dataset``: ``random`` (token ids drawn uniformly from the ordinary vocabulary),
-    ``text`` (the built-in English prose) or a path to a UTF-8 text file.
+    ``text`` (the built-in English prose), ``grounded`` (chat requests whose
+    answers copy from their prompts; their lengths are the prompts' own, the
+    input range is not used) or a path to a UTF-8 text file.
     ``prompt_seed`` (default ``seed``) draws the prompts' tokens: another value
     gives the same lengths with other prompts."""
     content_seed = seed if prompt_seed is None else prompt_seed
@@ -129,6 +182,8 @@ def build_requests(tokenizer, vocab_size: int, *, num_requests: int,
         # The embedding may be padded past the tokenizer; ids it cannot decode are no prompt.
         num_ids = min(vocab_size, len(tokenizer))
         prompts = random_token_prompts(lengths, num_ids, special_token_ids(tokenizer), content_seed)
+    elif dataset == "grounded":
+        prompts = grounded_prompts(tokenizer, num_requests, content_seed)
     else:
         if dataset == "text":
             text = BUILTIN_TEXT
@@ -138,7 +193,7 @@ def build_requests(tokenizer, vocab_size: int, *, num_requests: int,
                     text = f.read()
             except OSError as exc:
                 raise WorkloadError(
-                    f"dataset {dataset!r} is neither 'random', 'text' nor a readable "
+                    f"dataset {dataset!r} is neither 'random', 'text', 'grounded' nor a readable "
                     f"text file: {exc}"
                 ) from None
         prompts = text_prompts(lengths, tokenizer.encode(text, add_special_tokens=False), content_seed)

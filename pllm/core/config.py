@@ -14,6 +14,7 @@ from the config instead of being passed around.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +147,73 @@ class DeviceConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``speculative_config`` keys): a proposer
+    guesses ``num_speculative_tokens`` tokens per decoding sequence and the
+    step checks them all in one forward pass. ``ngram``: prompt lookup, the
+    longest suffix of the sequence (``prompt_lookup_max`` down to
+    ``prompt_lookup_min`` tokens) found earlier in its prompt or output
+    proposes what followed it there (as in vLLM, one bound given sets both;
+    neither: 5)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int | None = None  # required
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method == "draft_model":
+            raise ValueError("speculative method 'draft_model' is not supported yet; "
+                             f"supported: {', '.join(SPECULATIVE_METHODS)}")
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method {self.method!r} is not one of "
+                             f"{', '.join(SPECULATIVE_METHODS)}")
+        if self.num_speculative_tokens is None:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @classmethod
+    def from_dict(cls, value: dict | str | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """From vLLM's JSON object (a dict, or its text); unknown keys are refused by name."""
+        import json
+
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        if value.get("method") == "draft_model":
+            cls(method="draft_model")  # says it is not supported yet
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            if key in value and (not isinstance(value[key], int) or isinstance(value[key], bool)):
+                raise ValueError(f"speculative_config: {key} must be an integer, got {value[key]!r}")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +221,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    speculative: SpeculativeConfig | None = None
 
     @property
     def resolved(self) -> bool:

@@ -20,6 +20,7 @@ from pllm.core.request import Request, SequenceStatus
 from pllm.core.resolve import resolve_config
 from pllm.core.sampling_params import SamplingParams, SamplingParamsError
 from pllm.core.scheduler import Scheduler, SchedulerOutput
+from pllm.core.spec_decode import SpecDecodeStats, make_proposer
 
 logger = logging.getLogger("pllm")
 
@@ -52,6 +53,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
 
 
 class LLMEngine:
@@ -65,6 +67,10 @@ class LLMEngine:
         self.platform = platform or plugins.select_platform(config.device.device)
         # The platform's own policy, then every plugin's pllm_update_config hook.
         config = plugins.update_config(self.platform, config)
+        if config.speculative is not None and self.platform.capabilities.token_buckets:
+            raise ValueError(
+                f"speculative decoding is not supported on {self.platform.name} yet: its steps "
+                f"have static shapes, and draft rows would change them")
         mc = config.model
         self.loaded = loaded or load_model(mc.model, tokenizer=mc.tokenizer, chat_template=mc.chat_template)
         # Every "decide for me" value decided once, against platform and model.
@@ -99,7 +105,8 @@ class LLMEngine:
                 config, model=dataclasses.replace(config.model, max_model_len=capacity))
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.detokenizer = Detokenizer(self.tokenizer)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.detokenizer, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.detokenizer, self.max_model_len,
+                                   proposer=make_proposer(config.speculative))
         logger.info(
             "pllm engine on %s: %s, KV cache %d blocks x %d = %d tokens (%s), max_model_len %d "
             "(%.1fs)", self.platform.name, self.model_name, num_blocks, block_size, capacity,
@@ -202,6 +209,8 @@ class LLMEngine:
             kv_cache_usage=pool.usage, num_free_blocks=pool.num_free_blocks,
             num_total_blocks=pool.num_blocks, prefix_cache_queries=pool.num_queries,
             prefix_cache_hits=pool.num_hits, num_preemptions=self.scheduler.num_preemptions,
+            spec_decode=(dataclasses.replace(self.scheduler.spec_stats)
+                         if self.scheduler.proposer is not None else None),
         )
 
     # ---- the step ----------------------------------------------------------

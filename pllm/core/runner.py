@@ -38,7 +38,7 @@ from pllm.core.interfaces import (
 )
 from pllm.core.outputs import LogprobsDict
 from pllm.core.request import Sequence
-from pllm.core.sampler import SamplingMetadata, sample, top_logprobs
+from pllm.core.sampler import SamplingMetadata, sample, top_logprobs, verify
 from pllm.core.scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -55,6 +55,12 @@ class RunnerOutput:
     prompt_logprobs: dict[int, list[LogprobsDict]] = field(default_factory=dict)
     # seq_id -> why its row could not be sampled (its token id is then meaningless).
     errors: dict[int, str] = field(default_factory=dict)
+    # Speculative decoding: seq_id -> the verifier's verdict on its positions
+    # (one per draft, whether accepted; one token per position, what it
+    # gives when its draft is rejected or, on the last, the bonus; one
+    # logprobs entry per position, of the token it emits).
+    verdicts: dict[int, tuple[list[bool], list[int], list[LogprobsDict | None]]] = field(
+        default_factory=dict)
 
 
 @dataclass
@@ -128,36 +134,51 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], StepInputs]:
         """The step's sequences in batch order (decodes, one new token each,
-        first) and their flat inputs."""
-        batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
+        first) and their flat inputs.
+
+        A speculating sequence (drafts after its last token) is laid out as
+        decode rows, one per token, each attending to the cache up to its own
+        position through the sequence's block table: every backend writes a
+        step's K/V before its attention reads, so each row sees the rows
+        before it, and the step stays decode-only (the CPU's one-call decode
+        layers, CUDA graphs)."""
+        batch = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1 and not s.draft)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts = [0]
         seq_lens = []
+        row_tables: list[list[int]] = []
+        spans = []  # (item, its first token, one past its last)
         for item in batch:
             seq, lo = item.seq, item.seq.num_computed_tokens
             hi = lo + item.num_new_tokens
-            input_ids.extend(seq.token_ids[lo:hi])
+            first = starts[-1]
+            input_ids.extend(seq.token_ids[lo:hi - len(item.draft)])
+            input_ids.extend(item.draft)
             positions.extend(range(lo, hi))
             table = seq.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(lo, hi))
-            starts.append(starts[-1] + item.num_new_tokens)
-            seq_lens.append(hi)
-        width = max(len(item.seq.block_ids) for item in batch)
+            rows = range(lo + 1, hi + 1) if item.draft else [hi]  # each row's sequence length
+            for length in rows:
+                starts.append(starts[-1] + (1 if item.draft else item.num_new_tokens))
+                seq_lens.append(length)
+                row_tables.append(table)
+            spans.append((item, first, starts[-1]))
+        width = max(len(table) for table in row_tables)
         if self.token_buckets:
             width = max(width, self.max_blocks)
-        tables = torch.zeros(len(batch), width, dtype=torch.int32)
-        for i, item in enumerate(batch):
-            tables[i, : len(item.seq.block_ids)] = torch.tensor(item.seq.block_ids, dtype=torch.int32)
+        tables = torch.zeros(len(row_tables), width, dtype=torch.int32)
+        for i, table in enumerate(row_tables):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         num_decodes = 0
-        while num_decodes < len(batch) and batch[num_decodes].num_new_tokens == 1:
+        while num_decodes < len(seq_lens) and starts[num_decodes + 1] - starts[num_decodes] == 1:
             num_decodes += 1
         sample_rows, prompt_spans = [], []
-        for item, lo, hi in zip(batch, starts, starts[1:]):
-            if item.samples:
-                sample_rows.append(hi - 1)
+        for item, lo, hi in spans:
+            if item.samples:  # a speculating sequence: its last token's and every draft's
+                sample_rows.extend(range(hi - 1 - len(item.draft), hi))
             if item.seq.request.params.prompt_logprobs is not None and item.seq.is_prefilling_prompt:
                 prompt_spans.append((item.seq.seq_id, lo, hi))
         if self.token_buckets:
@@ -244,10 +265,21 @@ class ModelRunner:
         logits, prompt_logits = self.logits(self.forward(inputs), inputs)
         out = RunnerOutput()
         rows: list[int] = []
-        for row, item in enumerate(i for i in batch if i.samples):
+        speculating: list[tuple[ScheduledSeq, int]] = []  # (item, its first logits row)
+        row = 0
+        for item in batch:
+            if not item.samples:
+                continue
+            if item.draft:
+                speculating.append((item, row))
+                row += 1 + len(item.draft)
+                continue
             family = [item.seq, *item.forks]
             out.sampled += family
             rows += [row] * len(family)
+            row += 1
+        if speculating:
+            self._verify(logits, speculating, out)
         if out.sampled:
             identity = rows == list(range(len(rows)))  # no forks: the logits rows are the sampling rows
             rows = self.pad_rows(rows)  # static shapes: sample a bucket of rows, keep the real ones
@@ -261,11 +293,50 @@ class ModelRunner:
                 out.token_ids, out.logprobs = result.token_ids[:num], result.logprobs[:num]
             except Exception:  # noqa: BLE001 - find the rows at fault; the others keep their step
                 self._sample_rows_apart(logits, out)
+        for item, _ in speculating:  # their tokens are in out.verdicts
+            out.sampled.append(item.seq)
+            out.token_ids.append(-1)
+            out.logprobs.append(None)
         for item in batch:
             if item.seq.seq_id in prompt_logits:
                 out.prompt_logprobs[item.seq.seq_id] = self._prompt_logprobs(
                     item, prompt_logits[item.seq.seq_id])
         return out
+
+    def _verify(self, logits: torch.Tensor, speculating: list[tuple[ScheduledSeq, int]],
+                out: RunnerOutput) -> None:
+        """Check the speculating sequences' drafts (``sampler.verify``), all in
+        one batch, into ``out.verdicts``; when the batch raises, each sequence
+        alone, so that only those at fault (``out.errors``) lose the step."""
+        seqs, drafts, spec_rows, widths = [], [], [], []
+        for item, first in speculating:
+            width = 1 + len(item.draft)
+            seqs += [item.seq] * width
+            drafts += item.draft + [-1]
+            spec_rows += range(first, first + width)
+            widths.append(width)
+        spec_logits = logits.index_select(
+            0, torch.tensor(spec_rows, dtype=torch.long).to(logits.device))
+        vocab = logits.shape[1]
+        try:
+            md = SamplingMetadata.build(seqs, vocab, logits.device)
+            result = verify(spec_logits, md, drafts)
+            parts = [result.accepted, result.token_ids, result.logprobs]
+            offset = 0
+            for (item, _), width in zip(speculating, widths):
+                accepted, tokens, logprobs = (p[offset: offset + width] for p in parts)
+                out.verdicts[item.seq.seq_id] = (accepted[:-1], tokens, logprobs)
+                offset += width
+        except Exception:  # noqa: BLE001 - find the sequences at fault
+            offset = 0
+            for (item, _), width in zip(speculating, widths):
+                try:
+                    md = SamplingMetadata.build([item.seq] * width, vocab, logits.device)
+                    one = verify(spec_logits[offset: offset + width], md, item.draft + [-1])
+                    out.verdicts[item.seq.seq_id] = (one.accepted[:-1], one.token_ids, one.logprobs)
+                except Exception as exc:  # noqa: BLE001 - this sequence's own failure
+                    out.errors[item.seq.seq_id] = f"{type(exc).__name__}: {exc}"
+                offset += width
 
     def _sample_rows_apart(self, logits: torch.Tensor, out: RunnerOutput) -> None:
         """The batch's sampling raised: sample each row alone, so that only

@@ -182,6 +182,8 @@ class SampleResult:
     # Per row: the chosen token's logprob and rank, plus the top-k (id, logprob)
     # when the sequence asked for logprobs; None otherwise.
     logprobs: list[dict[int, Logprob] | None]
+    # verify() only: per row, whether the row's draft token was accepted.
+    accepted: list[bool] | None = None
 
 
 def _apply_penalties(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
@@ -277,3 +279,64 @@ def top_logprobs(logp: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> lis
             entry = {tokens[row]: Logprob(chosen[row], ranks[row]), **entry}
         result.append(entry)
     return result
+
+
+def _uniform(md: SamplingMetadata, device: torch.device) -> torch.Tensor:
+    """One U[0, 1) draw per row, seeded rows' from their own streams (on the
+    host where the device has no generators, as ``_draw`` does)."""
+    on_host = any(g is not None and g.device.type != torch.device(device).type
+                  for g in md.generators)
+    u = torch.rand(md.num_rows, device="cpu" if on_host else device)
+    for row, gen in enumerate(md.generators):
+        if gen is not None:
+            u[row] = torch.rand((), generator=gen, device=gen.device).to(u.device)
+    return u.to(device)
+
+
+def verify(logits: torch.Tensor, md: SamplingMetadata, drafts: list[int]) -> SampleResult:
+    """Speculative decoding's check of one draft token per row
+    (``pllm.core.spec_decode``): ``drafts[row]`` is the token proposed for
+    the position the row scores, or -1 on a row without one (the bonus
+    position after a sequence's last draft). Rows are the target model's
+    logits, one sequence's positions consecutive, with the sequence's
+    sampling parameters repeated on each of them.
+
+    Per row, ``accepted``: a greedy row accepts a draft equal to its argmax;
+    a random row accepts it with probability ``p(draft)`` (the draft is a
+    point mass, so ``min(1, p / q) = p``), ``p`` after temperature, top-k,
+    top-p and min-p. ``token_ids``: what the row gives when its draft is
+    rejected (the argmax, or a draw from the residual: ``p`` with the
+    draft's mass taken out, renormalised), or on a row without a draft its
+    plain sample. ``logprobs``: of the token the row emits, the draft when
+    accepted. Penalties and min_tokens bans are not taken here (such rows do
+    not speculate)."""
+    if md.penalties is not None or md.banned is not None:
+        raise ValueError("verify: rows with penalties or min_tokens do not speculate")
+    device = logits.device
+    draft = torch.tensor(drafts, dtype=torch.long).to(device)
+    has_draft = draft >= 0
+    safe = draft.clamp(min=0).unsqueeze(1)
+    logits = logits.float()
+    argmax = logits.argmax(-1)
+    accepted = has_draft & (argmax == draft)
+    tokens = argmax
+    if md.any_random:
+        filtered = _filter(logits, md)
+        p_draft = filtered.softmax(-1).gather(1, safe).squeeze(1)
+        random_accept = has_draft & (_uniform(md, device) < p_draft)
+        # The residual max(0, p - q) of a point mass q: p without the draft.
+        # Where p(draft) is 1 the draft is always accepted and the row's draw unused.
+        take_out = (has_draft & (p_draft < 1)).unsqueeze(1)
+        residual = torch.where(take_out, filtered.scatter(1, safe, float("-inf")), filtered)
+        tokens = torch.where(md.greedy, argmax, _draw(residual, md))
+        accepted = torch.where(md.greedy, accepted, random_accept)
+    emitted = torch.where(accepted, draft, tokens)
+    logprobs: list[dict[int, Logprob] | None] = [None] * md.num_rows
+    rows = [i for i, k in enumerate(md.num_logprobs or []) if k is not None]
+    if rows:
+        index = torch.tensor(rows, device=device)
+        found = top_logprobs(logits[index].log_softmax(-1), emitted[index],
+                             [md.num_logprobs[i] for i in rows])
+        for i, entry in zip(rows, found):
+            logprobs[i] = entry
+    return SampleResult(tokens.tolist(), logprobs, accepted=accepted.tolist())

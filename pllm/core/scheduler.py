@@ -33,6 +33,7 @@ from pllm.core.detokenizer import Detokenizer, visible_text
 from pllm.core.kv_cache.manager import KVCacheManager
 from pllm.core.outputs import LogprobsDict, RequestOutput
 from pllm.core.request import Request, Sequence, SequenceStatus, sample_seed
+from pllm.core.spec_decode import SpecDecodeStats, accepted_tokens, can_speculate
 from pllm.core.stop import length_stop, text_stop, token_stop
 
 if TYPE_CHECKING:
@@ -46,11 +47,15 @@ class ScheduledSeq:
     # Siblings made this step (a request with n > 1 samples its first token):
     # each samples from the same logits row and joins the batch afterwards.
     forks: list[Sequence] = field(default_factory=list)
+    # Speculative decoding: tokens proposed after the sequence's last one,
+    # computed in this step after it (counted in num_new_tokens) and verified.
+    draft: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this step computes the sequence's last known token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return (self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft)
+                == self.seq.num_tokens)
 
 
 @dataclass
@@ -71,8 +76,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, detokenizer: Detokenizer,
-                 max_model_len: int) -> None:
+                 max_model_len: int, proposer=None) -> None:
         self.config = config
+        # Speculative decoding's proposer (pllm.core.spec_decode); None: off.
+        self.proposer = proposer
+        self.spec_stats = SpecDecodeStats()
         self.kv = kv
         self.detokenizer = detokenizer
         self.max_model_len = max_model_len
@@ -187,6 +195,14 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
+            draft = self._propose(seq, budget) if num_new == 1 else []
+            if draft and not self.kv.allocate_slots(seq, 1 + len(draft)):
+                draft = []  # no room for the lookahead: decode one token
+            if draft:
+                out.scheduled.append(ScheduledSeq(seq, 1 + len(draft), draft=draft))
+                scheduled_ids.add(seq.seq_id)
+                budget -= 1 + len(draft)
+                continue
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim, out)
@@ -213,6 +229,19 @@ class Scheduler:
             out.scheduled = [s for s in out.scheduled if not s.seq.is_finished]
         out.block_copies = self.kv.take_pending_copies()
         return out
+
+    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Drafts for a decoding sequence (none without a proposer, or where
+        they could not all be kept: past the budget, max_tokens or the context)."""
+        if self.proposer is None or seq.num_tokens - seq.num_computed_tokens != 1:
+            return []
+        if not can_speculate(seq):
+            return []
+        room = min(budget, self.max_model_len - seq.num_tokens) - 1
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - seq.num_output_tokens - 1)
+        return self.proposer.propose(seq, room) if room > 0 else []
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -267,7 +296,7 @@ class Scheduler:
             seq, samples = item.seq, item.samples
             if seq.seq_id in result.prompt_logprobs:
                 self._add_prompt_logprobs(seq, result.prompt_logprobs[seq.seq_id])
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_new_tokens - len(item.draft)
             self.kv.cache_computed_blocks(seq)
             for child in item.forks:  # share the prompt's blocks from now on
                 child.num_computed_tokens = seq.num_computed_tokens
@@ -279,6 +308,9 @@ class Scheduler:
                 seq.request.forked = True
         now = time.time()
         touched: dict[str, Request] = {}
+        drafts = {item.seq.seq_id: item.draft for item in sched.scheduled if item.draft}
+        if drafts:
+            self.spec_stats.num_steps += 1
         for seq, token, logprobs in zip(result.sampled, result.token_ids, result.logprobs):
             req = seq.request
             if seq.is_finished:
@@ -286,7 +318,11 @@ class Scheduler:
             error = result.errors.get(seq.seq_id)
             if error is None:
                 try:
-                    self._append_token(seq, token, logprobs, now)
+                    if seq.seq_id in drafts:
+                        self._append_verified(seq, drafts[seq.seq_id], result.verdicts[seq.seq_id],
+                                              now)
+                    else:
+                        self._append_token(seq, token, logprobs, now)
                 except Exception as exc:  # noqa: BLE001 - detokenizing, stop checks: its own
                     error = _describe("handling its sampled token", exc)
             else:
@@ -324,6 +360,27 @@ class Scheduler:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
                 self.suspects.discard(req.request_id)
+
+    def _append_verified(self, seq: Sequence, draft: list[int], verdict, now: float) -> None:
+        """A speculating sequence's step: the drafts it keeps and the token
+        after them, appended one by one with every stop check (nothing past a
+        stop is kept); each kept draft's K/V was computed in the step. Then
+        the lookahead blocks past the computed tokens go back to the pool."""
+        accepted, alternatives, logprobs = verdict
+        kept = accepted_tokens(draft, accepted, alternatives)
+        stats = self.spec_stats
+        stats.num_proposals += 1
+        stats.num_draft_tokens += len(draft)
+        stats.num_accepted_tokens += len(kept) - 1
+        for i, token in enumerate(kept):
+            if i:
+                seq.num_computed_tokens += 1  # the previous token (a kept draft) was computed
+            self._append_token(seq, token, logprobs[i], now)
+            stats.num_emitted_tokens += 1
+            if seq.is_finished:
+                return
+        self.kv.cache_computed_blocks(seq)
+        self.kv.trim(seq)
 
     def _add_prompt_logprobs(self, seq: Sequence, entries: list[LogprobsDict]) -> None:
         """Entries for the prompt positions after those computed so far; a

@@ -44,7 +44,9 @@ def _add_workload_args(parser: argparse.ArgumentParser, num_prompts: int) -> Non
                    help="output lengths, uniform in LO,HI inclusive (default 32,128)")
     g.add_argument("--dataset", default="random",
                    help="prompt tokens: 'random' (ordinary vocabulary ids), 'text' (built-in "
-                        "English prose) or a UTF-8 text file; lengths are the same for all")
+                        "English prose), 'grounded' (chat requests whose answers copy from "
+                        "their prompts; their own lengths) or a UTF-8 text file; lengths are "
+                        "the same for all")
 
 
 def _add_compare_args(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -54,7 +56,8 @@ def _add_compare_args(parser: argparse.ArgumentParser, kind: str) -> None:
                    help=f"baseline to run in the same run, repeatable or comma-separated: {names} "
                         f"('hf' = {' + '.join(BASELINE_CHOICES[kind]['hf'])}); or pllm-DEVICE: "
                         "pllm itself on another platform, with the same engine arguments and "
-                        "requests (e.g. --device ipex --compare pllm-cpu)")
+                        "requests (e.g. --device ipex --compare pllm-cpu); or no-spec: pllm "
+                        "without its --speculative-config")
     g.add_argument("--baseline-timeout", type=float, default=3600.0,
                    help="seconds a baseline may run before it is recorded as failed (default 3600)")
     if kind == "throughput":
@@ -82,7 +85,10 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-iters", type=int, default=3, help="timed requests (default 3)")
     g.add_argument("--num-iters-warmup", type=int, default=1,
                    help="untimed requests first (default 1)")
-    g.add_argument("--dataset", default="random", help="'random', 'text' or a text file")
+    g.add_argument("--dataset", default="random",
+                   help="'random', 'text', 'grounded' (chat requests whose answers copy from "
+                        "their prompts: rewrite, extract, edit code; prompt lengths are their "
+                        "own) or a text file")
     g.add_argument("--bandwidth-mib", type=int, default=256,
                    help="size of the tensor the read-bandwidth probe sums (default 256 MiB)")
     _add_compare_args(parser, "latency")

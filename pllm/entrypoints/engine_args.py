@@ -13,6 +13,7 @@ from pllm.core.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_memory,
 )
 
@@ -51,6 +52,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def speculative_config(text: str) -> str:
+    """An argparse type: vLLM's speculative_config JSON, checked here and
+    kept as typed (parsed with the rest of the config)."""
+    try:
+        SpeculativeConfig.from_dict(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None
@@ -76,6 +87,9 @@ class EngineArgs:
     enforce_eager: bool = False
     num_threads: int | None = None
     num_blocks_override: int | None = None
+    # vLLM's speculative_config: a dict or its JSON text, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}.
+    speculative_config: dict | str | None = None
 
     def create_engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -99,6 +113,7 @@ class EngineArgs:
             device=DeviceConfig(
                 device=self.device, enforce_eager=self.enforce_eager, num_threads=self.num_threads,
             ),
+            speculative=SpeculativeConfig.from_dict(self.speculative_config),
         )
 
     @staticmethod
@@ -155,6 +170,13 @@ class EngineArgs:
                             "decoder layers for decode steps")
         g.add_argument("--num-threads", type=positive_int, default=None,
                        help="CPU threads per rank (default: the cores over the tensor-parallel ranks)")
+        g.add_argument("--speculative-config", type=speculative_config, default=None,
+                       help='speculative decoding, as JSON (vLLM\'s keys): {"method": "ngram", '
+                            '"num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                            '"prompt_lookup_max": 4} proposes the 4 tokens that followed an '
+                            "earlier occurrence of the text's last 4 (down to 2) tokens "
+                            "(prompt lookup), all checked in one forward pass with exact "
+                            "rejection sampling")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

@@ -61,6 +61,16 @@ def test_greedy_parity_smollm2(reference, setting):
     check_setting(llm, prompts, expected, MAX_NEW, must)
 
 
+def test_greedy_parity_smollm2_with_ngram_speculation(reference):
+    """Prompt-lookup drafts checked in the step: transformers' greedy tokens."""
+    prompts, expected = reference
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3}
+    llm = LLM(None, device="cpu", kv_cache_memory="64MB", speculative_config=spec)
+    check_setting(llm, prompts, expected, MAX_NEW, None)
+    assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 0
+
+
 def test_greedy_parity_smollm2_three_tensor_parallel_ranks(reference):
     """SmolLM2's 9 query and 3 KV heads split over three processes (gloo)."""
     prompts, expected = reference

@@ -119,6 +119,14 @@ class KVCacheManager:
             self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
         seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's computed tokens: a
+        speculative step's lookahead that held only rejected drafts."""
+        keep = self.num_blocks_for(seq.num_computed_tokens)
+        if len(seq.block_ids) > keep:
+            self.pool.release(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
+
     def free(self, seq: Sequence) -> None:
         self.pool.release(seq.block_ids)
         seq.block_ids = []

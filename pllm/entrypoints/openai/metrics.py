@@ -46,6 +46,19 @@ class ServerMetrics:
                                      "Prefix-cache hits / queries, in tokens, since start.")
         self.num_free_blocks = gauge("pllm:num_free_blocks", "Free KV-cache blocks.")
         self.num_preemptions = gauge("pllm:num_preemptions", "Preemptions since start.")
+        # Speculative decoding (--speculative-config), since start; zeros when off.
+        self.spec_steps = gauge("pllm:spec_decode_num_steps",
+                                "Steps in which some sequence carried draft tokens.")
+        self.spec_drafts = gauge("pllm:spec_decode_num_drafts",
+                                 "Proposals: sequences that carried drafts, summed over steps.")
+        self.spec_draft_tokens = gauge("pllm:spec_decode_num_draft_tokens", "Draft tokens proposed.")
+        self.spec_accepted_tokens = gauge("pllm:spec_decode_num_accepted_tokens",
+                                          "Draft tokens accepted.")
+        self.spec_acceptance_rate = gauge("pllm:spec_decode_acceptance_rate",
+                                          "Accepted / proposed draft tokens.")
+        self.spec_mean_accepted_length = gauge(
+            "pllm:spec_decode_mean_accepted_length",
+            "Tokens a sequence with drafts gained per step (accepted drafts + 1).")
         self.ttft = Histogram("pllm:time_to_first_token_seconds", "Time to first token.",
                               labels, buckets=_LATENCY_BUCKETS, registry=reg).labels(model_name)
         self.itl = Histogram("pllm:inter_token_latency_seconds",
@@ -102,6 +115,14 @@ class ServerMetrics:
         self.num_preemptions.set(stats.num_preemptions)
         queries = stats.prefix_cache_queries
         self.prefix_hit_rate.set(stats.prefix_cache_hits / queries if queries else 0.0)
+        spec = getattr(stats, "spec_decode", None)
+        if spec is not None:
+            self.spec_steps.set(spec.num_steps)
+            self.spec_drafts.set(spec.num_proposals)
+            self.spec_draft_tokens.set(spec.num_draft_tokens)
+            self.spec_accepted_tokens.set(spec.num_accepted_tokens)
+            self.spec_acceptance_rate.set(spec.acceptance_rate)
+            self.spec_mean_accepted_length.set(spec.mean_accepted_length)
 
     # ------------------------------------------------------------ exposition
 

@@ -96,6 +96,34 @@ def test_two_ranks_match_transformers(tp_engine):
     assert stats.num_free_blocks == stats.num_total_blocks, stats
 
 
+def test_speculation_under_two_ranks_matches_transformers(tp_engine):
+    """n-gram drafts verified on rank 0 from both ranks' logits: the same
+    tokens, and each emitted token's top-5 logprobs those of its position."""
+    from pllm.core.config import SpeculativeConfig
+    from pllm.core.spec_decode import NgramProposer
+
+    llm, prompts, expected, hf_logprobs = tp_engine
+    sched = llm.llm_engine.scheduler
+    sched.proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1,
+                                                     prompt_lookup_max=2))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        sched.proposer = None
+    for i, (out, exp, ref) in enumerate(zip(outs, expected, hf_logprobs)):
+        assert out.outputs[0].token_ids == exp, f"prompt {i}"
+        for step, top in enumerate(out.outputs[0].logprobs):
+            ids = sorted(top, key=lambda t: top[t].logprob, reverse=True)[:5]
+            ref_vals, ref_ids = ref[step].topk(5)
+            assert ids == ref_ids.tolist(), f"prompt {i}, step {step}"
+            got = torch.tensor([top[t].logprob for t in ids])
+            torch.testing.assert_close(got, ref_vals, atol=1e-4, rtol=0)
+    assert sched.spec_stats.num_accepted_tokens > 0, sched.spec_stats
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks, stats
+
+
 def test_forked_sequences_copy_blocks_on_every_rank(tp_engine):
     llm, prompts, expected, _ = tp_engine
     # n=2 shares the prompt's last, partly filled block: the fork copies it,

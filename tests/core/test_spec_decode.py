@@ -1,0 +1,375 @@
+"""Speculative decoding: the n-gram proposer, the verifier's exactness
+(greedy: the drafts equal to the argmax; sampled: the target's own
+distribution, by a chi-square test), and the engine's outputs with and
+without speculation: identical greedy tokens under batching, chunked
+prefill, prefix hits and preemption, scripted proposers that are always
+right or always wrong, and no leaked blocks. The engine tests run on the
+fake platform (the reference attention, a cache layout of its own); the
+CPU platform's are in tests/platforms/cpu/test_cpu_spec_decode.py."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from pllm import LLM, SamplingParams
+from pllm.core.config import SpeculativeConfig
+from pllm.core.sampler import SamplingMetadata, _filter, verify
+from pllm.core.spec_decode import NgramProposer, accepted_tokens, ngram_propose
+from pllm.entrypoints.engine_args import EngineArgs
+
+# ---------------------------------------------------------------- the proposer
+
+
+@pytest.mark.parametrize("tokens, lo, hi, k, want", [
+    ([1, 2, 3, 4, 1, 2, 3], 1, 3, 3, [4, 1, 2]),  # "1 2 3" seen before: what followed it
+    ([1, 2, 3, 4, 1, 2, 3], 1, 3, 1, [4]),
+    ([5, 6, 7], 1, 2, 2, []),  # nothing repeats
+    ([1, 2, 9, 2], 2, 2, 2, []),  # only a 1-token match, below prompt_lookup_min
+    ([1, 2, 9, 2], 1, 2, 2, [9, 2]),
+    ([7, 1, 2, 8, 8, 1, 2], 1, 2, 2, [8, 8]),  # the longest suffix first ("1 2", not "2")
+    ([1, 5, 1, 6, 1, 7, 1], 1, 1, 1, [7]),  # the latest match with k tokens after it
+    ([1, 1, 1, 1], 1, 2, 2, [1, 1]),  # overlapping matches
+    ([3], 1, 4, 2, []),
+])
+def test_ngram_proposals(tokens, lo, hi, k, want):
+    assert ngram_propose(tokens, lo, hi, k) == want
+
+
+def test_speculative_config_is_vllms_json_and_bad_values_name_the_problem():
+    cfg = SpeculativeConfig.from_dict('{"method": "ngram", "num_speculative_tokens": 3, '
+                                      '"prompt_lookup_max": 4}')
+    assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (3, 4, 4)
+    assert SpeculativeConfig.from_dict({"num_speculative_tokens": 2}).prompt_lookup_max == 5
+    for bad, message in [
+        ({}, "needs num_speculative_tokens"),
+        ({"num_speculative_tokens": 0}, ">= 1"),
+        ({"num_speculative_tokens": "2"}, "must be an integer"),
+        ({"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2},
+         "prompt_lookup_min <= prompt_lookup_max"),
+        ({"num_speculative_tokens": 2, "colour": 1}, "unknown key"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, "not one of ngram"),
+        ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "not supported yet"),
+        ("{oops", "not JSON"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SpeculativeConfig.from_dict(bad)
+
+
+def test_cli_flag_is_checked_when_parsed():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = parser.parse_args(["--speculative-config", '{"num_speculative_tokens": 2}'])
+    assert EngineArgs.from_cli_args(args).create_engine_config().speculative.num_speculative_tokens == 2
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(None):
+        parser.parse_args(["--speculative-config", '{"num_speculative_tokens": -1}'])
+
+
+# ---------------------------------------------------------------- the verifier
+
+
+def test_accepted_tokens_keep_the_drafts_up_to_the_first_rejection():
+    assert accepted_tokens([4, 5, 6], [True, True, True], [0, 0, 0, 9]) == [4, 5, 6, 9]
+    assert accepted_tokens([4, 5, 6], [True, False, True], [0, 7, 0, 9]) == [4, 7]
+    assert accepted_tokens([4], [False], [3, 9]) == [3]
+
+
+def test_greedy_rows_accept_exactly_the_drafts_equal_to_their_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    top = logits.argmax(-1).tolist()
+    md = SamplingMetadata(num_rows=4, all_greedy=True)
+    result = verify(logits, md, [top[0], (top[1] + 1) % 50, top[2], -1])
+    assert result.accepted == [True, False, True, False]
+    assert result.token_ids == top
+
+
+class _Seq:
+    """What SamplingMetadata.build reads of a sequence."""
+
+    def __init__(self, params: SamplingParams, seed: int | None = None) -> None:
+        from types import SimpleNamespace
+
+        self.request = SimpleNamespace(params=params, eos_token_ids=frozenset())
+        self.num_output_tokens = 5
+        self.seed, self.generator = seed, None
+        self.token_ids, self.output_token_ids = [], []
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.05),
+])
+@pytest.mark.parametrize("draft", [0, 3, 7])  # the likeliest, a middling and the least likely token
+def test_a_sampled_row_emits_the_targets_own_distribution_whatever_the_draft(params, draft):
+    """A row emits its draft when accepted, else its residual draw; over many
+    rows that must be p itself. Leaving the draft in the residual (or not
+    renormalising it) moves the draft's frequency by p(d)(1 - p(d)), which
+    this test sees wherever the draft is possible (0 < p(d) < 1)."""
+    torch.manual_seed(1)
+    vocab, rows = 8, 40_000
+    base = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0])
+    logits = base.expand(rows, vocab).contiguous()
+    seqs = [_Seq(params)] * rows
+    md = SamplingMetadata.build(seqs, vocab, torch.device("cpu"))
+    want = _filter(base[None], SamplingMetadata.build(seqs[:1], vocab, torch.device("cpu"))).softmax(-1)[0]
+    result = verify(logits, md, [draft] * rows)
+    accepted = torch.tensor(result.accepted)
+    emitted = torch.where(accepted, torch.tensor(draft), torch.tensor(result.token_ids))
+    counts = torch.bincount(emitted, minlength=vocab).double()
+    # chi-square with 7 degrees of freedom: 24.3 is its 0.999 quantile.
+    assert _chi_square(counts, want.double()) < 24.3
+    assert abs(accepted.double().mean() - want[draft]) < 0.01  # accepted with probability p(d)
+
+
+def test_seeded_rows_verify_reproducibly():
+    params = SamplingParams(temperature=1.0, seed=7)
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for _ in range(2):
+        seq = _Seq(params, seed=7)
+        md = SamplingMetadata.build([seq] * 3, 40, torch.device("cpu"))
+        result = verify(logits, md, [1, 2, -1])
+        runs.append((result.accepted, result.token_ids))
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def _generate(engine, prompts, params) -> list[list[int]]:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[f"r{i}"] for i in range(len(prompts))]
+
+
+@contextlib.contextmanager
+def _speculating(engine, proposer):
+    """``engine`` with ``proposer`` (fresh counters); checks no block leaked."""
+    sched = engine.scheduler
+    free = engine.kv.pool.num_free_blocks
+    saved = sched.proposer, sched.spec_stats
+    sched.proposer = proposer
+    sched.spec_stats = type(saved[1])()
+    try:
+        yield sched.spec_stats
+    finally:
+        sched.proposer, sched.spec_stats = saved
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.pool.num_free_blocks == free
+
+
+# Repetitive prompts (the tiny model's greedy continuations repeat, too), so
+# the n-gram proposer finds matches; one prompt longer than a chunk.
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [30, 31, 30, 31, 30], list(range(40, 100)),
+           [9] * 20, [12, 13, 14]]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llm):
+    engine = tiny_llm.llm_engine
+    return [o.outputs[0].token_ids for o in _generate(engine, PROMPTS, GREEDY)]
+
+
+def test_ngram_speculation_gives_the_same_greedy_tokens(tiny_llm, reference):
+    engine = tiny_llm.llm_engine
+    ngram = NgramProposer(SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1,
+                                            prompt_lookup_max=3))
+    with _speculating(engine, ngram) as stats:
+        got = [o.outputs[0].token_ids for o in _generate(engine, PROMPTS, GREEDY)]
+    assert got == reference
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert stats.mean_accepted_length > 1
+
+
+class _Scripted:
+    """Drafts from a known answer: the true continuation, or tokens it never has."""
+
+    def __init__(self, answers: dict[tuple[int, ...], list[int]], right: bool, k: int = 3) -> None:
+        self.answers, self.right, self.k = answers, right, k
+
+    def propose(self, seq, max_drafts: int) -> list[int]:
+        answer = self.answers[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+        done = seq.num_output_tokens
+        nxt = answer[done: done + min(self.k, max_drafts)]
+        return nxt if self.right else [(t + 1) % 300 for t in nxt]
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_always_right_and_always_wrong_drafts(tiny_llm, reference, right):
+    engine = tiny_llm.llm_engine
+    answers = {tuple(p): r for p, r in zip(PROMPTS, reference)}
+    with _speculating(engine, _Scripted(answers, right)) as stats:
+        got = [o.outputs[0].token_ids for o in _generate(engine, PROMPTS, GREEDY)]
+    assert got == reference
+    assert stats.num_draft_tokens > 0
+    if right:  # every draft kept, and a bonus token: 4 tokens a step
+        assert stats.acceptance_rate == 1.0
+        assert stats.mean_accepted_length > 3
+    else:
+        assert stats.num_accepted_tokens == 0
+        assert stats.mean_accepted_length == 1.0
+
+
+def test_stops_inside_an_accepted_run_keep_nothing_past_them(tiny_llm, reference):
+    engine = tiny_llm.llm_engine
+    answers = {tuple(p): r for p, r in zip(PROMPTS, reference)}
+    prompt, answer = PROMPTS[2], reference[2]
+    stop_at = answer[6]
+    first = answer.index(stop_at)
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[stop_at])
+    with _speculating(engine, _Scripted(answers, True, k=4)):
+        (out,) = _generate(engine, [prompt], params)
+    assert out.outputs[0].token_ids == answer[: first + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    # max_tokens inside a run: exactly max_tokens, never more.
+    with _speculating(engine, _Scripted(answers, True, k=4)):
+        (out,) = _generate(engine, [prompt], SamplingParams(max_tokens=7, temperature=0.0,
+                                                            ignore_eos=True))
+    assert out.outputs[0].token_ids == answer[:7]
+
+
+def test_speculation_under_chunked_prefill_prefix_hits_and_preemption(tiny_model_dir, reference):
+    """A small step budget (chunks), the same prompts twice (prefix hits),
+    and a KV cache too small for all at once (preemption)."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+            "prompt_lookup_max": 2}
+    llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="80KB", block_size=8,
+              max_model_len=128, max_num_batched_tokens=32, speculative_config=spec)
+    engine = llm.llm_engine
+    free = engine.kv.pool.num_free_blocks
+    got = [o.outputs[0].token_ids for o in _generate(engine, PROMPTS + PROMPTS, GREEDY)]
+    assert got == reference + reference
+    stats = engine.get_stats()
+    assert stats.num_preemptions > 0, "the cache was meant to be too small for every request"
+    assert stats.prefix_cache_hits > 0
+    assert stats.spec_decode.num_accepted_tokens > 0
+    assert engine.kv.pool.num_free_blocks == free
+    llm.llm_engine.shutdown()
+
+
+class _Repeat:
+    """Always proposes: the last token, again and again (sometimes right)."""
+
+    def propose(self, seq, max_drafts: int) -> list[int]:
+        return [seq.token_ids[-1]] * min(3, max_drafts)
+
+
+def test_sampled_requests_with_logprobs_and_n_run_under_speculation(tiny_llm):
+    engine = tiny_llm.llm_engine
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, n=2, logprobs=2, seed=3,
+                            ignore_eos=True)
+    with _speculating(engine, _Repeat()) as stats:
+        outs = _generate(engine, PROMPTS[:2], params)
+    assert stats.num_draft_tokens > 0
+    for out in outs:
+        assert len(out.outputs) == 2
+        for sample in out.outputs:
+            assert len(sample.token_ids) == 16
+            assert len(sample.logprobs) == 16
+            for token, entry in zip(sample.token_ids, sample.logprobs):
+                assert token in entry and entry[token].logprob <= 0
+    with _speculating(engine, _Repeat()):
+        again = _generate(engine, PROMPTS[:2], params)
+    assert [[s.token_ids for s in o.outputs] for o in outs] == \
+        [[s.token_ids for s in o.outputs] for o in again]  # seeded: reproducible
+
+
+def test_penalised_and_min_tokens_requests_decode_one_token_a_step_beside_speculating_ones(
+        tiny_llm, reference):
+    engine = tiny_llm.llm_engine
+    answers = {tuple(p): r for p, r in zip(PROMPTS, reference)}
+    penalised = SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.3,
+                               ignore_eos=True)
+    holding = SamplingParams(max_tokens=12, temperature=0.0, min_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for p in (penalised, holding)
+            for o in _generate(engine, [PROMPTS[1]], p)]
+    proposed_for: list[SamplingParams] = []
+
+    class _Recording(_Scripted):
+        def propose(self, seq, max_drafts):
+            proposed_for.append(seq.request.params)
+            return super().propose(seq, max_drafts) if tuple(
+                seq.token_ids[: seq.num_prompt_tokens]) in answers else [1, 2]
+
+    outs = {}
+    with _speculating(engine, _Recording(answers, True)):
+        for i, p in enumerate((penalised, holding)):
+            engine.add_request(f"p{i}", PROMPTS[1], p)
+        engine.add_request("r0", PROMPTS[0], GREEDY)
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [outs[f"p{i}"].outputs[0].token_ids for i in range(2)] == want
+    assert outs["r0"].outputs[0].token_ids == reference[0]
+    assert penalised not in proposed_for
+    assert sum(p is holding for p in proposed_for) > 0  # once its min_tokens were out
+    assert len(outs["p1"].outputs[0].token_ids) == 12
+
+
+def test_metrics_export_the_speculation_counters():
+    from types import SimpleNamespace
+
+    from pllm.core.spec_decode import SpecDecodeStats
+    from pllm.entrypoints.openai.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    spec = SpecDecodeStats(num_steps=5, num_proposals=8, num_draft_tokens=24,
+                           num_accepted_tokens=18, num_emitted_tokens=26)
+    metrics.on_stats(SimpleNamespace(num_running=1, num_waiting=0, kv_cache_usage=0.1,
+                                     num_free_blocks=3, num_preemptions=0, prefix_cache_queries=0,
+                                     prefix_cache_hits=0, spec_decode=spec))
+    text = metrics.render().decode()
+    assert 'pllm:spec_decode_num_draft_tokens{model_name="m"} 24.0' in text
+    assert 'pllm:spec_decode_num_accepted_tokens{model_name="m"} 18.0' in text
+    assert 'pllm:spec_decode_acceptance_rate{model_name="m"} 0.75' in text
+    assert 'pllm:spec_decode_mean_accepted_length{model_name="m"} 3.25' in text
+
+
+
+def test_static_shape_platforms_refuse_speculation_before_loading(tiny_model_dir, fake_platform):
+    import dataclasses
+
+    from pllm.core.engine import LLMEngine
+
+    caps = dataclasses.replace(fake_platform().capabilities, token_buckets=(16, 32),
+                               seq_buckets=(4,))
+    static = type("Static", (fake_platform,), {"capabilities": property(lambda self: caps)})
+    config = EngineArgs(model=tiny_model_dir,
+                        speculative_config={"num_speculative_tokens": 2}).create_engine_config()
+    with pytest.raises(ValueError, match="static shapes"):
+        LLMEngine(config, platform=static())
+
+
+def test_a_requests_first_token_is_never_speculated(tiny_llm):
+    """With the prompt cached but its last token, the step that samples a
+    request's first token (where n > 1 forks) is a one-token step: it must
+    not carry drafts, or the forks would not be sampled."""
+    engine = tiny_llm.llm_engine
+    prompt = list(range(60, 60 + 33))  # two full 16-token blocks and one token
+    params = SamplingParams(max_tokens=6, temperature=0.0, n=3, ignore_eos=True)
+    with _speculating(engine, _Repeat()) as stats:
+        _generate(engine, [prompt], SamplingParams(max_tokens=1, temperature=0.0))
+        (out,) = _generate(engine, [prompt], params)
+    assert out.num_cached_tokens == 32
+    assert [len(s.token_ids) for s in out.outputs] == [6, 6, 6]
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
+    assert stats.num_draft_tokens > 0
