@@ -28,4 +28,7 @@ PY="$ROOT/.venv/bin/python"
     --launch pllm --pllm-args "--kv-cache-memory 2GiB --target-itl-ms 800" \
     --launch-command "pllm-fixed-budget=$PY -m pllm.entrypoints.cli serve --kv-cache-memory 2GiB --target-itl-ms 0 --host {host} --port {port}" \
     --launch-command "llama-server=$LLAMA_SERVER -m $GGUF_F32 --alias SmolLM2-135M-Instruct --host {host} --port {port} -np 16 -c 16384 -t 2 -tb 2" \
-    --output-json "$OUT"
+    --output-json "$OUT" --no-plot
+
+# The results name this checkout's and the cache's folders relatively.
+sed -i -e "s#$ROOT/##g" -e "s#$HOME/#~/#g" "$OUT"
