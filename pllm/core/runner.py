@@ -308,18 +308,19 @@ class ModelRunner:
         """Check the speculating sequences' drafts (``sampler.verify``), all in
         one batch, into ``out.verdicts``; when the batch raises, each sequence
         alone, so that only those at fault (``out.errors``) lose the step."""
-        seqs, drafts, spec_rows, widths = [], [], [], []
+        seqs, drafts, ahead, spec_rows, widths = [], [], [], [], []
         for item, first in speculating:
             width = 1 + len(item.draft)
             seqs += [item.seq] * width
             drafts += item.draft + [-1]
+            ahead += [item.draft[:j] for j in range(width)]  # the drafts before each row's position
             spec_rows += range(first, first + width)
             widths.append(width)
         spec_logits = logits.index_select(
             0, torch.tensor(spec_rows, dtype=torch.long).to(logits.device))
         vocab = logits.shape[1]
         try:
-            md = SamplingMetadata.build(seqs, vocab, logits.device)
+            md = SamplingMetadata.build(seqs, vocab, logits.device, ahead=ahead)
             result = verify(spec_logits, md, drafts)
             parts = [result.accepted, result.token_ids, result.logprobs]
             offset = 0
@@ -331,7 +332,8 @@ class ModelRunner:
             offset = 0
             for (item, _), width in zip(speculating, widths):
                 try:
-                    md = SamplingMetadata.build([item.seq] * width, vocab, logits.device)
+                    md = SamplingMetadata.build([item.seq] * width, vocab, logits.device,
+                                                ahead=[item.draft[:j] for j in range(width)])
                     one = verify(spec_logits[offset: offset + width], md, item.draft + [-1])
                     out.verdicts[item.seq.seq_id] = (one.accepted[:-1], one.token_ids, one.logprobs)
                 except Exception as exc:  # noqa: BLE001 - this sequence's own failure

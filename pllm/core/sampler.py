@@ -58,16 +58,21 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device, *,
-              num_rows: int | None = None, static: bool = False) -> SamplingMetadata:
+              num_rows: int | None = None, static: bool = False,
+              ahead: list[list[int]] | None = None) -> SamplingMetadata:
         """``num_rows`` (at least ``len(seqs)``) pads with greedy rows past the
         real ones (static shapes: a bucket of rows). ``static`` always builds
         every filter tensor of a random step (top-k, top-p, min-p, at values
         that change nothing where unset), so that a compiled sampler serves
-        every mix of requests."""
+        every mix of requests. ``ahead`` (speculative decoding's rows): per
+        row, the draft tokens before the position it scores, counted as
+        output by the penalties and min_tokens, as if already accepted."""
         params = [s.request.params for s in seqs]
         num_rows = len(seqs) if num_rows is None else num_rows
         pad = num_rows - len(seqs)
-        holding = [s.num_output_tokens < p.min_tokens for s, p in zip(seqs, params)]
+        ahead = ahead or [[] for _ in seqs]
+        holding = [s.num_output_tokens + len(a) < p.min_tokens
+                   for s, p, a in zip(seqs, params, ahead)]
         if all(p.greedy and not p.has_penalties and p.logprobs is None and not h
                for p, h in zip(params, holding)):
             return cls(num_rows, all_greedy=True)
@@ -98,9 +103,10 @@ class SamplingMetadata:
                 repetition=floats([params[i].repetition_penalty for i in rows]),
                 frequency=floats([params[i].frequency_penalty for i in rows]),
                 presence=floats([params[i].presence_penalty for i in rows]),
-                seen=_token_counts([seqs[i].token_ids for i in rows], vocab_size, device) > 0,
-                output_counts=_token_counts([seqs[i].output_token_ids for i in rows], vocab_size,
-                                            device))
+                seen=_token_counts([seqs[i].token_ids + ahead[i] for i in rows], vocab_size,
+                                   device) > 0,
+                output_counts=_token_counts([seqs[i].output_token_ids + ahead[i] for i in rows],
+                                            vocab_size, device))
         pairs = [(row, t) for row, (s, h) in enumerate(zip(seqs, holding)) if h
                  for t in sorted(_min_tokens_banned(s))]
         if pairs:
@@ -308,15 +314,18 @@ def verify(logits: torch.Tensor, md: SamplingMetadata, drafts: list[int]) -> Sam
     rejected (the argmax, or a draw from the residual: ``p`` with the
     draft's mass taken out, renormalised), or on a row without a draft its
     plain sample. ``logprobs``: of the token the row emits, the draft when
-    accepted. Penalties and min_tokens bans are not taken here (such rows do
-    not speculate)."""
-    if md.penalties is not None or md.banned is not None:
-        raise ValueError("verify: rows with penalties or min_tokens do not speculate")
+    accepted. Penalties and min_tokens bans apply as in :func:`sample`, each
+    row's from its own context: ``md`` built with ``ahead``, the drafts
+    before the row's position."""
     device = logits.device
     draft = torch.tensor(drafts, dtype=torch.long).to(device)
     has_draft = draft >= 0
     safe = draft.clamp(min=0).unsqueeze(1)
     logits = logits.float()
+    if md.penalties is not None:
+        logits = _apply_penalties(logits, md.penalties)
+    if md.banned is not None:
+        logits = logits.index_put(md.banned, torch.tensor(float("-inf"), device=logits.device))
     argmax = logits.argmax(-1)
     accepted = has_draft & (argmax == draft)
     tokens = argmax

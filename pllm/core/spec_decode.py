@@ -14,9 +14,11 @@ The output distribution is the target's own, whatever the drafts (Leviathan
 et al., 2023; Chen et al., 2023); a greedy row accepts exactly the drafts
 that equal its argmax.
 
-Which sequences speculate: decoding ones whose sampling the verifier
-reproduces exactly. Penalties (which would change with every accepted
-draft) and a ``min_tokens`` hold still decode one token per step.
+Every decoding sequence may speculate. Penalties and ``min_tokens`` apply
+per position: the row that scores the token after draft ``j`` counts
+drafts ``1..j`` as output (``SamplingMetadata.build(ahead=...)``), which is
+the context that position has if they are accepted, and the only one in
+which its verdict is used.
 """
 
 from __future__ import annotations
@@ -50,12 +52,9 @@ def ngram_propose(token_ids: list[int] | np.ndarray, min_n: int, max_n: int, k: 
 
 
 def can_speculate(seq: Sequence) -> bool:
-    """Whether the sequence is decoding (its prompt computed: a request's
-    first token, which ``n > 1`` forks, is never speculated) and the
-    verifier reproduces its sampling exactly."""
-    params = seq.request.params
-    return (seq.num_computed_tokens >= seq.num_prompt_tokens and not params.has_penalties
-            and seq.num_output_tokens >= params.min_tokens)
+    """Whether the sequence is decoding: its prompt computed (a request's
+    first token, where ``n > 1`` forks, is never speculated)."""
+    return seq.num_computed_tokens >= seq.num_prompt_tokens
 
 
 class NgramProposer:

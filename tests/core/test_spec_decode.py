@@ -201,6 +201,13 @@ def test_ngram_speculation_gives_the_same_greedy_tokens(tiny_llm, reference):
     assert stats.mean_accepted_length > 1
 
 
+class _Repeat:
+    """Always proposes: the last token, again and again (sometimes right)."""
+
+    def propose(self, seq, max_drafts: int) -> list[int]:
+        return [seq.token_ids[-1]] * min(3, max_drafts)
+
+
 class _Scripted:
     """Drafts from a known answer: the true continuation, or tokens it never has."""
 
@@ -267,13 +274,6 @@ def test_speculation_under_chunked_prefill_prefix_hits_and_preemption(tiny_model
     llm.llm_engine.shutdown()
 
 
-class _Repeat:
-    """Always proposes: the last token, again and again (sometimes right)."""
-
-    def propose(self, seq, max_drafts: int) -> list[int]:
-        return [seq.token_ids[-1]] * min(3, max_drafts)
-
-
 def test_sampled_requests_with_logprobs_and_n_run_under_speculation(tiny_llm):
     engine = tiny_llm.llm_engine
     params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, n=2, logprobs=2, seed=3,
@@ -294,35 +294,50 @@ def test_sampled_requests_with_logprobs_and_n_run_under_speculation(tiny_llm):
         [[s.token_ids for s in o.outputs] for o in again]  # seeded: reproducible
 
 
-def test_penalised_and_min_tokens_requests_decode_one_token_a_step_beside_speculating_ones(
-        tiny_llm, reference):
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=16, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+    SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=0.8, presence_penalty=0.5,
+                   ignore_eos=True),
+    SamplingParams(max_tokens=16, temperature=0.0, min_tokens=10, logprobs=3),
+])
+def test_penalties_and_min_tokens_hold_at_every_draft_position(tiny_llm, params):
+    """Each draft row is penalised (and held off EOS) by the output it would
+    follow, its accepted drafts included: the same tokens as without
+    speculation, with true drafts (all kept) and with repeats (some kept)."""
     engine = tiny_llm.llm_engine
-    answers = {tuple(p): r for p, r in zip(PROMPTS, reference)}
-    penalised = SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.3,
-                               ignore_eos=True)
-    holding = SamplingParams(max_tokens=12, temperature=0.0, min_tokens=6, ignore_eos=True)
-    want = [o.outputs[0].token_ids for p in (penalised, holding)
-            for o in _generate(engine, [PROMPTS[1]], p)]
-    proposed_for: list[SamplingParams] = []
+    prompts = PROMPTS[:3]
+    want = _generate(engine, prompts, params)
+    answers = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, want)}
+    for proposer in (_Scripted(answers, True), _Repeat()):
+        with _speculating(engine, proposer) as stats:
+            got = _generate(engine, prompts, params)
+        assert stats.num_draft_tokens > 0
+        for g, w in zip(got, want):
+            assert g.outputs[0].token_ids == w.outputs[0].token_ids
+            if params.logprobs:
+                for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+                    assert a.keys() == b.keys()
+                    for t in a:
+                        assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4)
+        if isinstance(proposer, _Scripted):
+            assert stats.acceptance_rate == 1.0
 
-    class _Recording(_Scripted):
+
+def test_a_draft_of_eos_inside_min_tokens_is_never_kept(tiny_llm):
+    engine = tiny_llm.llm_engine
+    eos = next(iter(engine.eos_token_ids))
+    params = SamplingParams(max_tokens=8, temperature=0.0, min_tokens=8)
+
+    class _Eos:
         def propose(self, seq, max_drafts):
-            proposed_for.append(seq.request.params)
-            return super().propose(seq, max_drafts) if tuple(
-                seq.token_ids[: seq.num_prompt_tokens]) in answers else [1, 2]
+            return [eos] * min(2, max_drafts)
 
-    outs = {}
-    with _speculating(engine, _Recording(answers, True)):
-        for i, p in enumerate((penalised, holding)):
-            engine.add_request(f"p{i}", PROMPTS[1], p)
-        engine.add_request("r0", PROMPTS[0], GREEDY)
-        while engine.has_unfinished_requests():
-            outs.update({o.request_id: o for o in engine.step() if o.finished})
-    assert [outs[f"p{i}"].outputs[0].token_ids for i in range(2)] == want
-    assert outs["r0"].outputs[0].token_ids == reference[0]
-    assert penalised not in proposed_for
-    assert sum(p is holding for p in proposed_for) > 0  # once its min_tokens were out
-    assert len(outs["p1"].outputs[0].token_ids) == 12
+    (want,) = _generate(engine, [PROMPTS[1]], params)
+    with _speculating(engine, _Eos()) as stats:
+        (got,) = _generate(engine, [PROMPTS[1]], params)
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert eos not in got.outputs[0].token_ids and len(got.outputs[0].token_ids) == 8
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == 0
 
 
 def test_metrics_export_the_speculation_counters():
