@@ -388,3 +388,54 @@ def test_a_requests_first_token_is_never_speculated(tiny_llm):
     assert [len(s.token_ids) for s in out.outputs] == [6, 6, 6]
     assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
     assert stats.num_draft_tokens > 0
+
+
+def _chi_square_quantile_999(df: int) -> float:
+    """Wilson-Hilferty: the 0.999 quantile of chi-square with ``df`` degrees of freedom."""
+    z = 3.0902
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_sampled_tokens_through_the_engine_keep_their_distribution(tiny_llm):
+    """Many seeded requests, each with one draft at its second token (the
+    greedy continuation: often likely, sometimes not): the (first, second)
+    token pairs with and without drafts are one distribution (chi-square
+    test of homogeneity at 0.999)."""
+    from collections import Counter
+
+    engine = tiny_llm.llm_engine
+    prompt = PROMPTS[1]
+    (greedy,) = _generate(engine, [prompt], SamplingParams(max_tokens=3, temperature=0.0,
+                                                           ignore_eos=True))
+    answers = {tuple(prompt): greedy.outputs[0].token_ids}
+    num = 1500
+
+    def pairs(seed0: int) -> Counter:
+        params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=seed0 + i,
+                                 ignore_eos=True) for i in range(num)]
+        for i, p in enumerate(params):
+            engine.add_request(f"s{i}", prompt, p)
+        got = Counter()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    got[tuple(out.outputs[0].token_ids[:2])] += 1
+        return got
+
+    plain = pairs(0)
+    with _speculating(engine, _Scripted(answers, True, k=1)) as stats:
+        drafted = pairs(10**6)
+    assert stats.num_draft_tokens == num and 0 < stats.num_accepted_tokens < num
+    # Categories with enough draws in both; the rest pooled into one.
+    keys = sorted(set(plain) | set(drafted), key=lambda k: -(plain[k] + drafted[k]))
+    big = [k for k in keys if plain[k] + drafted[k] >= 20]
+    rows = [[plain[k], drafted[k]] for k in big]
+    rest = [num - sum(r[0] for r in rows), num - sum(r[1] for r in rows)]
+    if sum(rest) > 0:
+        rows.append(rest)
+    stat = 0.0
+    for a, b in rows:
+        expected = (a + b) / 2
+        stat += (a - expected) ** 2 / expected + (b - expected) ** 2 / expected
+    assert len(rows) >= 4
+    assert stat < _chi_square_quantile_999(len(rows) - 1), (stat, rows)
