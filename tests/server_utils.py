@@ -138,3 +138,11 @@ class ScriptedEngine:
             if done:
                 del self.requests[rid]
         return outputs
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    """One gauge or counter of ``server``'s /metrics (its one label set)."""
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)

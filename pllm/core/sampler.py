@@ -248,24 +248,36 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> SampleResult:
     if md.all_greedy:
         # Widening to fp32 changes no order: only the ids cross to the host.
         return SampleResult(logits.argmax(-1).tolist(), [None] * md.num_rows)
+    logits = _adjusted(logits, md)
+    tokens = logits.argmax(-1)
+    if md.any_random:
+        tokens = torch.where(md.greedy, tokens, _draw(_filter(logits, md), md))
+    return SampleResult(tokens.tolist(), _row_logprobs(logits, tokens, md))
+
+
+def _adjusted(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """fp32 logits with the penalties and the min_tokens bans applied (what
+    logprobs are taken from, before temperature)."""
     logits = logits.float()
     if md.penalties is not None:
         logits = _apply_penalties(logits, md.penalties)
     if md.banned is not None:
         logits = logits.index_put(md.banned, torch.tensor(float("-inf"), device=logits.device))
-    tokens = logits.argmax(-1)
-    if md.any_random:
-        tokens = torch.where(md.greedy, tokens, _draw(_filter(logits, md), md))
-    token_list = tokens.tolist()
+    return logits
+
+
+def _row_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                  md: SamplingMetadata) -> list[dict[int, Logprob] | None]:
+    """Per row, the logprobs of ``tokens[row]`` and the top ones, where the row asked for them."""
     logprobs: list[dict[int, Logprob] | None] = [None] * md.num_rows
-    rows = [i for i, k in enumerate(md.num_logprobs) if k is not None]
+    rows = [i for i, k in enumerate(md.num_logprobs or []) if k is not None]
     if rows:
         index = torch.tensor(rows, device=logits.device)
         found = top_logprobs(logits[index].log_softmax(-1), tokens[index],
                              [md.num_logprobs[i] for i in rows])
         for i, entry in zip(rows, found):
             logprobs[i] = entry
-    return SampleResult(token_list, logprobs)
+    return logprobs
 
 
 def top_logprobs(logp: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> list[dict[int, Logprob]]:
@@ -321,11 +333,7 @@ def verify(logits: torch.Tensor, md: SamplingMetadata, drafts: list[int]) -> Sam
     draft = torch.tensor(drafts, dtype=torch.long).to(device)
     has_draft = draft >= 0
     safe = draft.clamp(min=0).unsqueeze(1)
-    logits = logits.float()
-    if md.penalties is not None:
-        logits = _apply_penalties(logits, md.penalties)
-    if md.banned is not None:
-        logits = logits.index_put(md.banned, torch.tensor(float("-inf"), device=logits.device))
+    logits = _adjusted(logits, md)
     argmax = logits.argmax(-1)
     accepted = has_draft & (argmax == draft)
     tokens = argmax
@@ -340,12 +348,5 @@ def verify(logits: torch.Tensor, md: SamplingMetadata, drafts: list[int]) -> Sam
         tokens = torch.where(md.greedy, argmax, _draw(residual, md))
         accepted = torch.where(md.greedy, accepted, random_accept)
     emitted = torch.where(accepted, draft, tokens)
-    logprobs: list[dict[int, Logprob] | None] = [None] * md.num_rows
-    rows = [i for i, k in enumerate(md.num_logprobs or []) if k is not None]
-    if rows:
-        index = torch.tensor(rows, device=device)
-        found = top_logprobs(logits[index].log_softmax(-1), emitted[index],
-                             [md.num_logprobs[i] for i in rows])
-        for i, entry in zip(rows, found):
-            logprobs[i] = entry
-    return SampleResult(tokens.tolist(), logprobs, accepted=accepted.tolist())
+    return SampleResult(tokens.tolist(), _row_logprobs(logits, emitted, md),
+                        accepted=accepted.tolist())

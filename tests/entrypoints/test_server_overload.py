@@ -14,7 +14,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-from server_utils import ServerProcess  # noqa: E402
+from server_utils import ServerProcess, metric  # noqa: E402
 
 BLOCK_SIZE = 16
 CAPACITY_TOKENS = 512  # 2 layers x 2 KV heads x 16 dims x fp32 x K and V = 512 B a token
@@ -36,17 +36,10 @@ def tiny_server(tiny_model_dir):
         proc.cleanup()
 
 
-def _metric(server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
-
-
 @pytest.mark.slow
 def test_four_times_the_cache_in_streams_all_finish_and_health_stays_fast(tiny_server):
     url = f"{tiny_server.url}/v1/completions"
-    preemptions_before = _metric(tiny_server, "pllm:num_preemptions")
+    preemptions_before = metric(tiny_server, "pllm:num_preemptions")
     health: list[float] = []
     done = threading.Event()
 
@@ -85,8 +78,8 @@ def test_four_times_the_cache_in_streams_all_finish_and_health_stays_fast(tiny_s
         poller.join(30)
     assert [finish for _, finish in results] == ["length"] * NUM_STREAMS
     assert all(n >= 1 for n, _ in results)
-    assert _metric(tiny_server, "pllm:num_preemptions") > preemptions_before
-    generated = _metric(tiny_server, "pllm:generation_tokens_total")
+    assert metric(tiny_server, "pllm:num_preemptions") > preemptions_before
+    generated = metric(tiny_server, "pllm:generation_tokens_total")
     assert generated >= NUM_STREAMS * MAX_TOKENS
     assert len(health) > 10
     print(f"/health under overload: {len(health)} polls, median "

@@ -11,7 +11,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-from server_utils import ServerProcess  # noqa: E402
+from server_utils import ServerProcess, metric  # noqa: E402
 
 from pllm import SamplingParams  # noqa: E402
 
@@ -32,13 +32,6 @@ def spec_server(tiny_model_dir):
     finally:
         proc.kill()
         proc.cleanup()
-
-
-def _metric(server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 @pytest.mark.slow
@@ -64,5 +57,5 @@ def test_speculating_server_streams_the_offline_greedy_text(spec_server, tiny_ll
                     most_tokens_in_a_chunk = max(most_tokens_in_a_chunk, tokens)
         assert "".join(pieces) == want
     assert most_tokens_in_a_chunk > 1  # an accepted draft arrives with its step's other tokens
-    assert _metric(spec_server, "pllm:spec_decode_num_accepted_tokens") > 0
-    assert 0 < _metric(spec_server, "pllm:spec_decode_acceptance_rate") <= 1
+    assert metric(spec_server, "pllm:spec_decode_num_accepted_tokens") > 0
+    assert 0 < metric(spec_server, "pllm:spec_decode_acceptance_rate") <= 1

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from parity import hf_greedy
+from parity import check_top5, hf_greedy
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pllm import LLM, SamplingParams
@@ -111,14 +111,7 @@ def test_speculation_under_two_ranks_matches_transformers(tp_engine):
         outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         sched.proposer = None
-    for i, (out, exp, ref) in enumerate(zip(outs, expected, hf_logprobs)):
-        assert out.outputs[0].token_ids == exp, f"prompt {i}"
-        for step, top in enumerate(out.outputs[0].logprobs):
-            ids = sorted(top, key=lambda t: top[t].logprob, reverse=True)[:5]
-            ref_vals, ref_ids = ref[step].topk(5)
-            assert ids == ref_ids.tolist(), f"prompt {i}, step {step}"
-            got = torch.tensor([top[t].logprob for t in ids])
-            torch.testing.assert_close(got, ref_vals, atol=1e-4, rtol=0)
+    check_top5(outs, expected, hf_logprobs)
     assert sched.spec_stats.num_accepted_tokens > 0, sched.spec_stats
     stats = llm.llm_engine.get_stats()
     assert stats.num_free_blocks == stats.num_total_blocks, stats
