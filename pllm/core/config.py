@@ -147,42 +147,58 @@ class DeviceConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (vLLM's ``speculative_config`` keys): a proposer
     guesses ``num_speculative_tokens`` tokens per decoding sequence and the
-    step checks them all in one forward pass. ``ngram``: prompt lookup, the
-    longest suffix of the sequence (``prompt_lookup_max`` down to
-    ``prompt_lookup_min`` tokens) found earlier in its prompt or output
-    proposes what followed it there (as in vLLM, one bound given sets both;
-    neither: 5)."""
+    step checks them all in one forward pass.
+
+    ``ngram``: prompt lookup, the longest suffix of the sequence
+    (``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens) found
+    earlier in its prompt or output proposes what followed it there (as in
+    vLLM, one bound given sets both; neither: 5).
+
+    ``draft_model``: ``model`` (a folder or .gguf file, with the target's
+    vocabulary) runs on the same platform, with the same dtype and tensor
+    parallelism, and proposes its greedy continuation; its K/V live in a
+    cache of its own that shares the target's block tables."""
 
     method: str = "ngram"
     num_speculative_tokens: int | None = None  # required
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
+    model: str | None = None  # draft_model's
 
     def __post_init__(self) -> None:
-        if self.method == "draft_model":
-            raise ValueError("speculative method 'draft_model' is not supported yet; "
-                             f"supported: {', '.join(SPECULATIVE_METHODS)}")
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative method {self.method!r} is not one of "
                              f"{', '.join(SPECULATIVE_METHODS)}")
         if self.num_speculative_tokens is None:
             raise ValueError("speculative_config needs num_speculative_tokens")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
+        if self.method == "draft_model":
+            if not self.model:
+                raise ValueError("speculative method 'draft_model' needs model: the draft "
+                                 "model's folder or .gguf file")
+            for key in ("prompt_lookup_min", "prompt_lookup_max"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"speculative_config: {key} is the ngram method's, not "
+                                     f"draft_model's")
+            return
+        if self.model is not None:
+            raise ValueError("speculative_config: model is the draft_model method's; the ngram "
+                             "method looks up the request's own tokens")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if lo is None and hi is None:
             lo = hi = 5
         lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
         object.__setattr__(self, "prompt_lookup_min", lo)
         object.__setattr__(self, "prompt_lookup_max", hi)
-        if self.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got "
-                             f"{self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
@@ -201,8 +217,6 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config is not JSON: {exc}") from None
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
-        if value.get("method") == "draft_model":
-            cls(method="draft_model")  # says it is not supported yet
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
@@ -211,6 +225,11 @@ class SpeculativeConfig:
         for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             if key in value and (not isinstance(value[key], int) or isinstance(value[key], bool)):
                 raise ValueError(f"speculative_config: {key} must be an integer, got {value[key]!r}")
+        if "method" not in value and value.get("model") is not None:
+            value = {**value, "method": "draft_model"}  # vLLM: a model and no method is a draft
+        for key in ("method", "model"):
+            if key in value and not isinstance(value[key], str):
+                raise ValueError(f"speculative_config: {key} must be a string, got {value[key]!r}")
         return cls(**value)
 
 

@@ -75,6 +75,11 @@ class LLMEngine:
         self.loaded = loaded or load_model(mc.model, tokenizer=mc.tokenizer, chat_template=mc.chat_template)
         # Every "decide for me" value decided once, against platform and model.
         info = describe_model(self.loaded.hf_config, config.parallel.tensor_parallel_size)
+        if config.speculative is not None and config.speculative.method == "draft_model":
+            from pllm.core.draft import check_draft_model
+
+            check_draft_model(self.loaded, load_model(config.speculative.model),
+                              config.parallel.tensor_parallel_size)
         self.config = config = resolve_config(config, self.platform, info)
         self.platform.setup_process(config, 0)
         torch.manual_seed(mc.seed)

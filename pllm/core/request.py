@@ -58,6 +58,9 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
+    # Speculative decoding with a draft model: how many of token_ids have
+    # K/V in the draft model's cache (at most num_computed_tokens).
+    num_draft_computed: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of full blocks, in order
     num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
@@ -96,6 +99,7 @@ class Sequence:
             request=self.request, index=index, token_ids=list(self.token_ids),
             num_prompt_tokens=self.num_prompt_tokens, seed=sample_seed(self.request.params, index),
             status=self.status, num_computed_tokens=self.num_computed_tokens,
+            num_draft_computed=self.num_draft_computed,
             block_ids=list(self.block_ids), block_hashes=list(self.block_hashes),
             num_cached_blocks=self.num_cached_blocks, text=self.text,
             cumulative_logprob=self.cumulative_logprob,

@@ -21,6 +21,7 @@ platform's ``graph_break`` cuts the work into those three programs, and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class RunnerOutput:
     # logprobs entry per position, of the token it emits).
     verdicts: dict[int, tuple[list[bool], list[int], list[LogprobsDict | None]]] = field(
         default_factory=dict)
+    # seq_id -> the drafts a draft model proposed in the step (the
+    # scheduled placeholders' tokens).
+    drafts: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +135,10 @@ class ModelRunner:
         # Called with each step's inputs before the forward (tensor parallelism:
         # hands them to the other ranks); None: one rank.
         self.on_step: Callable[[StepInputs], None] | None = None
+        # Speculative decoding's draft model (pllm.core.draft.DraftRunner), and
+        # what hands its plan to the other ranks; None: no draft model.
+        self.drafter = None
+        self.on_draft: Callable[[object], None] | None = None
 
     def prepare(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], StepInputs]:
         """The step's sequences in batch order (decodes, one new token each,
@@ -258,12 +266,22 @@ class ModelRunner:
     @_autograd_off
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Rank 0's step: forward, LM head, then sampling on the device; only
-        token ids (and requested logprobs) come back to the host."""
+        token ids (and requested logprobs) come back to the host. With a draft
+        model, it proposes the step's drafts first."""
+        drafts: dict[int, list[int]] = {}
+        if self.drafter is not None and sched.scheduled:
+            plan = self.drafter.plan(sched)
+            if self.on_draft is not None:
+                self.on_draft(plan)
+            drafts = self.drafter.propose(plan)
+            sched = dataclasses.replace(sched, scheduled=[
+                dataclasses.replace(item, draft=drafts[item.seq.seq_id])
+                if item.seq.seq_id in drafts else item for item in sched.scheduled])
         batch, inputs = self.prepare(sched)
         if self.on_step is not None:
             self.on_step(inputs)
         logits, prompt_logits = self.logits(self.forward(inputs), inputs)
-        out = RunnerOutput()
+        out = RunnerOutput(drafts=drafts)
         rows: list[int] = []
         speculating: list[tuple[ScheduledSeq, int]] = []  # (item, its first logits row)
         row = 0

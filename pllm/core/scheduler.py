@@ -13,7 +13,7 @@ progress, sampled tokens, forks, stops, finished requests freed.
 
 Who writes each field of a request's state (nothing else does)::
 
-    Scheduler     Sequence.status, num_computed_tokens, token_ids, stop_reason,
+    Scheduler     Sequence.status, num_computed_tokens, num_draft_computed, token_ids, stop_reason,
                   logprobs, cumulative_logprob; Request.metrics, prompt_logprobs,
                   num_cached_tokens, forked; the waiting/running queues
     KVCacheManager  Sequence.block_ids, block_hashes, num_cached_blocks
@@ -33,7 +33,12 @@ from pllm.core.detokenizer import Detokenizer, visible_text
 from pllm.core.kv_cache.manager import KVCacheManager
 from pllm.core.outputs import LogprobsDict, RequestOutput
 from pllm.core.request import Request, Sequence, SequenceStatus, sample_seed
-from pllm.core.spec_decode import SpecDecodeStats, accepted_tokens, can_speculate
+from pllm.core.spec_decode import (
+    DraftModelProposer,
+    SpecDecodeStats,
+    accepted_tokens,
+    can_speculate,
+)
 from pllm.core.stop import length_stop, text_stop, token_stop
 
 if TYPE_CHECKING:
@@ -49,6 +54,8 @@ class ScheduledSeq:
     forks: list[Sequence] = field(default_factory=list)
     # Speculative decoding: tokens proposed after the sequence's last one,
     # computed in this step after it (counted in num_new_tokens) and verified.
+    # A draft model's are placeholders (DRAFT_PENDING) until the step's
+    # workers propose them (RunnerOutput.drafts).
     draft: list[int] = field(default_factory=list)
 
     @property
@@ -230,6 +237,14 @@ class Scheduler:
         out.block_copies = self.kv.take_pending_copies()
         return out
 
+    def _cacheable(self, seq: Sequence) -> int:
+        """The tokens whose K/V the prefix cache may hold: with a draft model
+        (whose K/V share the blocks, ``pllm.core.draft``), only those both
+        models computed, as a hit stands for both caches."""
+        if isinstance(self.proposer, DraftModelProposer):
+            return min(seq.num_computed_tokens, seq.num_draft_computed)
+        return seq.num_computed_tokens
+
     def _propose(self, seq: Sequence, budget: int) -> list[int]:
         """Drafts for a decoding sequence (none without a proposer, or where
         they could not all be kept: past the budget, max_tokens or the context)."""
@@ -260,6 +275,7 @@ class Scheduler:
             if not self.kv.allocate_slots(seq, num_new, cached):
                 break
             seq.num_computed_tokens += num_cached_tokens
+            seq.num_draft_computed = seq.num_computed_tokens  # a cached block holds both models' K/V
             if seq.status is SequenceStatus.WAITING and seq.request.metrics.first_scheduled_time is None:
                 self.kv.pool.record_query(seq.num_tokens, num_cached_tokens)
                 seq.request.num_cached_tokens = num_cached_tokens
@@ -297,9 +313,10 @@ class Scheduler:
             if seq.seq_id in result.prompt_logprobs:
                 self._add_prompt_logprobs(seq, result.prompt_logprobs[seq.seq_id])
             seq.num_computed_tokens += item.num_new_tokens - len(item.draft)
-            self.kv.cache_computed_blocks(seq)
+            seq.num_draft_computed = seq.num_computed_tokens  # a draft model ran the same tokens
+            self.kv.cache_computed_blocks(seq, self._cacheable(seq))
             for child in item.forks:  # share the prompt's blocks from now on
-                child.num_computed_tokens = seq.num_computed_tokens
+                child.num_computed_tokens = child.num_draft_computed = seq.num_computed_tokens
                 child.status = SequenceStatus.RUNNING
                 self.kv.share_blocks(child, seq)
                 seq.request.seqs.append(child)
@@ -308,7 +325,8 @@ class Scheduler:
                 seq.request.forked = True
         now = time.time()
         touched: dict[str, Request] = {}
-        drafts = {item.seq.seq_id: item.draft for item in sched.scheduled if item.draft}
+        drafts = {item.seq.seq_id: result.drafts.get(item.seq.seq_id, item.draft)
+                  for item in sched.scheduled if item.draft}
         if drafts:
             self.spec_stats.num_steps += 1
         for seq, token, logprobs in zip(result.sampled, result.token_ids, result.logprobs):
@@ -365,9 +383,14 @@ class Scheduler:
         """A speculating sequence's step: the drafts it keeps and the token
         after them, appended one by one with every stop check (nothing past a
         stop is kept); each kept draft's K/V was computed in the step. Then
-        the lookahead blocks past the computed tokens go back to the pool."""
+        the lookahead blocks past the computed tokens go back to the pool.
+
+        A draft model computed its own K/V for the last token and every draft
+        but the last (the inputs of its passes): it has those of the tokens
+        kept, but for a last draft that was kept."""
         accepted, alternatives, logprobs = verdict
         kept = accepted_tokens(draft, accepted, alternatives)
+        drafted_to = seq.num_draft_computed + len(draft) - 1
         stats = self.spec_stats
         stats.num_proposals += 1
         stats.num_draft_tokens += len(draft)
@@ -379,7 +402,8 @@ class Scheduler:
             stats.num_emitted_tokens += 1
             if seq.is_finished:
                 return
-        self.kv.cache_computed_blocks(seq)
+        seq.num_draft_computed = min(seq.num_computed_tokens, drafted_to)
+        self.kv.cache_computed_blocks(seq, self._cacheable(seq))
         self.kv.trim(seq)
 
     def _add_prompt_logprobs(self, seq: Sequence, entries: list[LogprobsDict]) -> None:

@@ -70,11 +70,30 @@ class NgramProposer:
         return ngram_propose(seq.token_ids, self.min_n, self.max_n, k)
 
 
+# A draft the draft model has yet to propose (a ScheduledSeq's placeholder).
+DRAFT_PENDING = -1
+
+
+class DraftModelProposer:
+    """The scheduler's side of the draft_model method: every decoding
+    sequence gets ``k`` lookahead slots (fewer near its limits) and as many
+    placeholders; the draft model proposes the tokens inside the step, on
+    the workers, before the verify pass (``pllm.core.draft``)."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.k = config.num_speculative_tokens
+
+    def propose(self, seq: Sequence, max_drafts: int) -> list[int]:
+        return [DRAFT_PENDING] * max(min(self.k, max_drafts), 0)
+
+
 def make_proposer(config: SpeculativeConfig | None):
     if config is None:
         return None
     if config.method == "ngram":
         return NgramProposer(config)
+    if config.method == "draft_model":
+        return DraftModelProposer(config)
     raise ValueError(f"no proposer for speculative method {config.method!r}")
 
 

@@ -49,15 +49,43 @@ class Worker:
                         time.perf_counter() - t0)
         self.backend = platform.make_attention_backend()
         self.runner: ModelRunner | None = None
+        self.draft_model, self.draft_info = None, None
+        spec = config.speculative
+        if spec is not None and spec.method == "draft_model":
+            self._load_draft(spec.model)
+
+    def _load_draft(self, path: str) -> None:
+        """Speculative decoding's draft model: this rank's shard of it, as
+        the target's (``pllm.core.draft``)."""
+        from pllm.loader import load_model
+        from pllm.models import build_model, describe_model
+
+        config, platform = self.config, self.platform
+        t0 = time.perf_counter()
+        loaded = load_model(path)
+        self.draft_info = describe_model(loaded.hf_config, self.tp.size)
+        self.draft_model = build_model(
+            loaded.hf_config, loaded.weights(), max_model_len=config.model.max_model_len,
+            dtype=config.model.torch_dtype, device=self.device, tp=self.tp,
+            kv_cache_dtype=config.cache.torch_cache_dtype,
+            prepare=lambda model: platform.prepare_model(model, config),
+        )
+        if self.tp.rank == 0:
+            logger.info("loaded draft model %s in %.1fs", loaded.name, time.perf_counter() - t0)
 
     def bytes_per_block(self) -> int:
-        info, cache = self.info, self.config.cache
+        """A block's bytes on this rank: the target's K/V of its tokens, and
+        the draft model's where there is one (it shares the block tables)."""
+        cache = self.config.cache
         elem = cache.torch_cache_dtype.itemsize
-        return 2 * cache.block_size * info.num_kv_heads * info.head_dim * elem * info.num_layers
+        infos = [self.info] + ([self.draft_info] if self.draft_info is not None else [])
+        return sum(2 * cache.block_size * info.num_kv_heads * info.head_dim * elem * info.num_layers
+                   for info in infos)
 
-    def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+    def _cache_shape(self, num_blocks: int, info=None) -> tuple[int, ...]:
+        info = info or self.info
         return self.backend.kv_cache_shape(num_blocks, self.config.cache.block_size,
-                                           self.info.num_kv_heads, self.info.head_dim)
+                                           info.num_kv_heads, info.head_dim)
 
     @torch.inference_mode()
     def profile_run(self) -> int:
@@ -125,6 +153,15 @@ class Worker:
         self.runner = ModelRunner(self.model, self.backend, caches, config, self.device,
                                   platform.capabilities, decode_runner,
                                   graph_break=platform.graph_break)
+        if self.draft_model is not None:
+            from pllm.core.draft import DraftRunner
+
+            info = self.draft_info
+            draft_caches = allocator.allocate(info.num_layers, self._cache_shape(num_blocks, info),
+                                              config.cache.torch_cache_dtype, self.device)
+            self.runner.drafter = DraftRunner(ModelRunner(
+                self.draft_model, platform.make_attention_backend(), draft_caches, config,
+                self.device, platform.capabilities, graph_break=platform.graph_break))
         if platform.capabilities.static_shapes:
             self.warm_up()
 
@@ -151,3 +188,7 @@ class Worker:
         """A step rank 0 prepared (tensor-parallel ranks other than 0): the
         forward and the LM head, whose collectives pair with rank 0's."""
         self.runner.logits(self.runner.forward(inputs), inputs)
+
+    def execute_draft(self, plan) -> None:
+        """The draft model's passes of a step rank 0 planned (ranks other than 0)."""
+        self.runner.drafter.propose(plan)

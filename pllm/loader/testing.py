@@ -83,6 +83,28 @@ def make_tiny_model(
     return folder
 
 
+def make_draft_copy(target: str | os.PathLike, folder: str | os.PathLike, *, noise: float,
+                    seed: int = 0) -> str:
+    """A draft model for speculative decoding tests: ``target`` (a folder
+    :func:`make_tiny_model` wrote) with Gaussian noise of ``noise`` times
+    each weight's standard deviation added, and its tokenizer. Small noise
+    gives a draft that agrees with its target often but not always; 0 a
+    draft that always agrees. Returns ``folder``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() > 1:
+                param.add_(torch.randn(param.shape, generator=gen) * param.std() * noise)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(target)).save_pretrained(folder)
+    return folder
+
+
 def make_tiny_tokenizer():
     """A byte-level BPE fast tokenizer (about 300 tokens) with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -43,6 +43,8 @@ def test_speculative_config_is_vllms_json_and_bad_values_name_the_problem():
                                       '"prompt_lookup_max": 4}')
     assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (3, 4, 4)
     assert SpeculativeConfig.from_dict({"num_speculative_tokens": 2}).prompt_lookup_max == 5
+    draft = SpeculativeConfig.from_dict({"model": "small", "num_speculative_tokens": 3})
+    assert (draft.method, draft.model, draft.prompt_lookup_max) == ("draft_model", "small", None)
     for bad, message in [
         ({}, "needs num_speculative_tokens"),
         ({"num_speculative_tokens": 0}, ">= 1"),
@@ -51,7 +53,11 @@ def test_speculative_config_is_vllms_json_and_bad_values_name_the_problem():
          "prompt_lookup_min <= prompt_lookup_max"),
         ({"num_speculative_tokens": 2, "colour": 1}, "unknown key"),
         ({"method": "eagle", "num_speculative_tokens": 2}, "not one of ngram"),
-        ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "not supported yet"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "needs model"),
+        ({"method": "draft_model", "model": "d", "num_speculative_tokens": 2,
+          "prompt_lookup_max": 3}, "ngram method's"),
+        ({"method": "ngram", "model": "d", "num_speculative_tokens": 2}, "draft_model method's"),
+        ({"model": 7, "num_speculative_tokens": 2}, "model must be a string"),
         ("{oops", "not JSON"),
     ]:
         with pytest.raises(ValueError, match=message):

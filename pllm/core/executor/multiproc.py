@@ -7,12 +7,13 @@ meet in the communicator's collectives inside the forward and the LM head
 (``pllm.models.parallel``); only rank 0 samples. Control messages on the
 pipes are ``(kind, payload)`` pairs::
 
-    rank 0 -> rank r    "available_blocks"  "allocate" n  "step" inputs  "stop"
+    rank 0 -> rank r    "available_blocks"  "allocate" n  "draft" plan  "step" inputs  "stop"
     rank r -> rank 0    "ready"  "available_blocks" n  "allocate"  "error" traceback
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -122,7 +123,8 @@ class MultiprocExecutor:
         self.worker.allocate_kv_cache(num_blocks)
         for i in range(len(self._conns)):
             self._recv(i, "allocate")
-        self.worker.runner.on_step = self._broadcast
+        self.worker.runner.on_step = functools.partial(self._broadcast, "step")
+        self.worker.runner.on_draft = functools.partial(self._broadcast, "draft")
         return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -148,8 +150,8 @@ class MultiprocExecutor:
         with self._send_lock:
             _send(conn, kind, payload)
 
-    def _broadcast(self, inputs: StepInputs) -> None:
-        data = pickle.dumps(("step", inputs), protocol=pickle.HIGHEST_PROTOCOL)
+    def _broadcast(self, kind: str, inputs: StepInputs) -> None:
+        data = pickle.dumps((kind, inputs), protocol=pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
             for conn in self._conns:
                 conn.send_bytes(data)
@@ -280,6 +282,8 @@ def _worker_main(rank: int, config: EngineConfig, platform_cls: type[Platform], 
             kind, payload = pickle.loads(conn.recv_bytes())
             if kind == "step":
                 worker.execute_inputs(payload)
+            elif kind == "draft":
+                worker.execute_draft(payload)
             elif kind == "available_blocks":
                 _send(conn, kind, worker.available_blocks())
             elif kind == "allocate":

@@ -109,12 +109,15 @@ class KVCacheManager:
         child.num_cached_blocks = parent.num_cached_blocks
         self.pool.touch(child.block_ids)
 
-    def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Register the sequence's full blocks whose K/V are all computed."""
+    def cache_computed_blocks(self, seq: Sequence, num_computed: int | None = None) -> None:
+        """Register the sequence's full blocks whose K/V are all computed
+        (in its first ``num_computed`` tokens; None: ``num_computed_tokens``)."""
         if not self.enable_prefix_caching:
             return
         self._update_hashes(seq)
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+        if num_computed is None:
+            num_computed = seq.num_computed_tokens
+        num_full = min(num_computed // self.block_size, len(seq.block_hashes))
         for i in range(seq.num_cached_blocks, num_full):
             self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
         seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)

@@ -77,3 +77,29 @@ def test_speculation_over_an_8bit_cache_gives_its_greedy_tokens(tiny_model_dir, 
         assert sched.spec_stats.num_accepted_tokens > 0
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_a_draft_model_on_the_cpu_gives_the_targets_greedy_tokens(cpu_llm, tiny_model_dir,
+                                                                 tmp_path_factory, kv_cache_dtype):
+    """The draft model's passes on the CPU's kernels (its catch-up chunks
+    and decode rows), its cache in the target's dtype, an 8-bit one too: a
+    draft that is the target keeps every draft."""
+    reference = _tokens(cpu_llm, PROMPTS)
+    if kv_cache_dtype != "auto":
+        with_fp8 = LLM(tiny_model_dir, device="cpu", kv_cache_memory="16MB", max_model_len=128,
+                       kv_cache_dtype=kv_cache_dtype)
+        try:
+            reference = _tokens(with_fp8, PROMPTS)
+        finally:
+            with_fp8.shutdown()
+    spec = {"method": "draft_model", "model": tiny_model_dir, "num_speculative_tokens": 3}
+    llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="16MB", max_model_len=128,
+              kv_cache_dtype=kv_cache_dtype, speculative_config=spec)
+    try:
+        assert _tokens(llm, PROMPTS) == reference
+        stats = llm.llm_engine.get_stats()
+        assert stats.spec_decode.acceptance_rate == 1.0, stats.spec_decode
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        llm.shutdown()

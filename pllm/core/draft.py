@@ -1,0 +1,147 @@
+"""Speculative decoding's draft model, on the workers.
+
+The draft model is a second, smaller model run by the same platform, in
+the same dtype and with the same tensor parallelism. Its K/V live in a cache
+of its own with as many blocks as the target's, and it shares the target's
+block tables: block ``b`` of a sequence holds the target's K/V of those
+tokens in one cache and the draft's in the other, so the KV manager's one
+allocation (prefix hits, copy-on-write, preemption) serves both models.
+
+Each step, before the target's pass, the draft model runs:
+
+1. **catch-up**: one pass over what every scheduled sequence has that the
+   draft's cache lacks, up to its last token (``Sequence.num_draft_computed``
+   onwards; a prefill chunk's tokens, a decode's one token, or two after a
+   step that kept all its drafts). For a speculating sequence the logits of
+   its last token give the first draft.
+2. **drafting**: ``k - 1`` passes of one decode row per speculating
+   sequence, each feeding the draft just proposed.
+
+Drafts are the draft model's argmax: a point mass, which the verify step
+checks exactly as it checks an n-gram draft (``sampler.verify``), whatever
+the request's temperature. Every rank runs the same passes (rank 0 sends the
+plan); the logits are gathered over the vocabulary on every rank, so each
+rank takes the same argmax and feeds the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pllm.core.runner import ModelRunner, StepInputs
+from pllm.core.scheduler import SchedulerOutput
+
+
+@dataclass
+class DraftPlan:
+    """One step's draft work: built by rank 0, sent to the other ranks."""
+
+    catch_up: StepInputs  # sample_rows: each speculating sequence's last token
+    seq_ids: list[int]  # the speculating sequences, in sample_rows' order
+    num_drafts: list[int]  # how many drafts each one gets
+    positions: list[int]  # the position of each one's last token
+    block_tables: list[list[int]]
+
+
+def flat_inputs(rows: list[tuple[list[int], int, list[int], bool]], block_size: int,
+                block_copies: list[tuple[int, int]] = ()) -> tuple[StepInputs, list[int]]:
+    """A flat batch of ``(token_ids, first position, block table, sampled)``
+    rows, single-token rows first (decodes); the logits of a sampled row's
+    last token are kept. Returns the inputs and the sampled rows' indices
+    into ``rows``, in their order in the batch."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) != 1)
+    input_ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+    sample_rows, sampled = [], []
+    for i in order:
+        tokens, lo, table, sample = rows[i]
+        input_ids += tokens
+        positions += range(lo, lo + len(tokens))
+        slots += (table[p // block_size] * block_size + p % block_size
+                  for p in range(lo, lo + len(tokens)))
+        starts.append(starts[-1] + len(tokens))
+        seq_lens.append(lo + len(tokens))
+        if sample:
+            sample_rows.append(starts[-1] - 1)
+            sampled.append(i)
+    width = max(len(rows[i][2]) for i in order)
+    tables = torch.zeros(len(rows), width, dtype=torch.int32)
+    for row, i in enumerate(order):
+        tables[row, : len(rows[i][2])] = torch.tensor(rows[i][2], dtype=torch.int32)
+    num_decodes = sum(1 for i in order if len(rows[i][0]) == 1)
+    return StepInputs(
+        input_ids=torch.tensor(input_ids, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=tables, query_start_loc=starts, seq_lens=seq_lens, num_decodes=num_decodes,
+        block_copies=list(block_copies), sample_rows=sample_rows,
+    ), sampled
+
+
+class DraftRunner:
+    """Proposes drafts with the draft model: ``runner`` is a ModelRunner over
+    the draft model and its own cache."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.block_size = runner.block_size
+
+    def plan(self, sched: SchedulerOutput) -> DraftPlan:
+        """The step's draft work (rank 0): every scheduled sequence catches
+        up to its last token; those with drafts to fill are sampled."""
+        rows, row_items = [], []
+        for item in sched.scheduled:
+            seq = item.seq
+            end = seq.num_computed_tokens + item.num_new_tokens - len(item.draft)
+            start = min(seq.num_draft_computed, end - 1)  # the draft never runs ahead
+            rows.append((seq.token_ids[start:end], start, seq.block_ids, bool(item.draft)))
+            row_items.append(item)
+        catch_up, sampled = flat_inputs(rows, self.block_size, sched.block_copies)
+        items = [row_items[i] for i in sampled]
+        return DraftPlan(
+            catch_up=catch_up, seq_ids=[item.seq.seq_id for item in items],
+            num_drafts=[len(item.draft) for item in items],
+            positions=[item.seq.num_computed_tokens + item.num_new_tokens - len(item.draft) - 1
+                       for item in items],
+            block_tables=[item.seq.block_ids for item in items],
+        )
+
+    def _greedy(self, inputs: StepInputs) -> list[int]:
+        hidden = self.runner.forward(inputs)
+        logits, _ = self.runner.logits(hidden, inputs)
+        return [] if logits is None else logits.argmax(-1).tolist()
+
+    def propose(self, plan: DraftPlan) -> dict[int, list[int]]:
+        """Run the plan (every rank); returns seq_id -> its drafts."""
+        drafts = [[token] for token in self._greedy(plan.catch_up)]
+        for step in range(1, max(plan.num_drafts, default=0)):
+            active = [i for i, k in enumerate(plan.num_drafts) if k > step]
+            rows = [([drafts[i][-1]], plan.positions[i] + step, plan.block_tables[i], True)
+                    for i in active]
+            inputs, order = flat_inputs(rows, self.block_size)
+            for i, token in zip(order, self._greedy(inputs)):
+                drafts[active[i]].append(token)
+        return dict(zip(plan.seq_ids, drafts))
+
+
+def check_draft_model(target, draft, tensor_parallel_size: int) -> None:
+    """A draft model the target can verify: the same vocabulary, token for
+    token, and heads that split over the ranks. ``target`` and ``draft`` are
+    loaded models (``pllm.loader.LoadedModel``); raises ``ValueError``."""
+    from pllm.models import describe_model
+
+    where = f"draft model {draft.path}"
+    try:
+        describe_model(draft.hf_config, tensor_parallel_size)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    sizes = target.hf_config.vocab_size, draft.hf_config.vocab_size
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"{where} has a vocabulary of {sizes[1]} tokens, the target "
+                         f"{sizes[0]}: a draft must share the target's tokenizer")
+    theirs = draft.tokenizer.get_vocab()
+    for token, token_id in sorted(target.tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if theirs.get(token) != token_id:
+            raise ValueError(f"{where} has another tokenizer: {token!r} is token {token_id} of "
+                             f"the target's and {theirs.get(token)} of the draft's")
