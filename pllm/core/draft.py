@@ -17,11 +17,14 @@ Each step, before the target's pass, the draft model runs:
 2. **drafting**: ``k - 1`` passes of one decode row per speculating
    sequence, each feeding the draft just proposed.
 
-Drafts are the draft model's argmax: a point mass, which the verify step
-checks exactly as it checks an n-gram draft (``sampler.verify``), whatever
-the request's temperature. Every rank runs the same passes (rank 0 sends the
-plan); the logits are gathered over the vocabulary on every rank, so each
-rank takes the same argmax and feeds the same tokens.
+A greedy request's drafts are the draft model's argmax; a sampled
+request's are drawn from ``q``, the draft's distribution after the
+request's temperature, top-k, top-p and min-p, and the verify step accepts
+each with ``min(1, p / q)`` and otherwise draws from the residual (``sampler.
+verify``). Every rank runs the same passes from rank 0's plan: the logits
+are gathered over the vocabulary on every rank, and each sampled sequence
+draws from a generator seeded by the plan (from the request's own stream
+when it has a seed), so every rank feeds the same tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pllm.core.request import Sequence
 from pllm.core.runner import ModelRunner, StepInputs
+from pllm.core.sampler import generator_for, sample_drafts
+from pllm.core.sampling_params import SamplingParams
 from pllm.core.scheduler import SchedulerOutput
 
 
@@ -43,6 +49,8 @@ class DraftPlan:
     num_drafts: list[int]  # how many drafts each one gets
     positions: list[int]  # the position of each one's last token
     block_tables: list[list[int]]
+    params: list[SamplingParams]  # each one's request's
+    seeds: list[int]  # of each one's draws this step
 
 
 def flat_inputs(rows: list[tuple[list[int], int, list[int], bool]], block_size: int,
@@ -105,24 +113,49 @@ class DraftRunner:
             positions=[item.seq.num_computed_tokens + item.num_new_tokens - len(item.draft) - 1
                        for item in items],
             block_tables=[item.seq.block_ids for item in items],
+            params=[item.seq.request.params for item in items],
+            seeds=[self._seed(item.seq) for item in items],
         )
 
-    def _greedy(self, inputs: StepInputs) -> list[int]:
-        hidden = self.runner.forward(inputs)
-        logits, _ = self.runner.logits(hidden, inputs)
-        return [] if logits is None else logits.argmax(-1).tolist()
+    def _seed(self, seq: Sequence) -> int:
+        """A seed for the sequence's draws this step: from its own stream
+        when the request has a seed (reproducible), else the global one."""
+        if seq.request.params.greedy:
+            return 0
+        gen = generator_for(seq, self.runner.device)
+        device = gen.device if gen is not None else "cpu"
+        return int(torch.randint(2**62, (), generator=gen, device=device))
 
-    def propose(self, plan: DraftPlan) -> dict[int, list[int]]:
-        """Run the plan (every rank); returns seq_id -> its drafts."""
-        drafts = [[token] for token in self._greedy(plan.catch_up)]
-        for step in range(1, max(plan.num_drafts, default=0)):
-            active = [i for i, k in enumerate(plan.num_drafts) if k > step]
-            rows = [([drafts[i][-1]], plan.positions[i] + step, plan.block_tables[i], True)
-                    for i in active]
-            inputs, order = flat_inputs(rows, self.block_size)
-            for i, token in zip(order, self._greedy(inputs)):
-                drafts[active[i]].append(token)
-        return dict(zip(plan.seq_ids, drafts))
+    def propose(self, plan: DraftPlan) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
+        """Run the plan (every rank). Returns seq_id -> its drafts, and for
+        the sampled sequences seq_id -> ``q`` ``[drafts, vocab]``, each
+        draft's distribution."""
+        n = len(plan.seq_ids)
+        drafts: list[list[int]] = [[] for _ in range(n)]
+        probs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        generators = [None] * n
+        inputs, active = plan.catch_up, list(range(n))
+        for step in range(max(plan.num_drafts, default=1)):  # the catch-up always runs
+            if step:
+                active = [i for i in active if plan.num_drafts[i] > step]
+                rows = [([drafts[i][-1]], plan.positions[i] + step, plan.block_tables[i], True)
+                        for i in active]
+                inputs, order = flat_inputs(rows, self.block_size)
+                active = [active[j] for j in order]
+            logits, _ = self.runner.logits(self.runner.forward(inputs), inputs)
+            if not active:
+                break
+            gens = [generators[i] for i in active]
+            tokens, q, gens = sample_drafts(
+                logits, [plan.params[i] for i in active], [plan.seeds[i] for i in active],
+                None if all(g is None for g in gens) else gens)
+            for j, (i, token) in enumerate(zip(active, tokens.tolist())):
+                drafts[i].append(token)
+                generators[i] = gens[j]
+                if q is not None and not plan.params[i].greedy:
+                    probs[i].append(q[j])
+        return (dict(zip(plan.seq_ids, drafts)),
+                {sid: torch.stack(rows) for sid, rows in zip(plan.seq_ids, probs) if rows})
 
 
 def check_draft_model(target, draft, tensor_parallel_size: int) -> None:

@@ -269,11 +269,12 @@ class ModelRunner:
         token ids (and requested logprobs) come back to the host. With a draft
         model, it proposes the step's drafts first."""
         drafts: dict[int, list[int]] = {}
+        draft_probs: dict[int, torch.Tensor] = {}
         if self.drafter is not None and sched.scheduled:
             plan = self.drafter.plan(sched)
             if self.on_draft is not None:
                 self.on_draft(plan)
-            drafts = self.drafter.propose(plan)
+            drafts, draft_probs = self.drafter.propose(plan)
             sched = dataclasses.replace(sched, scheduled=[
                 dataclasses.replace(item, draft=drafts[item.seq.seq_id])
                 if item.seq.seq_id in drafts else item for item in sched.scheduled])
@@ -297,7 +298,7 @@ class ModelRunner:
             rows += [row] * len(family)
             row += 1
         if speculating:
-            self._verify(logits, speculating, out)
+            self._verify(logits, speculating, out, draft_probs)
         if out.sampled:
             identity = rows == list(range(len(rows)))  # no forks: the logits rows are the sampling rows
             rows = self.pad_rows(rows)  # static shapes: sample a bucket of rows, keep the real ones
@@ -322,10 +323,12 @@ class ModelRunner:
         return out
 
     def _verify(self, logits: torch.Tensor, speculating: list[tuple[ScheduledSeq, int]],
-                out: RunnerOutput) -> None:
+                out: RunnerOutput, draft_probs: dict[int, torch.Tensor]) -> None:
         """Check the speculating sequences' drafts (``sampler.verify``), all in
         one batch, into ``out.verdicts``; when the batch raises, each sequence
-        alone, so that only those at fault (``out.errors``) lose the step."""
+        alone, so that only those at fault (``out.errors``) lose the step.
+        ``draft_probs``: seq_id -> the distribution each of its drafts was
+        drawn from (a draft model's sampled drafts; others are point masses)."""
         seqs, drafts, ahead, spec_rows, widths = [], [], [], [], []
         for item, first in speculating:
             width = 1 + len(item.draft)
@@ -337,9 +340,20 @@ class ModelRunner:
         spec_logits = logits.index_select(
             0, torch.tensor(spec_rows, dtype=torch.long).to(logits.device))
         vocab = logits.shape[1]
+        q = None
+        if draft_probs:  # one row per position; point masses (one-hot) where no q was drawn
+            q = torch.zeros(len(drafts), vocab, device=logits.device)
+            offset = 0
+            for (item, _), width in zip(speculating, widths):
+                rows = draft_probs.get(item.seq.seq_id)
+                if rows is not None:
+                    q[offset: offset + width - 1] = rows[:, :vocab]
+                else:
+                    q[torch.arange(offset, offset + width - 1), item.draft] = 1.0
+                offset += width
         try:
             md = SamplingMetadata.build(seqs, vocab, logits.device, ahead=ahead)
-            result = verify(spec_logits, md, drafts)
+            result = verify(spec_logits, md, drafts, q)
             parts = [result.accepted, result.token_ids, result.logprobs]
             offset = 0
             for (item, _), width in zip(speculating, widths):
@@ -352,7 +366,8 @@ class ModelRunner:
                 try:
                     md = SamplingMetadata.build([item.seq] * width, vocab, logits.device,
                                                 ahead=[item.draft[:j] for j in range(width)])
-                    one = verify(spec_logits[offset: offset + width], md, item.draft + [-1])
+                    one = verify(spec_logits[offset: offset + width], md, item.draft + [-1],
+                                 None if q is None else q[offset: offset + width])
                     out.verdicts[item.seq.seq_id] = (one.accepted[:-1], one.token_ids, one.logprobs)
                 except Exception as exc:  # noqa: BLE001 - this sequence's own failure
                     out.errors[item.seq.seq_id] = f"{type(exc).__name__}: {exc}"

@@ -21,6 +21,7 @@ import torch
 
 from pllm.core.outputs import Logprob
 from pllm.core.request import Sequence
+from pllm.core.sampling_params import SamplingParams
 
 
 @dataclass
@@ -85,7 +86,7 @@ class SamplingMetadata:
         md = cls(num_rows, all_greedy=False, any_random=not all(p.greedy for p in params),
                  greedy=torch.tensor([p.greedy for p in params] + [True] * pad).to(device, non_blocking=True),
                  temperature=floats([1.0 if p.greedy else p.temperature for p in params], 1.0),
-                 generators=[_generator(s, device) for s in seqs] + [None] * pad,
+                 generators=[generator_for(s, device) for s in seqs] + [None] * pad,
                  num_logprobs=[p.logprobs for p in params] + [None] * pad)
         every = static and md.any_random
         if every or any(p.top_k > 0 and not p.greedy for p in params):
@@ -156,7 +157,7 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.d
     return counts[:, :vocab_size]
 
 
-def _generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
+def generator_for(seq: Sequence, device: torch.device) -> torch.Generator | None:
     """A seeded sequence's own random stream, made on its first draw and kept
     on the sequence (its state is the stream's position): on the device, or
     on the host where the device has no generators (XLA); the draw then
@@ -311,24 +312,27 @@ def _uniform(md: SamplingMetadata, device: torch.device) -> torch.Tensor:
     return u.to(device)
 
 
-def verify(logits: torch.Tensor, md: SamplingMetadata, drafts: list[int]) -> SampleResult:
+def verify(logits: torch.Tensor, md: SamplingMetadata, drafts: list[int],
+           draft_probs: torch.Tensor | None = None) -> SampleResult:
     """Speculative decoding's check of one draft token per row
     (``pllm.core.spec_decode``): ``drafts[row]`` is the token proposed for
     the position the row scores, or -1 on a row without one (the bonus
     position after a sequence's last draft). Rows are the target model's
     logits, one sequence's positions consecutive, with the sequence's
-    sampling parameters repeated on each of them.
+    sampling parameters repeated on each of them. ``draft_probs``
+    ``[rows, vocab]``: the distribution ``q`` each draft was drawn from (a
+    draft model's); None: every draft is a point mass (``q = 1`` at it).
 
     Per row, ``accepted``: a greedy row accepts a draft equal to its argmax;
-    a random row accepts it with probability ``p(draft)`` (the draft is a
-    point mass, so ``min(1, p / q) = p``), ``p`` after temperature, top-k,
-    top-p and min-p. ``token_ids``: what the row gives when its draft is
-    rejected (the argmax, or a draw from the residual: ``p`` with the
-    draft's mass taken out, renormalised), or on a row without a draft its
-    plain sample. ``logprobs``: of the token the row emits, the draft when
-    accepted. Penalties and min_tokens bans apply as in :func:`sample`, each
-    row's from its own context: ``md`` built with ``ahead``, the drafts
-    before the row's position."""
+    a random row accepts it with probability ``min(1, p(draft) / q(draft))``,
+    ``p`` after temperature, top-k, top-p and min-p (for a point mass,
+    ``p(draft)``). ``token_ids``: what the row gives when its draft is
+    rejected (the argmax, or a draw from the normalised residual ``max(0, p
+    - q)``: for a point mass, ``p`` with the draft's mass taken out), or on
+    a row without a draft its plain sample. ``logprobs``: of the token the
+    row emits, the draft when accepted. Penalties and min_tokens bans apply
+    as in :func:`sample`, each row's from its own context: ``md`` built
+    with ``ahead``, the drafts before the row's position."""
     device = logits.device
     draft = torch.tensor(drafts, dtype=torch.long).to(device)
     has_draft = draft >= 0
@@ -339,14 +343,59 @@ def verify(logits: torch.Tensor, md: SamplingMetadata, drafts: list[int]) -> Sam
     tokens = argmax
     if md.any_random:
         filtered = _filter(logits, md)
-        p_draft = filtered.softmax(-1).gather(1, safe).squeeze(1)
-        random_accept = has_draft & (_uniform(md, device) < p_draft)
-        # The residual max(0, p - q) of a point mass q: p without the draft.
-        # Where p(draft) is 1 the draft is always accepted and the row's draw unused.
-        take_out = (has_draft & (p_draft < 1)).unsqueeze(1)
-        residual = torch.where(take_out, filtered.scatter(1, safe, float("-inf")), filtered)
+        p = filtered.softmax(-1)
+        p_draft = p.gather(1, safe).squeeze(1)
+        if draft_probs is None:
+            random_accept = has_draft & (_uniform(md, device) < p_draft)
+            # The residual max(0, p - q) of a point mass q: p without the draft.
+            # Where p(draft) is 1 the draft is always accepted and the row's draw unused.
+            take_out = (has_draft & (p_draft < 1)).unsqueeze(1)
+            residual = torch.where(take_out, filtered.scatter(1, safe, float("-inf")), filtered)
+        else:
+            q = draft_probs.to(device=device, dtype=p.dtype)
+            q_draft = q.gather(1, safe).squeeze(1)
+            # u < p / q, as u * q < p: a draft q never gives (q = 0) is never taken.
+            random_accept = has_draft & (_uniform(md, device) * q_draft < p_draft)
+            residual = (p - q).clamp(min=0)
+            mass = residual.sum(-1, keepdim=True)
+            # Where p <= q everywhere (p = q) every draft is accepted; the draw is unused.
+            use = has_draft.unsqueeze(1) & (mass > 0)
+            residual = torch.where(use, residual / mass.clamp(min=1e-30), p).log()
         tokens = torch.where(md.greedy, argmax, _draw(residual, md))
         accepted = torch.where(md.greedy, accepted, random_accept)
     emitted = torch.where(accepted, draft, tokens)
     return SampleResult(tokens.tolist(), _row_logprobs(logits, emitted, md),
                         accepted=accepted.tolist())
+
+
+def sample_drafts(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                  generators: list[torch.Generator | None] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Generator | None]]:
+    """A draft model's proposals, one per row of its ``logits``: the argmax
+    for a greedy request, otherwise a draw from ``q``, the row's
+    distribution after the request's temperature, top-k, top-p and min-p
+    (not its penalties: any ``q`` keeps :func:`verify` exact, a closer one
+    is accepted more often). Each row draws from a generator seeded with
+    ``seeds[row]`` (made here on the first call, then passed back in), so
+    every tensor-parallel rank draws the same tokens from the same logits.
+    Returns the tokens, ``q`` (None when every row is greedy) and the
+    generators."""
+    device = logits.device
+    if all(p.greedy for p in params):
+        return logits.argmax(-1), None, [None] * len(params)
+    if generators is None:
+        generators = [None if p.greedy else _seeded(seed, device) for p, seed in zip(params, seeds)]
+    vocab = logits.shape[1]
+    md = SamplingMetadata(
+        len(params), all_greedy=False, any_random=True,
+        greedy=torch.tensor([p.greedy for p in params]).to(device),
+        temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params]).to(device),
+        top_k=torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params],
+                           dtype=torch.long).to(device),
+        top_p=torch.tensor([p.top_p for p in params]).to(device),
+        min_p=torch.tensor([p.min_p for p in params]).to(device),
+        generators=generators)
+    logits = logits.float()
+    filtered = _filter(logits, md)
+    tokens = torch.where(md.greedy, logits.argmax(-1), _draw(filtered, md))
+    return tokens, filtered.softmax(-1), generators

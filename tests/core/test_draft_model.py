@@ -174,3 +174,50 @@ def test_a_block_is_cached_once_both_models_computed_it(tiny_model_dir, drafts):
         engine.abort_request("a")
     finally:
         llm.shutdown()
+
+
+def _chi_square_quantile_999(df: int) -> float:
+    """Wilson-Hilferty: the 0.999 quantile of chi-square with ``df`` degrees of freedom."""
+    z = 3.0902
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_sampled_drafts_keep_the_targets_distribution(tiny_llm, tiny_model_dir, drafts):
+    """Many seeded requests; with a draft model their second token is its
+    draw from ``q`` (the draft's top-4 at temperature 1), accepted with
+    min(1, p/q) or replaced from the residual max(0, p - q). The (first,
+    second) token pairs with and without the draft are one distribution
+    (chi-square test of homogeneity at 0.999); a residual that only took
+    the draft out, as for a point mass, fails it."""
+    from collections import Counter
+
+    num = 1500
+    prompt = PROMPTS[1]
+
+    def pairs(engine, seed0: int) -> Counter:
+        for i in range(num):
+            engine.add_request(f"s{i}", prompt, SamplingParams(
+                max_tokens=3, temperature=1.0, top_k=4, seed=seed0 + i, ignore_eos=True))
+        got = Counter()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    got[tuple(out.outputs[0].token_ids[:2])] += 1
+        return got
+
+    plain = pairs(tiny_llm.llm_engine, 0)
+    llm = _llm(tiny_model_dir, drafts["noisy"], k=1, max_num_seqs=256)
+    try:
+        drafted = pairs(llm.llm_engine, 10**6)
+        spec = llm.llm_engine.get_stats().spec_decode
+    finally:
+        llm.shutdown()
+    assert spec.num_draft_tokens == num and 0 < spec.num_accepted_tokens < num, spec
+    keys = sorted(set(plain) | set(drafted), key=lambda k: -(plain[k] + drafted[k]))
+    rows = [[plain[k], drafted[k]] for k in keys if plain[k] + drafted[k] >= 20]
+    rest = [num - sum(r[0] for r in rows), num - sum(r[1] for r in rows)]
+    if sum(rest) > 0:
+        rows.append(rest)
+    stat = sum((x - (a + b) / 2) ** 2 / ((a + b) / 2) for a, b in rows for x in (a, b))
+    assert len(rows) >= 4
+    assert stat < _chi_square_quantile_999(len(rows) - 1), (stat, rows)

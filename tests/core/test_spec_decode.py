@@ -445,3 +445,35 @@ def test_sampled_tokens_through_the_engine_keep_their_distribution(tiny_llm):
         stat += (a - expected) ** 2 / expected + (b - expected) ** 2 / expected
     assert len(rows) >= 4
     assert stat < _chi_square_quantile_999(len(rows) - 1), (stat, rows)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.8),
+])
+@pytest.mark.parametrize("q_logits", [
+    [2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0],  # q = p (before filtering)
+    [-1.0, 0.0, 2.5, 0.0, 1.0, -3.0, 0.5, 0.0],  # another ranking
+    [0.0, -9.0, -9.0, -9.0, -9.0, -9.0, -9.0, 3.0],  # q on two tokens, one of them p's least likely
+])
+def test_drafts_drawn_from_q_emit_the_targets_own_distribution(params, q_logits):
+    """A draft model's drafts: d ~ q, accepted with min(1, p(d)/q(d)), else
+    a draw from max(0, p - q) normalised. Over many rows the emitted tokens
+    are p itself; a residual of p with only the draft taken out, or an
+    acceptance of p(d) alone, fails this."""
+    torch.manual_seed(2)
+    vocab, rows = 8, 40_000
+    base = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0])
+    logits = base.expand(rows, vocab).contiguous()
+    seqs = [_Seq(params)] * rows
+    md = SamplingMetadata.build(seqs, vocab, torch.device("cpu"))
+    want = _filter(base[None], SamplingMetadata.build(seqs[:1], vocab, torch.device("cpu"))).softmax(-1)[0]
+    q = torch.tensor(q_logits).softmax(-1)
+    drafts = torch.multinomial(q, rows, replacement=True)
+    result = verify(logits, md, drafts.tolist(), q.expand(rows, vocab))
+    accepted = torch.tensor(result.accepted)
+    emitted = torch.where(accepted, drafts, torch.tensor(result.token_ids))
+    counts = torch.bincount(emitted, minlength=vocab).double()
+    assert accepted.any()  # all of them where q is p
+    assert _chi_square(counts, want.double()) < 24.3

@@ -25,9 +25,11 @@ def test_a_draft_model_under_two_ranks_matches_transformers(tiny_model_dir, tmp_
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in PROMPT_LENS]
     expected = hf_greedy(hf, prompts, MAX_NEW)
+    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    sampled = SamplingParams(temperature=1.0, top_k=8, seed=5, max_tokens=MAX_NEW,
+                             ignore_eos=True)
     llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="16MB", tensor_parallel_size=2,
-              max_num_batched_tokens=16, speculative_config={
-                  "method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+              max_num_batched_tokens=16, speculative_config=spec)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -35,5 +37,17 @@ def test_a_draft_model_under_two_ranks_matches_transformers(tiny_model_dir, tmp_
         stats = llm.llm_engine.get_stats()
         assert stats.spec_decode.num_accepted_tokens > 0, stats.spec_decode
         assert stats.num_free_blocks == stats.num_total_blocks, stats
+        # Sampled drafts: both ranks draw the same ones (or rank 1 would feed
+        # other tokens and the step's sums would mix two sequences), so the
+        # seeded samples are one rank's.
+        two_ranks = [o.outputs[0].token_ids for o in llm.generate(prompts, sampled,
+                                                                  use_tqdm=False)]
     finally:
         llm.shutdown()
+    one = LLM(tiny_model_dir, device="cpu", kv_cache_memory="16MB", max_num_batched_tokens=16,
+              speculative_config=spec)
+    try:
+        assert [o.outputs[0].token_ids for o in one.generate(prompts, sampled,
+                                                             use_tqdm=False)] == two_ranks
+    finally:
+        one.shutdown()
