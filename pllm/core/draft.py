@@ -12,8 +12,9 @@ Each step, before the target's pass, the draft model runs:
 1. **catch-up**: one pass over what every scheduled sequence has that the
    draft's cache lacks, up to its last token (``Sequence.num_draft_computed``
    onwards; a prefill chunk's tokens, a decode's one token, or two after a
-   step that kept all its drafts). For a speculating sequence the logits of
-   its last token give the first draft.
+   step that kept all its drafts, as decode rows sharing the block table).
+   For a speculating sequence the logits of its last token give the first
+   draft.
 2. **drafting**: ``k - 1`` passes of one decode row per speculating
    sequence, each feeding the draft just proposed.
 
@@ -103,8 +104,18 @@ class DraftRunner:
             seq = item.seq
             end = seq.num_computed_tokens + item.num_new_tokens - len(item.draft)
             start = min(seq.num_draft_computed, end - 1)  # the draft never runs ahead
-            rows.append((seq.token_ids[start:end], start, seq.block_ids, bool(item.draft)))
-            row_items.append(item)
+            tokens = seq.token_ids[start:end]
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                # A decoding sequence's catch-up (a token or two): decode rows
+                # through its block table, as the verify pass lays drafts, so
+                # that the pass stays decode-only.
+                for j, token in enumerate(tokens):
+                    rows.append(([token], start + j, seq.block_ids,
+                                 bool(item.draft) and j == len(tokens) - 1))
+                    row_items.append(item)
+            else:
+                rows.append((tokens, start, seq.block_ids, bool(item.draft)))
+                row_items.append(item)
         catch_up, sampled = flat_inputs(rows, self.block_size, sched.block_copies)
         items = [row_items[i] for i in sampled]
         return DraftPlan(

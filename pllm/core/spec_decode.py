@@ -7,12 +7,18 @@ short causal chunk against its cached context, which every attention
 backend already computes. The logits at those ``1 + k`` positions are the
 target model's distributions for the tokens after each; the sampler's
 ``verify`` accepts draft ``j`` with probability ``min(1, p_j(d_j) /
-q_j(d_j))`` (an n-gram draft is a point mass, ``q = 1``: ``p_j(d_j)``) and
-otherwise draws the replacement from the normalised residual ``max(0, p_j -
-q_j)``; when every draft is accepted the last position gives a bonus token.
+q_j(d_j))`` (an n-gram draft, or a draft model's argmax for a greedy
+request, is a point mass, ``q = 1``: ``p_j(d_j)``; a draft model's draw for
+a sampled request has its ``q``) and otherwise draws the replacement from
+the normalised residual ``max(0, p_j - q_j)``; when every draft is
+accepted the last position gives a bonus token.
 The output distribution is the target's own, whatever the drafts (Leviathan
 et al., 2023; Chen et al., 2023); a greedy row accepts exactly the drafts
 that equal its argmax.
+
+Proposers: :class:`NgramProposer` (prompt lookup, on the host, in the
+scheduler) and :class:`DraftModelProposer` (placeholders the draft model
+fills in the step, on the workers: ``pllm.core.draft``).
 
 Every decoding sequence may speculate. Penalties and ``min_tokens`` apply
 per position: the row that scores the token after draft ``j`` counts
