@@ -171,8 +171,14 @@ class SpeculativeConfig:
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
     model: str | None = None  # draft_model's
+    # No drafts in a step that starts with this many sequences running, or
+    # more (vLLM's key): where a step is compute-bound, rejected drafts cost
+    # more than accepted ones save. None: speculate at every batch size.
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative method {self.method!r} is not one of "
                              f"{', '.join(SPECULATIVE_METHODS)}")
@@ -222,7 +228,8 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
-        for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+        for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                    "disable_by_batch_size"):
             if key in value and (not isinstance(value[key], int) or isinstance(value[key], bool)):
                 raise ValueError(f"speculative_config: {key} must be an integer, got {value[key]!r}")
         if "method" not in value and value.get("model") is not None:

@@ -9,12 +9,14 @@ allocation (prefix hits, copy-on-write, preemption) serves both models.
 
 Each step, before the target's pass, the draft model runs:
 
-1. **catch-up**: one pass over what every scheduled sequence has that the
-   draft's cache lacks, up to its last token (``Sequence.num_draft_computed``
-   onwards; a prefill chunk's tokens, a decode's one token, or two after a
-   step that kept all its drafts, as decode rows sharing the block table).
-   For a speculating sequence the logits of its last token give the first
-   draft.
+1. **catch-up**: one pass over what the scheduled sequences have that the
+   draft's cache lacks (from ``Sequence.num_draft_computed``; a prefill
+   chunk's tokens, a decode's one token, or two after a step that kept all
+   its drafts, as decode rows sharing the block table), as the scheduler
+   planned it (``ScheduledSeq.draft_catch_up``: at most
+   ``max_num_batched_tokens`` over the step, nothing while speculation is
+   off at large batches). For a speculating sequence the logits of its last
+   token give the first draft.
 2. **drafting**: ``k - 1`` passes of one decode row per speculating
    sequence, each feeding the draft just proposed.
 
@@ -45,7 +47,8 @@ from pllm.core.scheduler import SchedulerOutput
 class DraftPlan:
     """One step's draft work: built by rank 0, sent to the other ranks."""
 
-    catch_up: StepInputs  # sample_rows: each speculating sequence's last token
+    catch_up: StepInputs | None  # sample_rows: each speculating sequence's last token
+    block_copies: list[tuple[int, int]]  # the step's copy-on-write, in the draft's cache too
     seq_ids: list[int]  # the speculating sequences, in sample_rows' order
     num_drafts: list[int]  # how many drafts each one gets
     positions: list[int]  # the position of each one's last token
@@ -96,16 +99,18 @@ class DraftRunner:
         self.runner = runner
         self.block_size = runner.block_size
 
-    def plan(self, sched: SchedulerOutput) -> DraftPlan:
-        """The step's draft work (rank 0): every scheduled sequence catches
-        up to its last token; those with drafts to fill are sampled."""
+    def plan(self, sched: SchedulerOutput) -> DraftPlan | None:
+        """The step's draft work (rank 0): each scheduled sequence's catch-up
+        (``ScheduledSeq.draft_catch_up``, which for one with drafts to fill
+        ends at its last token, sampled). None: nothing to do."""
         rows, row_items = [], []
         for item in sched.scheduled:
+            if item.draft_catch_up is None:
+                continue
             seq = item.seq
-            end = seq.num_computed_tokens + item.num_new_tokens - len(item.draft)
-            start = min(seq.num_draft_computed, end - 1)  # the draft never runs ahead
+            start, end = item.draft_catch_up
             tokens = seq.token_ids[start:end]
-            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+            if seq.num_computed_tokens >= seq.num_prompt_tokens and len(tokens) <= 8:
                 # A decoding sequence's catch-up (a token or two): decode rows
                 # through its block table, as the verify pass lays drafts, so
                 # that the pass stays decode-only.
@@ -116,10 +121,15 @@ class DraftRunner:
             else:
                 rows.append((tokens, start, seq.block_ids, bool(item.draft)))
                 row_items.append(item)
+        if not rows:
+            if not sched.block_copies:
+                return None
+            return DraftPlan(None, list(sched.block_copies), [], [], [], [], [], [])
         catch_up, sampled = flat_inputs(rows, self.block_size, sched.block_copies)
         items = [row_items[i] for i in sampled]
         return DraftPlan(
-            catch_up=catch_up, seq_ids=[item.seq.seq_id for item in items],
+            catch_up=catch_up, block_copies=list(sched.block_copies),
+            seq_ids=[item.seq.seq_id for item in items],
             num_drafts=[len(item.draft) for item in items],
             positions=[item.seq.num_computed_tokens + item.num_new_tokens - len(item.draft) - 1
                        for item in items],
@@ -141,6 +151,9 @@ class DraftRunner:
         """Run the plan (every rank). Returns seq_id -> its drafts, and for
         the sampled sequences seq_id -> ``q`` ``[drafts, vocab]``, each
         draft's distribution."""
+        if plan.catch_up is None:  # nothing to compute: only the step's copies
+            self.runner.backend.copy_blocks(self.runner.kv_caches, plan.block_copies)
+            return {}, {}
         n = len(plan.seq_ids)
         drafts: list[list[int]] = [[] for _ in range(n)]
         probs: list[list[torch.Tensor]] = [[] for _ in range(n)]

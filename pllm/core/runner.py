@@ -270,8 +270,8 @@ class ModelRunner:
         model, it proposes the step's drafts first."""
         drafts: dict[int, list[int]] = {}
         draft_probs: dict[int, torch.Tensor] = {}
-        if self.drafter is not None and sched.scheduled:
-            plan = self.drafter.plan(sched)
+        plan = self.drafter.plan(sched) if self.drafter is not None else None
+        if plan is not None:
             if self.on_draft is not None:
                 self.on_draft(plan)
             drafts, draft_probs = self.drafter.propose(plan)

@@ -23,6 +23,7 @@ Who writes each field of a request's state (nothing else does)::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from pllm.core.stop import length_stop, text_stop, token_stop
 if TYPE_CHECKING:
     from pllm.core.runner import RunnerOutput
 
+logger = logging.getLogger("pllm")
+
 
 @dataclass
 class ScheduledSeq:
@@ -57,6 +60,10 @@ class ScheduledSeq:
     # A draft model's are placeholders (DRAFT_PENDING) until the step's
     # workers propose them (RunnerOutput.drafts).
     draft: list[int] = field(default_factory=list)
+    # A draft model's catch-up this step: the tokens [lo, hi) it computes
+    # (K/V in its own cache) before it proposes; None: it runs nothing for
+    # this sequence.
+    draft_catch_up: tuple[int, int] | None = None
 
     @property
     def samples(self) -> bool:
@@ -87,6 +94,7 @@ class Scheduler:
         self.config = config
         # Speculative decoding's proposer (pllm.core.spec_decode); None: off.
         self.proposer = proposer
+        self.speculating = True  # off in steps with disable_by_batch_size sequences running
         self.spec_stats = SpecDecodeStats()
         self.kv = kv
         self.detokenizer = detokenizer
@@ -187,6 +195,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        self._switch_speculation()
         running = list(self.running)
         if self.step_budget is not None:
             decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
@@ -234,8 +243,43 @@ class Scheduler:
                     self.fail_request(req, _describe("forking its samples", exc))
         if self._failed:
             out.scheduled = [s for s in out.scheduled if not s.seq.is_finished]
+        if isinstance(self.proposer, DraftModelProposer):
+            self._plan_draft_catch_up(out)
         out.block_copies = self.kv.take_pending_copies()
         return out
+
+    def _switch_speculation(self) -> None:
+        """Speculation off while ``disable_by_batch_size`` sequences or more
+        run, on again below; each switch is logged."""
+        limit = getattr(self.proposer, "disable_by_batch_size", None)
+        on = limit is None or len(self.running) < limit
+        if on != self.speculating:
+            logger.info("speculative decoding %s: %d sequences running (disable_by_batch_size %d)",
+                        "on again" if on else "off", len(self.running), limit)
+            self.speculating = on
+
+    def _plan_draft_catch_up(self, out: SchedulerOutput) -> None:
+        """What the draft model computes this step: for each sequence, in
+        batch order, the tokens its cache lacks up to the target's last
+        non-draft one, all within ``max_num_batched_tokens`` tokens over the
+        step; a sequence with drafts needs all of its own, or its drafts are
+        dropped. With speculation off the draft runs nothing and falls
+        behind; it catches up within that budget once speculation is on."""
+        if not self.speculating:
+            return
+        left = self.config.max_num_batched_tokens
+        for item in out.scheduled:
+            seq = item.seq
+            end = seq.num_computed_tokens + item.num_new_tokens - len(item.draft)
+            start = seq.num_draft_computed
+            if item.draft and end - start > left:
+                item.num_new_tokens -= len(item.draft)
+                item.draft = []
+                self.kv.trim(seq, end)
+            take = min(end - start, left)
+            if take > 0:
+                item.draft_catch_up = (start, start + take)
+                left -= take
 
     def _cacheable(self, seq: Sequence) -> int:
         """The tokens whose K/V the prefix cache may hold: with a draft model
@@ -248,7 +292,8 @@ class Scheduler:
     def _propose(self, seq: Sequence, budget: int) -> list[int]:
         """Drafts for a decoding sequence (none without a proposer, or where
         they could not all be kept: past the budget, max_tokens or the context)."""
-        if self.proposer is None or seq.num_tokens - seq.num_computed_tokens != 1:
+        if (self.proposer is None or not self.speculating
+                or seq.num_tokens - seq.num_computed_tokens != 1):
             return []
         if not can_speculate(seq):
             return []
@@ -313,10 +358,12 @@ class Scheduler:
             if seq.seq_id in result.prompt_logprobs:
                 self._add_prompt_logprobs(seq, result.prompt_logprobs[seq.seq_id])
             seq.num_computed_tokens += item.num_new_tokens - len(item.draft)
-            seq.num_draft_computed = seq.num_computed_tokens  # a draft model ran the same tokens
+            if item.draft_catch_up is not None:
+                seq.num_draft_computed = item.draft_catch_up[1]
             self.kv.cache_computed_blocks(seq, self._cacheable(seq))
             for child in item.forks:  # share the prompt's blocks from now on
-                child.num_computed_tokens = child.num_draft_computed = seq.num_computed_tokens
+                child.num_computed_tokens = seq.num_computed_tokens
+                child.num_draft_computed = seq.num_draft_computed
                 child.status = SequenceStatus.RUNNING
                 self.kv.share_blocks(child, seq)
                 seq.request.seqs.append(child)

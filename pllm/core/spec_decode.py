@@ -67,6 +67,7 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.k = config.num_speculative_tokens
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.disable_by_batch_size = config.disable_by_batch_size
 
     def propose(self, seq: Sequence, max_drafts: int) -> list[int]:
         """Up to ``min(k, max_drafts)`` drafts for the tokens after ``seq``'s last."""
@@ -88,6 +89,7 @@ class DraftModelProposer:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.k = config.num_speculative_tokens
+        self.disable_by_batch_size = config.disable_by_batch_size
 
     def propose(self, seq: Sequence, max_drafts: int) -> list[int]:
         return [DRAFT_PENDING] * max(min(self.k, max_drafts), 0)

@@ -221,3 +221,56 @@ def test_sampled_drafts_keep_the_targets_distribution(tiny_llm, tiny_model_dir, 
     stat = sum((x - (a + b) / 2) ** 2 / ((a + b) / 2) for a, b in rows for x in (a, b))
     assert len(rows) >= 4
     assert stat < _chi_square_quantile_999(len(rows) - 1), (stat, rows)
+
+
+def test_speculation_off_at_large_batches_and_the_draft_catches_up(tiny_llm, tiny_model_dir,
+                                                                   drafts, caplog):
+    """``disable_by_batch_size``: no drafts, and no draft-model work at all,
+    while 3 or more sequences run; as requests finish it is on again and the
+    draft catches up on everything it missed (prompts included), a 32-token
+    budget at a time, its drafts dropped until it has. A draft that is the
+    target then keeps every draft, which it does only if its catch-up left
+    its cache right."""
+    import logging
+
+    lengths = [4, 6, 10, 18, 30]
+    want = [_tokens(_generate(tiny_llm.llm_engine, [p], SamplingParams(
+        max_tokens=n, temperature=0.0, ignore_eos=True)))[0] for p, n in zip(PROMPTS, lengths)]
+    llm = LLM(tiny_model_dir, device="fakeaccel", kv_cache_memory="16MB", max_model_len=128,
+              max_num_batched_tokens=32, speculative_config={
+                  "method": "draft_model", "model": drafts["itself"], "num_speculative_tokens": 3,
+                  "disable_by_batch_size": 3})
+    try:
+        engine = llm.llm_engine
+        seen = []
+        orig = engine.scheduler.schedule
+
+        def schedule(*args, **kwargs):
+            running = len(engine.scheduler.running)  # as the step starts
+            out = orig(*args, **kwargs)
+            seen.append((running, sum(len(i.draft) for i in out.scheduled),
+                         any(i.draft_catch_up for i in out.scheduled)))
+            return out
+
+        engine.scheduler.schedule = schedule
+        with caplog.at_level(logging.INFO, logger="pllm"):
+            for i, (prompt, n) in enumerate(zip(PROMPTS, lengths)):
+                engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0,
+                                                                   ignore_eos=True))
+            done = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out.outputs[0].token_ids
+        assert [done[f"r{i}"] for i in range(len(PROMPTS))] == want
+        crowded = [s for s in seen if s[0] >= 3]
+        assert crowded and not any(drafted or ran for _, drafted, ran in crowded)
+        assert any(drafted for running, drafted, _ in seen if running < 3)
+        spec = engine.get_stats().spec_decode
+        assert spec.acceptance_rate == 1.0, spec
+        assert "speculative decoding off: 3 sequences running" in caplog.text
+        assert "speculative decoding on again" in caplog.text
+        stats = engine.get_stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        llm.shutdown()

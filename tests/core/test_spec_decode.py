@@ -54,6 +54,8 @@ def test_speculative_config_is_vllms_json_and_bad_values_name_the_problem():
         ({"num_speculative_tokens": 2, "colour": 1}, "unknown key"),
         ({"method": "eagle", "num_speculative_tokens": 2}, "not one of ngram"),
         ({"method": "draft_model", "num_speculative_tokens": 2}, "needs model"),
+        ({"num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size must be >= 1"),
+        ({"num_speculative_tokens": 2, "disable_by_batch_size": 2.5}, "must be an integer"),
         ({"method": "draft_model", "model": "d", "num_speculative_tokens": 2,
           "prompt_lookup_max": 3}, "ngram method's"),
         ({"method": "ngram", "model": "d", "num_speculative_tokens": 2}, "draft_model method's"),
@@ -205,6 +207,41 @@ def test_ngram_speculation_gives_the_same_greedy_tokens(tiny_llm, reference):
     assert got == reference
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
     assert stats.mean_accepted_length > 1
+
+
+def test_ngram_speculation_is_off_while_the_batch_is_large(tiny_llm, reference):
+    """disable_by_batch_size=4: with all five prompts running no drafts; as
+    the batch shrinks below 4 they come back."""
+    engine = tiny_llm.llm_engine
+    ngram = NgramProposer(SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1,
+                                            prompt_lookup_max=3, disable_by_batch_size=4))
+    sched, drafted = engine.scheduler, []
+    orig = sched.schedule
+
+    def schedule(*args, **kwargs):
+        running = len(sched.running)
+        out = orig(*args, **kwargs)
+        drafted.append((running, sum(len(i.draft) for i in out.scheduled)))
+        return out
+
+    sched.schedule = schedule
+    try:
+        with _speculating(engine, ngram) as stats:
+            lengths = [4, 8, 12, 18, 24]
+            for i, (prompt, n) in enumerate(zip(PROMPTS, lengths)):
+                engine.add_request(f"r{i}", prompt, SamplingParams(
+                    max_tokens=n, temperature=0.0, ignore_eos=True))
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o for o in engine.step() if o.finished})
+    finally:
+        del sched.schedule
+        sched.speculating = True
+    got = [done[f"r{i}"].outputs[0].token_ids for i in range(len(PROMPTS))]
+    assert got == [r[:n] for r, n in zip(reference, lengths)]
+    assert any(running >= 4 for running, _ in drafted)
+    assert all(n == 0 for running, n in drafted if running >= 4)
+    assert stats.num_draft_tokens > 0
 
 
 class _Repeat:

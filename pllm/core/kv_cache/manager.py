@@ -122,10 +122,11 @@ class KVCacheManager:
             self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
         seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)
 
-    def trim(self, seq: Sequence) -> None:
-        """Give back the blocks past the sequence's computed tokens: a
-        speculative step's lookahead that held only rejected drafts."""
-        keep = self.num_blocks_for(seq.num_computed_tokens)
+    def trim(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Give back the blocks past the sequence's first ``num_tokens``
+        (None: its computed tokens): a speculative step's lookahead that held
+        only rejected drafts, or drafts dropped before the step."""
+        keep = self.num_blocks_for(seq.num_computed_tokens if num_tokens is None else num_tokens)
         if len(seq.block_ids) > keep:
             self.pool.release(seq.block_ids[keep:])
             del seq.block_ids[keep:]
