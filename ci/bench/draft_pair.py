@@ -1,11 +1,16 @@
-"""A target and draft pair for measuring draft-model speculation's mechanics
-(there is no published draft for SmolLM2-135M): a random Llama of SmolLM2's
-size whose layers after the first two are scaled down to add little to the
-residual stream, and as its draft those first two layers with the same
-embedding, norm and LM head. The draft costs about a sixth of the target
-per token and agrees with it often, not always.
+"""Target and draft pairs for measuring draft-model speculation (there is
+no published draft for SmolLM2-135M).
 
-    python ci/bench/draft_pair.py OUT_DIR   # writes OUT_DIR/target, OUT_DIR/draft
+``OUT/target`` and ``OUT/draft``: a random Llama of about a third of
+SmolLM2's size whose layers after the first two are scaled down to add
+little to the residual stream, and as its draft those first two layers with
+the same embedding, norm and LM head. The draft costs about a sixth of the
+target per token and agrees with it often, not always: the mechanics.
+
+``OUT/smollm2-first-8-layers``: SmolLM2-135M cut after its 8th of 30
+layers, a draft from real weights (which a cut model is not good at).
+
+    python ci/bench/draft_pair.py OUT
 """
 
 from __future__ import annotations
@@ -16,7 +21,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pllm.loader.gguf_file import converted_folder
+from pllm.loader.load import default_model_path
 from pllm.loader.testing import make_tiny_model
+
+
+def _first_layers(src: Path | str, dst: Path, num_layers: int) -> None:
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 
 
 def main(out: Path) -> None:
@@ -31,15 +46,13 @@ def main(out: Path) -> None:
                 layer.self_attn.o_proj.weight.mul_(0.05)
                 layer.mlp.down_proj.weight.mul_(0.05)
         model.save_pretrained(target)
-    draft = out / "draft"
-    if not (draft / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-        model.model.layers = model.model.layers[:2]
-        model.config.num_hidden_layers = 2
-        model.save_pretrained(draft)
-        AutoTokenizer.from_pretrained(target).save_pretrained(draft)
-    print(target)
-    print(draft)
+    if not (out / "draft" / "config.json").exists():
+        _first_layers(target, out / "draft", 2)
+    cut = out / "smollm2-first-8-layers"
+    if not (cut / "config.json").exists():
+        _first_layers(converted_folder(default_model_path()), cut, 8)
+    for folder in (target, out / "draft", cut):
+        print(folder)
 
 
 if __name__ == "__main__":
