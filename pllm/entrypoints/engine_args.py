@@ -175,8 +175,11 @@ class EngineArgs:
                             '"num_speculative_tokens": 4, "prompt_lookup_min": 2, '
                             '"prompt_lookup_max": 4} proposes the 4 tokens that followed an '
                             "earlier occurrence of the text's last 4 (down to 2) tokens "
-                            "(prompt lookup), all checked in one forward pass with exact "
-                            "rejection sampling")
+                            "(prompt lookup); {\"method\": \"draft_model\", \"model\": DRAFT, "
+                            "\"num_speculative_tokens\": 4} has a smaller model with the same "
+                            "tokenizer propose them; either is checked in one forward pass with "
+                            "exact rejection sampling; \"disable_by_batch_size\": N turns it off "
+                            "while N or more sequences run")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
