@@ -3,6 +3,7 @@ threaded; the server's async engine drives it from one thread."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -128,6 +129,8 @@ class LLMEngine:
         afterwards. Worker processes also stop at interpreter exit."""
         if self.executor is not None:
             self.executor.shutdown()
+        if getattr(self, "scheduler", None) is not None and self.scheduler.grammars is not None:
+            self.scheduler.grammars.shutdown()
         self.platform.teardown_process()
 
     # ---- requests ----------------------------------------------------------
@@ -183,13 +186,29 @@ class LLMEngine:
             raise SamplingParamsError(f"prompt token ids must be integers in [0, {vocab})",
                                       "prompt")
         params.check_against_model(vocab)
+        grammar = None
+        if params.structured_outputs is not None:
+            from pllm.core.structured import check
+
+            check(params.structured_outputs)  # parsed here; compiled on a worker thread
+            grammar = self._grammars().get(params.structured_outputs)
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens; this model's context is {self.max_model_len} "
                 f"tokens, which must also hold at least one output token"
             )
         self.scheduler.add_request(Request(request_id, text, token_ids, params, self.eos_token_ids,
-                                           arrival_time=arrival_time or time.time()))
+                                           arrival_time=arrival_time or time.time(),
+                                           grammar=grammar))
+
+    def _grammars(self):
+        """Structured outputs' grammar compiler, made on first use."""
+        if self.scheduler.grammars is None:
+            from pllm.core.structured import GrammarCache
+
+            self.scheduler.grammars = GrammarCache(
+                self.tokenizer, self.loaded.hf_config.vocab_size, self.eos_token_ids)
+        return self.scheduler.grammars
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -233,7 +252,11 @@ class LLMEngine:
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.waiting and not self.scheduler.running:
+            pending = self.scheduler.pending_grammars()
+            if pending:  # nothing else to do: wait a little for a grammar
+                concurrent.futures.wait(pending, timeout=0.05,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            elif self.scheduler.waiting and not self.scheduler.running:
                 self._fail_unschedulable()
             return self.scheduler.take_failed()
         try:

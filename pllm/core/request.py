@@ -71,6 +71,9 @@ class Sequence:
     stop_reason: int | str | None = None
     prefix_offset: int = 0  # incremental detokenizer window
     read_offset: int = 0
+    # Structured outputs: the grammar's matcher, advanced with each output
+    # token (None: unconstrained). Made by the scheduler at admission.
+    matcher: object | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -131,6 +134,9 @@ class Request:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     forked: bool = False
+    # Structured outputs: the grammar being compiled (a Future of it); its
+    # sequences wait until it is ready (pllm.core.structured).
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

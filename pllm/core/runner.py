@@ -41,6 +41,7 @@ from pllm.core.outputs import LogprobsDict
 from pllm.core.request import Sequence
 from pllm.core.sampler import SamplingMetadata, sample, top_logprobs, verify
 from pllm.core.scheduler import ScheduledSeq, SchedulerOutput
+from pllm.core.structured import constrain
 
 
 @dataclass
@@ -304,6 +305,7 @@ class ModelRunner:
             rows = self.pad_rows(rows)  # static shapes: sample a bucket of rows, keep the real ones
             if not identity or len(rows) != logits.shape[0]:
                 logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long).to(logits.device))
+            logits = constrain(logits, out.sampled)  # structured outputs' grammars
             try:
                 md = SamplingMetadata.build(out.sampled, logits.shape[1], logits.device,
                                             num_rows=len(rows), static=bool(self.token_buckets))

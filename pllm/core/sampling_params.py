@@ -12,6 +12,61 @@ _SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's names): exactly one of ``json``
+    (a JSON schema, as a dict or its text), ``json_object`` (any JSON
+    object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (an
+    EBNF grammar, xgrammar's dialect of GBNF). ``disable_any_whitespace``:
+    JSON without free whitespace between its tokens (a small model cannot
+    then ramble in spaces)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError(
+                "structured_outputs needs exactly one of json, json_object, regex, choice and "
+                f"grammar; got {', '.join(given) or 'none'}", "structured_outputs")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise SamplingParamsError("structured_outputs.json must be a JSON schema (an object "
+                                      "or its text)", "structured_outputs")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SamplingParamsError(f"structured_outputs.{name} must be non-empty text",
+                                          "structured_outputs")
+        if self.choice is not None and (
+                not isinstance(self.choice, (list, tuple)) or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError("structured_outputs.choice must be a list of non-empty "
+                                      "strings", "structured_outputs")
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """What identifies the grammar (its cache key): the kind and its text."""
+        import json
+
+        if self.json is not None:
+            # Key order kept: the output's keys follow the schema's properties.
+            text = self.json if isinstance(self.json, str) else json.dumps(self.json)
+            return "json", text, self.disable_any_whitespace
+        if self.json_object:
+            return "json_object", "", self.disable_any_whitespace
+        if self.choice is not None:
+            return "choice", json.dumps(list(self.choice)), False
+        if self.regex is not None:
+            return "regex", self.regex, False
+        return "grammar", self.grammar, False
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -31,6 +86,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -38,6 +94,11 @@ class SamplingParams:
             self.top_k = 0
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise SamplingParamsError(f"structured_outputs: {exc}", "structured_outputs") from None
         self._validate()
 
     def _validate(self) -> None:

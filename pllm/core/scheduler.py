@@ -94,6 +94,9 @@ class Scheduler:
         self.config = config
         # Speculative decoding's proposer (pllm.core.spec_decode); None: off.
         self.proposer = proposer
+        # Structured outputs' grammars (pllm.core.structured.GrammarCache),
+        # made by the engine on the first request that has one.
+        self.grammars = None
         self.speculating = True  # off in steps with disable_by_batch_size sequences running
         self.spec_stats = SpecDecodeStats()
         self.kv = kv
@@ -239,6 +242,9 @@ class Scheduler:
             if item.samples and not req.forked and req.params.n > 1:
                 try:
                     item.forks = [item.seq.fork(i) for i in range(1, req.params.n)]
+                    if item.seq.matcher is not None:  # no output yet: each its own, fresh
+                        for child in item.forks:
+                            child.matcher = self.grammars.matcher(req.grammar.result())
                 except Exception as exc:  # noqa: BLE001 - this request's fault alone
                     self.fail_request(req, _describe("forking its samples", exc))
         if self._failed:
@@ -292,7 +298,7 @@ class Scheduler:
     def _propose(self, seq: Sequence, budget: int) -> list[int]:
         """Drafts for a decoding sequence (none without a proposer, or where
         they could not all be kept: past the budget, max_tokens or the context)."""
-        if (self.proposer is None or not self.speculating
+        if (self.proposer is None or not self.speculating or seq.matcher is not None
                 or seq.num_tokens - seq.num_computed_tokens != 1):
             return []
         if not can_speculate(seq):
@@ -303,9 +309,41 @@ class Scheduler:
             room = min(room, max_tokens - seq.num_output_tokens - 1)
         return self.proposer.propose(seq, room) if room > 0 else []
 
+    def _grammar_ready(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence can run as far as its grammar goes:
+        unconstrained, or compiled (its matcher made now). A grammar that
+        failed to compile fails its request."""
+        req = seq.request
+        if req.grammar is None or seq.matcher is not None:
+            return True
+        if not req.grammar.done():
+            return False
+        try:
+            seq.matcher = self.grammars.matcher(req.grammar.result())
+        except Exception as exc:  # noqa: BLE001 - this request's grammar alone
+            self.fail_request(req, _describe("compiling its grammar", exc))
+            return False
+        return True
+
+    def pending_grammars(self) -> list:
+        """The grammars (futures) that waiting sequences wait for."""
+        return [s.request.grammar for s in self.waiting
+                if s.request.grammar is not None and not s.request.grammar.done()]
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        held: list[Sequence] = []  # waiting for their grammars: the rest go ahead
+        try:
+            self._admit_ready(out, budget, held)
+        finally:
+            self.waiting.extendleft(reversed(held))
+
+    def _admit_ready(self, out: SchedulerOutput, budget: int, held: list[Sequence]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not self._grammar_ready(seq):
+                if not seq.is_finished:
+                    held.append(self.waiting.popleft())
+                continue
             if seq.request.request_id in self.suspects or (
                     out.admitted and out.admitted[-1].request.request_id in self.suspects):
                 # A suspect (admitted in a step that failed) is admitted on its own.
@@ -413,6 +451,11 @@ class Scheduler:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob
         stop = token_stop(seq, token)
+        if seq.matcher is not None:
+            if not seq.matcher.accept_token(token):
+                raise ValueError(f"token {token} does not fit the request's grammar")
+            if seq.matcher.is_terminated():  # the grammar's end: its stop token
+                stop = stop or (SequenceStatus.FINISHED_STOPPED, None)
         if stop is None:  # the stop token's own text is never shown
             stop = text_stop(seq, self.detokenizer.step(seq))
         if stop is not None:

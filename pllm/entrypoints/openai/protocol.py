@@ -68,6 +68,9 @@ class _SamplingFields(OpenAIBaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # vLLM's structured outputs: {"json": schema} or {"regex": ...},
+    # {"choice": [...]}, {"grammar": ebnf}, {"json_object": true}.
+    structured_outputs: dict[str, Any] | None = None
     include_stop_str_in_output: bool = False
 
 
@@ -130,7 +133,9 @@ class ChatMessage(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
-    type: str = "text"
+    type: str = "text"  # text, json_object or json_schema
+    # {"name": ..., "schema": {...}, "strict": true, "description": ...}
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):

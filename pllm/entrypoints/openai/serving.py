@@ -15,7 +15,8 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from pllm.core.outputs import Logprob, LogprobsDict, RequestOutput
-from pllm.core.sampling_params import SamplingParams, SamplingParamsError
+from pllm.core.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
+from pllm.core.structured import check as check_grammar
 from pllm.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from pllm.entrypoints.openai.errors import (
     OpenAIError,
@@ -150,8 +151,26 @@ class ServingContext:
         return list(results)  # type: ignore[arg-type]
 
 
+async def structured_outputs(ctx: ServingContext, value: dict | None,
+                             param: str = "structured_outputs") -> StructuredOutputsParams | None:
+    """vLLM's ``structured_outputs`` body field (or what ``response_format``
+    maps to), checked here, off the event loop (a JSON schema is parsed):
+    a 400 naming ``param`` when it does not parse."""
+    if value is None:
+        return None
+    try:
+        params = StructuredOutputsParams(**value) if isinstance(value, dict) else value
+        await ctx.run_off_loop(check_grammar, params)
+    except TypeError as exc:
+        raise bad_request(f"{param}: {exc}", param) from exc
+    except SamplingParamsError as exc:
+        raise bad_request(str(exc).replace("structured_outputs", param, 1), param) from exc
+    return params
+
+
 def sampling_params(req: Any, *, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
     try:
@@ -174,6 +193,7 @@ def sampling_params(req: Any, *, max_tokens: int | None, logprobs: int | None,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_outputs=structured,
         )
     except SamplingParamsError as exc:
         raise from_value_error(exc) from exc

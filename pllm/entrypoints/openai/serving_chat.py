@@ -32,6 +32,7 @@ from pllm.entrypoints.openai.serving import (
     sampling_params,
     sse,
     sse_error,
+    structured_outputs,
 )
 
 
@@ -70,11 +71,28 @@ async def render_chat_prompt(ctx: ServingContext, messages: list[ChatMessage],
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.tools:
         raise bad_request("tools are not supported", "tools")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported; "
-                          "only 'text'", "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+
+async def _structured(ctx: ServingContext, req: ChatCompletionRequest):
+    """``response_format`` (OpenAI's; ``json_schema`` is held to its schema,
+    ``json_object`` to any JSON object), or vLLM's ``structured_outputs``."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return await structured_outputs(ctx, req.structured_outputs)
+    if req.structured_outputs is not None:
+        raise bad_request("give response_format or structured_outputs, not both", "response_format")
+    if fmt.type == "json_object":
+        return await structured_outputs(ctx, {"json_object": True}, "response_format")
+    if fmt.type == "json_schema":
+        schema = (fmt.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object",
+                              "response_format")
+        return await structured_outputs(ctx, {"json": schema}, "response_format")
+    raise bad_request(f"response_format type {fmt.type!r} is not one of text, json_object, "
+                      "json_schema", "response_format")
 
 
 def _choice_logprobs(ctx: ServingContext, req: ChatCompletionRequest, comp: CompletionOutput,
@@ -95,7 +113,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens,
-                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                             structured=await _structured(ctx, req))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await ctx.add_all(request_id, [prompt], params, "messages")
     if req.stream:

@@ -33,6 +33,7 @@ from pllm.entrypoints.openai.serving import (
     sampling_params,
     sse,
     sse_error,
+    structured_outputs,
 )
 
 
@@ -95,7 +96,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     prompts = _normalize_prompts(ctx, req.prompt)
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs,
+                             structured=await structured_outputs(ctx, req.structured_outputs))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await ctx.add_all(request_id, prompts, params, "prompt")
     echo = [_prompt_text(ctx, p) if req.echo else "" for p in prompts]
