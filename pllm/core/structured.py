@@ -24,6 +24,9 @@ import torch
 
 from pllm.core.sampling_params import SamplingParamsError, StructuredOutputsParams
 
+# The most whitespace characters JSON output may have in one place.
+MAX_JSON_WHITESPACE = 16
+
 
 def _xgrammar():
     try:
@@ -89,7 +92,10 @@ class GrammarCache:
 
     def _compile(self, kind: str, text: str, compact: bool):
         c = self.compiler
-        whitespace = {"any_whitespace": not compact}
+        # JSON's free whitespace is bounded: a small model can otherwise
+        # emit newlines until max_tokens between two tokens of a valid object.
+        whitespace = {"any_whitespace": False} if compact else {
+            "any_whitespace": True, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
         if kind == "json":
             return c.compile_json_schema(text, **whitespace)
         if kind == "json_object":

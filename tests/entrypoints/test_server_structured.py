@@ -1,0 +1,185 @@
+"""Structured outputs through the real server and the official openai
+client: ``chat.completions.parse`` with a dozen pydantic models (nested
+objects, enums, lists, optional fields, bounded numbers) returns a valid
+object on every request, greedy and sampled, sent all at once; JSON mode
+returns a JSON object; vLLM's ``structured_outputs`` field holds a
+completion to a choice; a schema that does not parse is a 400 naming
+``response_format``. SmolLM2-135M-Instruct, the default model."""
+
+from __future__ import annotations
+
+import enum
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, Optional
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("xgrammar")
+from pydantic import BaseModel, Field  # noqa: E402
+from server_utils import ServerProcess  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+class Colour(str, enum.Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class City(BaseModel):
+    name: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+    population_millions: int = Field(ge=0, le=100)
+
+
+class Paint(BaseModel):
+    colour: Colour
+    glossy: bool
+
+
+class Address(BaseModel):
+    street: str = Field(max_length=40)
+    number: int = Field(ge=1, le=9999)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=30)
+    age: int = Field(ge=0, le=120)
+    address: Address
+    nickname: Optional[str] = Field(default=None, max_length=20)
+
+
+class Shopping(BaseModel):
+    items: list[str] = Field(max_length=4)
+    urgent: bool
+
+
+class Reading(BaseModel):
+    sensor: Literal["temperature", "humidity", "pressure"]
+    value: float = Field(ge=-50, le=50)
+
+
+class Review(BaseModel):
+    stars: int = Field(ge=1, le=5)
+    summary: str = Field(max_length=60)
+    recommend: bool
+
+
+class Meeting(BaseModel):
+    title: str = Field(max_length=40)
+    day: Literal["monday", "tuesday", "wednesday", "thursday", "friday"]
+    attendees: list[str] = Field(max_length=3)
+
+
+class Pet(BaseModel):
+    species: Literal["cat", "dog", "fish"]
+    name: str = Field(max_length=20)
+    age_years: int = Field(ge=0, le=30)
+
+
+class Household(BaseModel):
+    pets: list[Pet] = Field(max_length=2)
+    city: str = Field(max_length=30)
+
+
+class Answer(BaseModel):
+    answer: int = Field(ge=0, le=1000)
+    sure: Optional[bool] = None
+
+
+class Book(BaseModel):
+    title: str = Field(max_length=40)
+    author: str = Field(max_length=30)
+    year: int = Field(ge=1000, le=2030)
+    genres: list[Literal["fiction", "history", "science", "poetry"]] = Field(max_length=2)
+
+
+CASES = [
+    (City, "Describe Paris."), (Paint, "Pick a paint for a kitchen."),
+    (Person, "Invent a person and where they live."), (Shopping, "Write a shopping list."),
+    (Reading, "Report a sensor reading."), (Review, "Review a pizza restaurant."),
+    (Meeting, "Plan a team meeting."), (Pet, "Describe a pet."),
+    (Household, "Describe a household with pets."), (Answer, "What is 12 + 30?"),
+    (Book, "Recommend a book."), (Address, "Give an address in London."),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = ServerProcess(["--kv-cache-memory", "1GiB", "--max-model-len", "2048"])
+    try:
+        proc.wait_ready(timeout=300)
+        yield proc
+        assert proc.terminate(timeout=60) == 0, proc.log_tail()
+    finally:
+        proc.kill()
+        proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.slow
+def test_parse_returns_a_valid_object_for_every_model(client):
+    def one(case_and_temperature):
+        (model, prompt), temperature = case_and_temperature
+        completion = client.chat.completions.parse(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], response_format=model,
+            temperature=temperature, seed=7, max_tokens=300)
+        choice = completion.choices[0]
+        return model, choice.finish_reason, choice.message.parsed
+
+    work = [(case, t) for case in CASES for t in (0.0, 0.9)]
+    with ThreadPoolExecutor(len(work)) as pool:  # all at once: one batch
+        results = list(pool.map(one, work))
+    for model, finish_reason, parsed in results:
+        assert finish_reason == "stop"
+        assert isinstance(parsed, model)
+        model.model_validate(parsed.model_dump())  # bounds, enums, lengths
+
+
+@pytest.mark.slow
+def test_json_mode_returns_a_json_object(client):
+    # Greedy, and a question SmolLM2 answers briefly (free-form JSON can
+    # otherwise run to max_tokens inside a long string).
+    prompt = "Reply in JSON: what is the capital of France?"
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}],
+        response_format={"type": "json_object"}, max_tokens=300, temperature=0.0)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(json.loads(choice.message.content), dict)
+
+
+@pytest.mark.slow
+def test_vllms_structured_outputs_field_on_completions(client):
+    completion = client.completions.create(
+        model=MODEL, prompt="Is the sky blue? Answer:", max_tokens=10, temperature=0.9,
+        n=3, seed=1, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert sorted({c.text for c in completion.choices}) <= ["no", "yes"]
+    assert all(c.finish_reason == "stop" for c in completion.choices)
+
+
+def test_a_bad_schema_is_a_400_naming_response_format(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                         "properties": 5}}}}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and "invalid json" in error["message"]
+    body["response_format"] = {"type": "yaml"}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    body["response_format"] = None
+    body["structured_outputs"] = {"regex": "[a-"}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
