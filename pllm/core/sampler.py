@@ -54,6 +54,7 @@ class SamplingMetadata:
     min_p: torch.Tensor | None = None  # float [R]
     penalties: Penalties | None = None
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, ids) held off by min_tokens
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias: rows, ids, values
     generators: list[torch.Generator | None] | None = None
     num_logprobs: list[int | None] | None = None
 
@@ -75,7 +76,7 @@ class SamplingMetadata:
         holding = [s.num_output_tokens + len(a) < p.min_tokens
                    for s, p, a in zip(seqs, params, ahead)]
         if all(p.greedy and not p.has_penalties and p.logprobs is None and not h
-               for p, h in zip(params, holding)):
+               and not p.logit_bias for p, h in zip(params, holding)):
             return cls(num_rows, all_greedy=True)
 
         def floats(values: list[float], fill: float | None = None) -> torch.Tensor:
@@ -114,6 +115,12 @@ class SamplingMetadata:
             banned_rows, ids = zip(*pairs)
             md.banned = (torch.tensor(banned_rows, dtype=torch.long).to(device),
                          torch.tensor(ids, dtype=torch.long).to(device))
+        biased = [(row, t, v) for row, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
+        if biased:
+            rows_, ids_, values = zip(*biased)
+            md.bias = (torch.tensor(rows_, dtype=torch.long).to(device),
+                       torch.tensor(ids_, dtype=torch.long).to(device),
+                       torch.tensor(values, dtype=torch.float32).to(device))
         return md
 
     @classmethod
@@ -257,11 +264,14 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> SampleResult:
 
 
 def _adjusted(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """fp32 logits with the penalties and the min_tokens bans applied (what
-    logprobs are taken from, before temperature)."""
+    """fp32 logits with the penalties, logit_bias and the min_tokens bans
+    applied (what logprobs are taken from, before temperature)."""
     logits = logits.float()
     if md.penalties is not None:
         logits = _apply_penalties(logits, md.penalties)
+    if md.bias is not None:
+        rows, ids, values = md.bias
+        logits = logits.index_put((rows, ids), values, accumulate=True)
     if md.banned is not None:
         logits = logits.index_put(md.banned, torch.tensor(float("-inf"), device=logits.device))
     return logits

@@ -87,6 +87,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    # Added to a token's logit before sampling (OpenAI's logit_bias): token
+    # id -> a bias in [-100, 100]; -100 bans the token, 100 all but forces it.
+    logit_bias: dict[int, float] | None = None
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -156,9 +159,23 @@ class SamplingParams:
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                    for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids must be integers", "stop_token_ids")
+        for token, bias in (self.logit_bias or {}).items():
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) \
+                    or not 0 <= token <= INT64_MAX:
+                raise SamplingParamsError(f"logit_bias: {token!r} is not a token id",
+                                          "logit_bias")
+            if isinstance(bias, bool) or not isinstance(bias, numbers.Real) \
+                    or not -100 <= bias <= 100:
+                raise SamplingParamsError(f"logit_bias: the bias of token {token} must be a "
+                                          f"number in [-100, 100], got {bias!r}", "logit_bias")
 
     def check_against_model(self, vocab_size: int) -> None:
         """What only the model can tell: token ids inside its vocabulary."""
+        bad = [t for t in self.logit_bias or {} if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                f"logit_bias: {bad[0]} is not a token id of this model (vocabulary of "
+                f"{vocab_size})", "logit_bias")
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
             raise SamplingParamsError(

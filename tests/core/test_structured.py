@@ -162,3 +162,22 @@ def test_a_bad_grammar_is_refused_by_name(tiny_llm, value, message):
         tiny_llm.llm_engine.add_request("bad", "hi", SamplingParams(structured_outputs=value))
     assert info.value.param == "structured_outputs"
     assert not tiny_llm.llm_engine.has_unfinished_requests()
+
+
+def test_logit_bias_bans_and_forces_tokens(tiny_llm):
+    engine = tiny_llm.llm_engine
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    (plain,) = _generate(engine, [[5, 6, 7]], greedy)
+    first = plain.outputs[0].token_ids[0]
+    banned = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                            logit_bias={first: -100.0})
+    (out,) = _generate(engine, [[5, 6, 7]], banned)
+    assert first not in out.outputs[0].token_ids
+    forced = SamplingParams(max_tokens=6, temperature=1.0, seed=0, ignore_eos=True,
+                            logit_bias={77: 100.0}, logprobs=1)
+    (out,) = _generate(engine, [[5, 6, 7]], forced)
+    assert out.outputs[0].token_ids == [77] * 6
+    for bad, message in [({-1: 1.0}, "not a token id"), ({3: 101.0}, r"in \[-100, 100\]"),
+                         ({320: 1.0}, "not a token id of this model")]:
+        with pytest.raises(SamplingParamsError, match=message):
+            engine.add_request("bad", [1, 2], SamplingParams(logit_bias=bad))

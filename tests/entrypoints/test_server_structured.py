@@ -183,3 +183,17 @@ def test_a_bad_schema_is_a_400_naming_response_format(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_logit_bias_reaches_the_sampler(server):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
+            "logit_bias": {"28": 100}, "ignore_eos": True}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
+    want = httpx.post(f"{server.url}/detokenize", json={"tokens": [28] * 4},
+                      timeout=60).json()["prompt"]
+    assert r.json()["choices"][0]["text"] == want
+    body["logit_bias"] = {"token": 1}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"

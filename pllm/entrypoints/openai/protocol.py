@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI API that the server speaks (field names as OpenAI's).
 
 Requests ignore unknown fields (the official clients send some, like ``user``);
-fields pllm cannot honour (``logit_bias``, ``suffix``, ``tools``) are rejected
+fields pllm cannot honour (``suffix``, ``tools``) are rejected
 with a 400 by the handlers rather than silently dropped. A few vLLM extensions
 (``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ...) are accepted.
 """

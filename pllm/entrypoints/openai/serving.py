@@ -171,8 +171,12 @@ async def structured_outputs(ctx: ServingContext, value: dict | None,
 def sampling_params(req: Any, *, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None = None,
                     structured: StructuredOutputsParams | None = None) -> SamplingParams:
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
+    bias = None
+    if req.logit_bias:  # OpenAI sends the token ids as JSON object keys: text
+        try:
+            bias = {int(token): value for token, value in req.logit_bias.items()}
+        except (TypeError, ValueError):
+            raise bad_request("logit_bias keys must be token ids", "logit_bias") from None
     try:
         return SamplingParams(
             n=req.n,
@@ -194,6 +198,7 @@ def sampling_params(req: Any, *, max_tokens: int | None, logprobs: int | None,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             structured_outputs=structured,
+            logit_bias=bias,
         )
     except SamplingParamsError as exc:
         raise from_value_error(exc) from exc
