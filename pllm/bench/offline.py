@@ -6,12 +6,15 @@ import time
 
 from pllm.bench.figures import latency_figures, throughput_figures
 from pllm.bench.workload import BenchRequest
-from pllm.core.sampling_params import SamplingParams
+from pllm.core.sampling_params import SamplingParams, StructuredOutputsParams
 
 
-def bench_params(output_len: int) -> SamplingParams:
-    """Greedy (as the HF baselines), exactly ``output_len`` tokens."""
-    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+def bench_params(output_len: int, schema: dict | None = None) -> SamplingParams:
+    """Greedy (as the HF baselines), exactly ``output_len`` tokens; with
+    ``schema``, held to that JSON schema (structured outputs)."""
+    structured = None if schema is None else StructuredOutputsParams(json=schema)
+    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                          structured_outputs=structured)
 
 
 def warm_up(llm, requests: list[BenchRequest], num_requests: int = 4, output_len: int = 4) -> None:
@@ -19,7 +22,8 @@ def warm_up(llm, requests: list[BenchRequest], num_requests: int = 4, output_len
 
     Its prompts repeat one token, so they share no prefix-cache block with the workload."""
     prompts = [[r.prompt_token_ids[0]] * 24 for r in requests[:num_requests]]
-    llm.generate(prompts, bench_params(output_len), use_tqdm=False)
+    params = [bench_params(output_len, r.schema) for r in requests[:num_requests]]
+    llm.generate(prompts, params, use_tqdm=False)
 
 
 def compilations(llm) -> tuple[int, float] | None:
@@ -40,7 +44,7 @@ def compile_figures(before: tuple[int, float] | None, after: tuple[int, float] |
 def run_throughput(llm, requests: list[BenchRequest], *, use_tqdm: bool = False) -> dict:
     """All requests submitted at once; the clock covers ``generate`` only."""
     warm_up(llm, requests)
-    params = [bench_params(r.output_len) for r in requests]
+    params = [bench_params(r.output_len, r.schema) for r in requests]
     before = compilations(llm)
     t0 = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=use_tqdm)
@@ -59,7 +63,8 @@ def run_throughput(llm, requests: list[BenchRequest], *, use_tqdm: bool = False)
 def _timed_request(engine, request_id: str, request: BenchRequest) -> tuple[float, list[float]]:
     """(submit time, time each output token came out of ``engine.step``)."""
     start = time.perf_counter()
-    engine.add_request(request_id, request.prompt_token_ids, bench_params(request.output_len))
+    engine.add_request(request_id, request.prompt_token_ids,
+                       bench_params(request.output_len, request.schema))
     stamps: list[float] = []
     while engine.has_unfinished_requests():
         outputs = engine.step()

@@ -35,6 +35,8 @@ class BenchArgumentError(ValueError):
 PLLM_BASELINE = "pllm-"  # pllm-DEVICE: pllm on another platform (throughput, latency)
 # pllm with the same arguments but no --speculative-config (throughput, latency).
 NO_SPEC = "no-spec"
+# The same requests without their --structured-output schemas (throughput).
+NO_STRUCTURED = "no-structured"
 
 
 def _baselines(kind: str, compare: list[str]) -> list[str]:
@@ -43,7 +45,8 @@ def _baselines(kind: str, compare: list[str]) -> list[str]:
     for item in compare:
         for name in filter(None, (s.strip() for s in item.split(","))):
             if kind in ("throughput", "latency") and (
-                    (name.startswith(PLLM_BASELINE) and len(name) > 5) or name == NO_SPEC):
+                    (name.startswith(PLLM_BASELINE) and len(name) > 5)
+                    or name in (NO_SPEC, NO_STRUCTURED)):
                 names += [name] if name not in names else []
                 continue
             if name not in known:
@@ -112,7 +115,7 @@ def run_throughput(args) -> dict:
     from pllm.bench.hf_baseline import BASELINE_MODES, run_baseline
     from pllm.bench.machine import peak_rss_bytes
     from pllm.bench.offline import run_throughput as pllm_throughput
-    from pllm.bench.workload import build_requests, parse_range, workload_summary
+    from pllm.bench.workload import build_requests, parse_range, with_schemas, workload_summary
 
     baselines = _baselines("throughput", args.compare)
     in_range = parse_range(args.input_len_range, "--input-len-range")
@@ -122,10 +125,16 @@ def run_throughput(args) -> dict:
     requests = build_requests(engine.tokenizer, engine.loaded.hf_config.vocab_size,
                               num_requests=args.num_prompts, input_range=in_range,
                               output_range=out_range, seed=args.seed, dataset=args.dataset)
+    plain = requests
+    if getattr(args, "structured_output", None) == "json":
+        requests = with_schemas(requests)
+    elif NO_STRUCTURED in baselines:
+        raise BenchArgumentError("--compare no-structured needs --structured-output")
     result = _header("throughput", engine.model_name)
     result["workload"] = {"num_prompts": args.num_prompts, "input_len_range": list(in_range),
                           "output_len_range": list(out_range), "seed": args.seed,
                           "dataset": args.dataset, "ignore_eos": True, "temperature": 0.0,
+                          "structured_output": getattr(args, "structured_output", None),
                           **workload_summary(requests)}
     result["engine_args"] = vars(ea)
     print(f"pllm: {len(requests)} requests ({result['workload']['num_prompt_tokens']} prompt + "
@@ -134,14 +143,17 @@ def run_throughput(args) -> dict:
     result["pllm"]["peak_rss_bytes"] = peak_rss_bytes()
     if (spec := spec_figures(engine)) is not None:
         result["pllm"]["spec_decode"] = spec
-    specs = {name: _baseline_spec(engine, BASELINE_MODES[name], requests) for name in baselines
-             if not name.startswith(PLLM_BASELINE) and name != NO_SPEC}
+    specs = {name: _baseline_spec(engine, BASELINE_MODES[name], plain) for name in baselines
+             if not name.startswith(PLLM_BASELINE) and name not in (NO_SPEC, NO_STRUCTURED)}
     llm.shutdown()
     del llm, engine  # pllm's weights and KV cache go back before a baseline loads its own
     gc.collect()
     result["baselines"] = {}
     for name in baselines:
-        if name.startswith(PLLM_BASELINE) or name == NO_SPEC:
+        if name == NO_STRUCTURED:
+            result["baselines"][name] = _pllm_on(ea, ea.device, plain,
+                                                 label="without the schemas")
+        elif name.startswith(PLLM_BASELINE) or name == NO_SPEC:
             result["baselines"][name] = _pllm_baseline(ea, name, requests)
     result["baseline_settings"] = {"hf_batch_size": args.hf_batch_size, "hf_order": args.hf_order,
                                    "hf_page_size": args.hf_page_size,
@@ -346,6 +358,7 @@ def run_serve(args) -> dict:
     result["workload"] = {"num_prompts": args.num_prompts, "input_len_range": list(in_range),
                           "output_len_range": list(out_range), "seed": args.seed,
                           "dataset": args.dataset, "ignore_eos": True, "temperature": 0.0,
+                          "structured_output": getattr(args, "structured_output", None),
                           "request_rates": ["inf" if math.isinf(r) else r
                                             for r in args.request_rate],
                           "max_seconds": args.max_seconds, "drain_seconds": args.drain_seconds,

@@ -8,6 +8,7 @@ tokens and 4,962 output tokens, whatever the prompt source.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -102,6 +103,7 @@ def grounded_prompts(tokenizer, num_requests: int, seed: int) -> list[list[int]]
 class BenchRequest:
     prompt_token_ids: list[int]
     output_len: int  # tokens the request asks for (generated with ignore_eos)
+    schema: dict | None = None  # a JSON schema its output is held to (structured outputs)
 
     @property
     def prompt_len(self) -> int:
@@ -206,3 +208,24 @@ def workload_summary(requests: list[BenchRequest]) -> dict:
         "num_prompt_tokens": sum(r.prompt_len for r in requests),
         "num_output_tokens": sum(r.output_len for r in requests),
     }
+
+
+def json_schema(index: int) -> dict:
+    """The ``--structured-output json`` schema of request ``index``: one of
+    eight (a schema per request, the compiler's cache sees repeats), each
+    an object holding an array of bounded integers and short labels too
+    long to close before any output length of the workload (at least 200
+    items, so every request runs to its length, as without the schema)."""
+    kind = index % 8
+    item = {"type": "object",
+            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999 + kind},
+                           "label": {"type": "string", "maxLength": 8 + kind}},
+            "required": ["id", "label"], "additionalProperties": False}
+    return {"type": "object", "properties": {f"readings_{kind}": {
+                "type": "array", "items": item, "minItems": 200}},
+            "required": [f"readings_{kind}"], "additionalProperties": False}
+
+
+def with_schemas(requests: list[BenchRequest]) -> list[BenchRequest]:
+    """The same requests, each held to its :func:`json_schema`."""
+    return [dataclasses.replace(r, schema=json_schema(i)) for i, r in enumerate(requests)]

@@ -57,7 +57,8 @@ def _add_compare_args(parser: argparse.ArgumentParser, kind: str) -> None:
                         f"('hf' = {' + '.join(BASELINE_CHOICES[kind]['hf'])}); or pllm-DEVICE: "
                         "pllm itself on another platform, with the same engine arguments and "
                         "requests (e.g. --device ipex --compare pllm-cpu); or no-spec: pllm "
-                        "without its --speculative-config")
+                        "without its --speculative-config; or no-structured: the requests "
+                        "without their --structured-output schemas")
     g.add_argument("--baseline-timeout", type=float, default=3600.0,
                    help="seconds a baseline may run before it is recorded as failed (default 3600)")
     if kind == "throughput":
@@ -73,6 +74,10 @@ def _add_compare_args(parser: argparse.ArgumentParser, kind: str) -> None:
 def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     EngineArgs.add_cli_args(parser, model_positional=False)  # --seed also seeds the workload
     _add_workload_args(parser, num_prompts=64)
+    parser.add_argument("--structured-output", choices=["json"], default=None,
+                        help="hold each request's output to a JSON schema (eight distinct "
+                             "ones, none that can close before the output length); "
+                             "--compare no-structured runs the same requests without")
     _add_compare_args(parser, "throughput")
     _add_output_args(parser)
 

@@ -275,3 +275,26 @@ def test_pllm_on_another_device_is_a_latency_baseline_too(tiny_model_dir, tmp_pa
     assert cpu["device"] == "cpu" and cpu["decode_tokens_per_s"] > 0 and cpu["ttft_s"] > 0
     assert result["ratios"]["pllm-cpu"] > 0 and result["ttft_speedups"]["pllm-cpu"] > 0
     assert 0 < cpu["bandwidth_fraction"]
+
+
+def test_throughput_with_structured_outputs_against_the_same_requests_without(tiny_model_dir,
+                                                                              tmp_path):
+    """``--structured-output json``: every request held to a schema that
+    cannot close before its length, so it runs to the same length as
+    without (``--compare no-structured``)."""
+    pytest.importorskip("xgrammar")
+    out = tmp_path / "s.json"
+    rc = bench_cmd.main(["throughput", "--model", tiny_model_dir, *ENGINE, "--num-prompts", "4",
+                         "--input-len-range", "4,20", "--output-len-range", "30,40",
+                         "--structured-output", "json", "--compare", "no-structured",
+                         "--no-plot", "--output-json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["workload"]["structured_output"] == "json"
+    pllm, plain = result["pllm"], result["baselines"]["no-structured"]
+    assert "error" not in plain, plain.get("error")
+    for run in (pllm, plain):
+        assert run["num_short_outputs"] == 0
+        assert run["num_useful_output_tokens"] == result["workload"]["num_output_tokens"]
+    assert result["ratios"]["no-structured"] == pytest.approx(
+        pllm["useful_output_tokens_per_s"] / plain["useful_output_tokens_per_s"])
