@@ -197,3 +197,25 @@ def test_logit_bias_reaches_the_sampler(server):
     body["logit_bias"] = {"token": 1}
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+
+
+def test_best_of_returns_the_n_samples_of_highest_logprob_per_token(server):
+    """best_of=4, n=2: the same four seeded samples as n=4, of which the two
+    with the highest mean token logprob, best first; usage counts all four."""
+    url = f"{server.url}/v1/completions"
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0,
+            "seed": 11, "logprobs": 0}
+    four = httpx.post(url, json={**body, "n": 4}, timeout=120).json()
+    mean = {c["text"]: sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"])
+            for c in four["choices"]}
+    best = httpx.post(url, json={**body, "n": 2, "best_of": 4}, timeout=120).json()
+    assert [c["index"] for c in best["choices"]] == [0, 1]
+    assert [c["text"] for c in best["choices"]] == sorted(mean, key=mean.get, reverse=True)[:2]
+    assert best["usage"]["completion_tokens"] == four["usage"]["completion_tokens"]
+    body.pop("logprobs")  # not asked for: ranked all the same, none returned
+    best = httpx.post(url, json={**body, "n": 2, "best_of": 4}, timeout=120).json()
+    assert [c["text"] for c in best["choices"]] == sorted(mean, key=mean.get, reverse=True)[:2]
+    assert all(c["logprobs"] is None for c in best["choices"])
+    for bad in ({"n": 3, "best_of": 2}, {"n": 1, "best_of": 2, "stream": True}):
+        r = httpx.post(url, json={**body, **bad}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of", r.text

@@ -6,6 +6,7 @@ Each prompt is one engine request; its ``n`` choices get the indices
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
@@ -91,13 +92,20 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     ctx.check_model(req.model)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise bad_request("best_of must equal n (or be left out)", "best_of")
+    best_of = req.n if req.best_of is None else req.best_of
+    if best_of < req.n:
+        raise bad_request(f"best_of ({best_of}) must be >= n ({req.n})", "best_of")
+    if best_of > req.n and req.stream:
+        raise bad_request("best_of > n cannot stream: the best are known at the end", "best_of")
     prompts = _normalize_prompts(ctx, req.prompt)
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+    # best_of > n ranks the samples by their logprob per token: each needs its own.
+    logprobs = req.logprobs if req.logprobs is not None or best_of == req.n else 0
+    params = sampling_params(req, max_tokens=req.max_tokens, logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs,
                              structured=await structured_outputs(ctx, req.structured_outputs))
+    if best_of > req.n:
+        params = dataclasses.replace(params, n=best_of)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await ctx.add_all(request_id, prompts, params, "prompt")
     echo = [_prompt_text(ctx, p) if req.echo else "" for p in prompts]
@@ -113,10 +121,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
         return Response(status_code=499)
     choices = []
     for p, out in enumerate(finals):
-        for comp in out.outputs:
+        for rank, comp in enumerate(_best(out.outputs, req.n)):
             state = _Choice(echo[p])
             choices.append(CompletionResponseChoice(
-                index=p * req.n + comp.index,
+                index=p * req.n + rank,
                 text=echo[p] + comp.text,
                 logprobs=_logprobs_for(ctx, req, out, comp, state, 0),
                 finish_reason=comp.finish_reason,
@@ -126,6 +134,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                                   choices=sorted(choices, key=lambda c: c.index),
                                   usage=_usage(finals))
     return JSONResponse(response.model_dump())
+
+
+def _best(samples: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """The ``n`` samples of highest log probability per token (OpenAI's
+    best_of), in that order; all of them, in their own order, when there are
+    only ``n``."""
+    if len(samples) <= n:
+        return sorted(samples, key=lambda c: c.index)
+    return sorted(samples, key=lambda c: -(c.cumulative_logprob or 0.0)
+                  / max(len(c.token_ids), 1))[:n]
 
 
 def _usage(outputs: list[RequestOutput]) -> UsageInfo:
