@@ -73,8 +73,10 @@ class SamplingMetadata:
         num_rows = len(seqs) if num_rows is None else num_rows
         pad = num_rows - len(seqs)
         ahead = ahead or [[] for _ in seqs]
+        # A grammar that has reached its end allows only its stop tokens:
+        # there the grammar wins over min_tokens.
         holding = [s.num_output_tokens + len(a) < p.min_tokens
-                   for s, p, a in zip(seqs, params, ahead)]
+                   and not _grammar_done(s) for s, p, a in zip(seqs, params, ahead)]
         if all(p.greedy and not p.has_penalties and p.logprobs is None and not h
                and not p.logit_bias for p, h in zip(params, holding)):
             return cls(num_rows, all_greedy=True)
@@ -141,6 +143,11 @@ class SamplingMetadata:
                    top_k=full(vocab_size, torch.long), top_p=full(1.0), min_p=full(0.0),
                    generators=[_seeded(0, device) if seeded else None] + [None] * (num_rows - 1),
                    num_logprobs=[None] * num_rows)
+
+
+def _grammar_done(seq: Sequence) -> bool:
+    matcher = getattr(seq, "matcher", None)
+    return matcher is not None and matcher.is_completed()
 
 
 def _min_tokens_banned(seq: Sequence) -> set[int]:

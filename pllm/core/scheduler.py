@@ -276,6 +276,8 @@ class Scheduler:
         left = self.config.max_num_batched_tokens
         for item in out.scheduled:
             seq = item.seq
+            if seq.matcher is not None:
+                continue  # constrained: never speculates, so the draft needs nothing of it
             end = seq.num_computed_tokens + item.num_new_tokens - len(item.draft)
             start = seq.num_draft_computed
             if item.draft and end - start > left:
@@ -326,9 +328,11 @@ class Scheduler:
         return True
 
     def pending_grammars(self) -> list:
-        """The grammars (futures) that waiting sequences wait for."""
+        """The grammars (futures) that waiting sequences wait for, done or
+        not: a grammar done since ``schedule`` looked is still pending here
+        (its sequence is admitted by the next ``schedule``)."""
         return [s.request.grammar for s in self.waiting
-                if s.request.grammar is not None and not s.request.grammar.done()]
+                if s.request.grammar is not None and s.matcher is None]
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         held: list[Sequence] = []  # waiting for their grammars: the rest go ahead

@@ -39,8 +39,10 @@ def _xgrammar():
 
 
 def _choice_ebnf(choices: list[str]) -> str:
-    # JSON string literals are EBNF string literals (the same escapes).
-    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+    # JSON string literals are EBNF string literals (the same escapes); the
+    # characters themselves, not \u escapes (xgrammar would read a surrogate
+    # pair as two code points).
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 def check(params: StructuredOutputsParams) -> None:
@@ -70,7 +72,9 @@ class GrammarCache:
         xgr = _xgrammar()
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
+        # pllm caches the compiled grammars itself (bounded): xgrammar's own
+        # cache would keep every one ever compiled.
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self.vocab_size = vocab_size
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pllm-grammar")
         self.futures: collections.OrderedDict = collections.OrderedDict()

@@ -181,3 +181,19 @@ def test_logit_bias_bans_and_forces_tokens(tiny_llm):
                          ({320: 1.0}, "not a token id of this model")]:
         with pytest.raises(SamplingParamsError, match=message):
             engine.add_request("bad", [1, 2], SamplingParams(logit_bias=bad))
+
+
+def test_choices_beyond_the_basic_plane_and_min_tokens_past_the_grammars_end(tiny_llm):
+    """An emoji choice is matched as its UTF-8 bytes (not as two surrogate
+    code points); min_tokens longer than the grammar yields to the grammar's
+    end instead of banning its only allowed token."""
+    engine = tiny_llm.llm_engine
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=2, n=4,
+                            structured_outputs={"choice": ["\U0001F600 ok", "fine"]})
+    (out,) = _generate(engine, ["how are you?"], params)
+    assert {s.text for s in out.outputs} <= {"\U0001F600 ok", "fine"}
+    assert all(s.finish_reason == "stop" for s in out.outputs)
+    params = SamplingParams(max_tokens=20, temperature=0.0, min_tokens=10,
+                            structured_outputs={"choice": ["yes"]})
+    (out,) = _generate(engine, ["ok?"], params)
+    assert (out.outputs[0].text, out.outputs[0].finish_reason) == ("yes", "stop")
