@@ -95,9 +95,12 @@ class DraftRunner:
     """Proposes drafts with the draft model: ``runner`` is a ModelRunner over
     the draft model and its own cache."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, keep_probs: bool = True) -> None:
         self.runner = runner
         self.block_size = runner.block_size
+        # Whether propose returns the sampled drafts' q (rank 0, which
+        # verifies; the other ranks only run the passes).
+        self.keep_probs = keep_probs
 
     def plan(self, sched: SchedulerOutput) -> DraftPlan | None:
         """The step's draft work (rank 0): each scheduled sequence's catch-up
@@ -176,7 +179,7 @@ class DraftRunner:
             for j, (i, token) in enumerate(zip(active, tokens.tolist())):
                 drafts[i].append(token)
                 generators[i] = gens[j]
-                if q is not None and not plan.params[i].greedy:
+                if self.keep_probs and q is not None and not plan.params[i].greedy:
                     probs[i].append(q[j])
         return (dict(zip(plan.seq_ids, drafts)),
                 {sid: torch.stack(rows) for sid, rows in zip(plan.seq_ids, probs) if rows})

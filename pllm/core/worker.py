@@ -161,7 +161,8 @@ class Worker:
                                               config.cache.torch_cache_dtype, self.device)
             self.runner.drafter = DraftRunner(ModelRunner(
                 self.draft_model, platform.make_attention_backend(), draft_caches, config,
-                self.device, platform.capabilities, graph_break=platform.graph_break))
+                self.device, platform.capabilities, graph_break=platform.graph_break),
+                keep_probs=self.tp.rank == 0)
         if platform.capabilities.static_shapes:
             self.warm_up()
 
