@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -77,6 +78,20 @@ class ServerProcess:
     def cleanup(self) -> None:
         self._log.close()
         os.unlink(self._log.name)
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], timeout: float = 300):
+    """A `pllm serve` started with ``args`` and healthy; stopped (and its
+    clean exit checked) afterwards."""
+    proc = ServerProcess(args)
+    try:
+        proc.wait_ready(timeout=timeout)
+        yield proc
+        assert proc.terminate(timeout=60) == 0, proc.log_tail()
+    finally:
+        proc.kill()
+        proc.cleanup()
 
 
 class ScriptedEngine:

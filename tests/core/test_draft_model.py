@@ -10,6 +10,7 @@ two tensor-parallel ranks and 8-bit caches are in the CPU's tests."""
 from __future__ import annotations
 
 import pytest
+from engine_utils import assert_one_distribution, generate_all
 
 from pllm import LLM, SamplingParams
 from pllm.loader import ModelLoadError
@@ -20,24 +21,13 @@ PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [30, 31, 30, 31, 30], list(range(40, 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-def _generate(engine, prompts, params):
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[f"r{i}"] for i in range(len(prompts))]
-
-
 def _tokens(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llm):
-    return _tokens(_generate(tiny_llm.llm_engine, PROMPTS, GREEDY))
+    return _tokens(generate_all(tiny_llm.llm_engine, PROMPTS, GREEDY))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def test_a_draft_model_gives_the_targets_greedy_tokens(tiny_model_dir, drafts, r
     try:
         engine = llm.llm_engine
         free = engine.kv.pool.num_free_blocks
-        assert _tokens(_generate(engine, PROMPTS, GREEDY)) == reference
+        assert _tokens(generate_all(engine, PROMPTS, GREEDY)) == reference
         spec = engine.get_stats().spec_decode
         assert spec.num_draft_tokens > 0
         if which == "itself":  # every draft kept, and a bonus token: 4 tokens a step
@@ -93,12 +83,12 @@ def test_draft_model_under_chunked_prefill_prefix_hits_and_preemption(tiny_model
         target_block = 2 * 8 * 2 * 16 * 4 * 2  # K and V, 8 tokens, 2 heads of 16, fp32, 2 layers
         assert engine.kv.num_total_blocks == 160 * 1024 // (2 * target_block)
         free = engine.kv.pool.num_free_blocks
-        assert _tokens(_generate(engine, PROMPTS + PROMPTS, GREEDY)) == reference + reference
+        assert _tokens(generate_all(engine, PROMPTS + PROMPTS, GREEDY)) == reference + reference
         # Prompts that carry the answers' first tokens hit blocks the
         # answers filled, some in steps that kept every draft.
         longer = [p + r[:16] for p, r in zip(PROMPTS, reference)]
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-        assert _tokens(_generate(engine, longer, params)) == [r[16:24] for r in reference]
+        assert _tokens(generate_all(engine, longer, params)) == [r[16:24] for r in reference]
         stats = engine.get_stats()
         assert stats.num_preemptions > 0, "the cache was meant to be too small for every request"
         assert stats.prefix_cache_hits > 0
@@ -118,23 +108,23 @@ def test_sampled_requests_with_n_logprobs_and_stops_under_a_draft_model(tiny_mod
         engine = llm.llm_engine
         params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, n=2, logprobs=2,
                                 seed=3, ignore_eos=True)
-        outs = _generate(engine, PROMPTS[:2], params)
+        outs = generate_all(engine, PROMPTS[:2], params)
         for out in outs:
             assert len(out.outputs) == 2
             for sample in out.outputs:
                 assert len(sample.token_ids) == 16 == len(sample.logprobs)
                 for token, entry in zip(sample.token_ids, sample.logprobs):
                     assert token in entry and entry[token].logprob <= 0
-        again = _generate(engine, PROMPTS[:2], params)  # seeded: reproducible
+        again = generate_all(engine, PROMPTS[:2], params)  # seeded: reproducible
         assert [[s.token_ids for s in o.outputs] for o in outs] == \
             [[s.token_ids for s in o.outputs] for o in again]
         # A stop token and max_tokens inside an accepted run: nothing past them.
         answer = reference[2]
         stop_at = answer[6]
-        (out,) = _generate(engine, [PROMPTS[2]], SamplingParams(
+        (out,) = generate_all(engine, [PROMPTS[2]], SamplingParams(
             max_tokens=24, temperature=0.0, stop_token_ids=[stop_at]))
         assert out.outputs[0].token_ids == answer[: answer.index(stop_at) + 1]
-        (out,) = _generate(engine, [PROMPTS[2]], SamplingParams(max_tokens=7, temperature=0.0,
+        (out,) = generate_all(engine, [PROMPTS[2]], SamplingParams(max_tokens=7, temperature=0.0,
                                                                 ignore_eos=True))
         assert out.outputs[0].token_ids == answer[:7]
         assert engine.get_stats().spec_decode.num_accepted_tokens > 0
@@ -176,12 +166,6 @@ def test_a_block_is_cached_once_both_models_computed_it(tiny_model_dir, drafts):
         llm.shutdown()
 
 
-def _chi_square_quantile_999(df: int) -> float:
-    """Wilson-Hilferty: the 0.999 quantile of chi-square with ``df`` degrees of freedom."""
-    z = 3.0902
-    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
-
-
 def test_sampled_drafts_keep_the_targets_distribution(tiny_llm, tiny_model_dir, drafts):
     """Many seeded requests; with a draft model their second token is its
     draw from ``q`` (the draft's top-4 at temperature 1), accepted with
@@ -213,14 +197,7 @@ def test_sampled_drafts_keep_the_targets_distribution(tiny_llm, tiny_model_dir, 
     finally:
         llm.shutdown()
     assert spec.num_draft_tokens == num and 0 < spec.num_accepted_tokens < num, spec
-    keys = sorted(set(plain) | set(drafted), key=lambda k: -(plain[k] + drafted[k]))
-    rows = [[plain[k], drafted[k]] for k in keys if plain[k] + drafted[k] >= 20]
-    rest = [num - sum(r[0] for r in rows), num - sum(r[1] for r in rows)]
-    if sum(rest) > 0:
-        rows.append(rest)
-    stat = sum((x - (a + b) / 2) ** 2 / ((a + b) / 2) for a, b in rows for x in (a, b))
-    assert len(rows) >= 4
-    assert stat < _chi_square_quantile_999(len(rows) - 1), (stat, rows)
+    assert_one_distribution(plain, drafted, num)
 
 
 def test_speculation_off_at_large_batches_and_the_draft_catches_up(tiny_llm, tiny_model_dir,
@@ -234,7 +211,7 @@ def test_speculation_off_at_large_batches_and_the_draft_catches_up(tiny_llm, tin
     import logging
 
     lengths = [4, 6, 10, 18, 30]
-    want = [_tokens(_generate(tiny_llm.llm_engine, [p], SamplingParams(
+    want = [_tokens(generate_all(tiny_llm.llm_engine, [p], SamplingParams(
         max_tokens=n, temperature=0.0, ignore_eos=True)))[0] for p, n in zip(PROMPTS, lengths)]
     llm = LLM(tiny_model_dir, device="fakeaccel", kv_cache_memory="16MB", max_model_len=128,
               max_num_batched_tokens=32, speculative_config={

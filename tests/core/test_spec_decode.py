@@ -13,6 +13,7 @@ import contextlib
 
 import pytest
 import torch
+from engine_utils import assert_one_distribution, generate_all
 
 from pllm import LLM, SamplingParams
 from pllm.core.config import SpeculativeConfig
@@ -108,6 +109,27 @@ class _Seq:
         self.token_ids, self.output_token_ids = [], []
 
 
+VERIFY_ROWS = 40_000
+VERIFY_LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0])
+
+
+def _verified_counts(params: SamplingParams, drafts: torch.Tensor, q: torch.Tensor | None = None):
+    """``verify`` on VERIFY_ROWS rows of the same target logits, one draft
+    each (drawn from ``q`` when given, else point masses): how often each
+    token was emitted, the target's filtered distribution ``p``, and the
+    per-row verdicts."""
+    vocab, rows = len(VERIFY_LOGITS), len(drafts)
+    logits = VERIFY_LOGITS.expand(rows, vocab).contiguous()
+    seqs = [_Seq(params)] * rows
+    md = SamplingMetadata.build(seqs, vocab, torch.device("cpu"))
+    want = _filter(VERIFY_LOGITS[None],
+                   SamplingMetadata.build(seqs[:1], vocab, torch.device("cpu"))).softmax(-1)[0]
+    result = verify(logits, md, drafts.tolist(), None if q is None else q.expand(rows, vocab))
+    accepted = torch.tensor(result.accepted)
+    emitted = torch.where(accepted, drafts, torch.tensor(result.token_ids))
+    return torch.bincount(emitted, minlength=vocab).double(), want, accepted
+
+
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     keep = expected > 0
@@ -128,16 +150,8 @@ def test_a_sampled_row_emits_the_targets_own_distribution_whatever_the_draft(par
     renormalising it) moves the draft's frequency by p(d)(1 - p(d)), which
     this test sees wherever the draft is possible (0 < p(d) < 1)."""
     torch.manual_seed(1)
-    vocab, rows = 8, 40_000
-    base = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0])
-    logits = base.expand(rows, vocab).contiguous()
-    seqs = [_Seq(params)] * rows
-    md = SamplingMetadata.build(seqs, vocab, torch.device("cpu"))
-    want = _filter(base[None], SamplingMetadata.build(seqs[:1], vocab, torch.device("cpu"))).softmax(-1)[0]
-    result = verify(logits, md, [draft] * rows)
-    accepted = torch.tensor(result.accepted)
-    emitted = torch.where(accepted, torch.tensor(draft), torch.tensor(result.token_ids))
-    counts = torch.bincount(emitted, minlength=vocab).double()
+    drafts = torch.full((VERIFY_ROWS,), draft)
+    counts, want, accepted = _verified_counts(params, drafts)
     # chi-square with 7 degrees of freedom: 24.3 is its 0.999 quantile.
     assert _chi_square(counts, want.double()) < 24.3
     assert abs(accepted.double().mean() - want[draft]) < 0.01  # accepted with probability p(d)
@@ -156,17 +170,6 @@ def test_seeded_rows_verify_reproducibly():
 
 
 # ---------------------------------------------------------------- the engine
-
-
-def _generate(engine, prompts, params) -> list[list[int]]:
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[f"r{i}"] for i in range(len(prompts))]
 
 
 @contextlib.contextmanager
@@ -195,7 +198,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def reference(tiny_llm):
     engine = tiny_llm.llm_engine
-    return [o.outputs[0].token_ids for o in _generate(engine, PROMPTS, GREEDY)]
+    return [o.outputs[0].token_ids for o in generate_all(engine, PROMPTS, GREEDY)]
 
 
 def test_ngram_speculation_gives_the_same_greedy_tokens(tiny_llm, reference):
@@ -203,7 +206,7 @@ def test_ngram_speculation_gives_the_same_greedy_tokens(tiny_llm, reference):
     ngram = NgramProposer(SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1,
                                             prompt_lookup_max=3))
     with _speculating(engine, ngram) as stats:
-        got = [o.outputs[0].token_ids for o in _generate(engine, PROMPTS, GREEDY)]
+        got = [o.outputs[0].token_ids for o in generate_all(engine, PROMPTS, GREEDY)]
     assert got == reference
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
     assert stats.mean_accepted_length > 1
@@ -269,7 +272,7 @@ def test_always_right_and_always_wrong_drafts(tiny_llm, reference, right):
     engine = tiny_llm.llm_engine
     answers = {tuple(p): r for p, r in zip(PROMPTS, reference)}
     with _speculating(engine, _Scripted(answers, right)) as stats:
-        got = [o.outputs[0].token_ids for o in _generate(engine, PROMPTS, GREEDY)]
+        got = [o.outputs[0].token_ids for o in generate_all(engine, PROMPTS, GREEDY)]
     assert got == reference
     assert stats.num_draft_tokens > 0
     if right:  # every draft kept, and a bonus token: 4 tokens a step
@@ -288,12 +291,12 @@ def test_stops_inside_an_accepted_run_keep_nothing_past_them(tiny_llm, reference
     first = answer.index(stop_at)
     params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[stop_at])
     with _speculating(engine, _Scripted(answers, True, k=4)):
-        (out,) = _generate(engine, [prompt], params)
+        (out,) = generate_all(engine, [prompt], params)
     assert out.outputs[0].token_ids == answer[: first + 1]
     assert out.outputs[0].finish_reason == "stop"
     # max_tokens inside a run: exactly max_tokens, never more.
     with _speculating(engine, _Scripted(answers, True, k=4)):
-        (out,) = _generate(engine, [prompt], SamplingParams(max_tokens=7, temperature=0.0,
+        (out,) = generate_all(engine, [prompt], SamplingParams(max_tokens=7, temperature=0.0,
                                                             ignore_eos=True))
     assert out.outputs[0].token_ids == answer[:7]
 
@@ -307,7 +310,7 @@ def test_speculation_under_chunked_prefill_prefix_hits_and_preemption(tiny_model
               max_model_len=128, max_num_batched_tokens=32, speculative_config=spec)
     engine = llm.llm_engine
     free = engine.kv.pool.num_free_blocks
-    got = [o.outputs[0].token_ids for o in _generate(engine, PROMPTS + PROMPTS, GREEDY)]
+    got = [o.outputs[0].token_ids for o in generate_all(engine, PROMPTS + PROMPTS, GREEDY)]
     assert got == reference + reference
     stats = engine.get_stats()
     assert stats.num_preemptions > 0, "the cache was meant to be too small for every request"
@@ -322,7 +325,7 @@ def test_sampled_requests_with_logprobs_and_n_run_under_speculation(tiny_llm):
     params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, n=2, logprobs=2, seed=3,
                             ignore_eos=True)
     with _speculating(engine, _Repeat()) as stats:
-        outs = _generate(engine, PROMPTS[:2], params)
+        outs = generate_all(engine, PROMPTS[:2], params)
     assert stats.num_draft_tokens > 0
     for out in outs:
         assert len(out.outputs) == 2
@@ -332,7 +335,7 @@ def test_sampled_requests_with_logprobs_and_n_run_under_speculation(tiny_llm):
             for token, entry in zip(sample.token_ids, sample.logprobs):
                 assert token in entry and entry[token].logprob <= 0
     with _speculating(engine, _Repeat()):
-        again = _generate(engine, PROMPTS[:2], params)
+        again = generate_all(engine, PROMPTS[:2], params)
     assert [[s.token_ids for s in o.outputs] for o in outs] == \
         [[s.token_ids for s in o.outputs] for o in again]  # seeded: reproducible
 
@@ -349,11 +352,11 @@ def test_penalties_and_min_tokens_hold_at_every_draft_position(tiny_llm, params)
     speculation, with true drafts (all kept) and with repeats (some kept)."""
     engine = tiny_llm.llm_engine
     prompts = PROMPTS[:3]
-    want = _generate(engine, prompts, params)
+    want = generate_all(engine, prompts, params)
     answers = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, want)}
     for proposer in (_Scripted(answers, True), _Repeat()):
         with _speculating(engine, proposer) as stats:
-            got = _generate(engine, prompts, params)
+            got = generate_all(engine, prompts, params)
         assert stats.num_draft_tokens > 0
         for g, w in zip(got, want):
             assert g.outputs[0].token_ids == w.outputs[0].token_ids
@@ -375,9 +378,9 @@ def test_a_draft_of_eos_inside_min_tokens_is_never_kept(tiny_llm):
         def propose(self, seq, max_drafts):
             return [eos] * min(2, max_drafts)
 
-    (want,) = _generate(engine, [PROMPTS[1]], params)
+    (want,) = generate_all(engine, [PROMPTS[1]], params)
     with _speculating(engine, _Eos()) as stats:
-        (got,) = _generate(engine, [PROMPTS[1]], params)
+        (got,) = generate_all(engine, [PROMPTS[1]], params)
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
     assert eos not in got.outputs[0].token_ids and len(got.outputs[0].token_ids) == 8
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == 0
@@ -425,18 +428,12 @@ def test_a_requests_first_token_is_never_speculated(tiny_llm):
     prompt = list(range(60, 60 + 33))  # two full 16-token blocks and one token
     params = SamplingParams(max_tokens=6, temperature=0.0, n=3, ignore_eos=True)
     with _speculating(engine, _Repeat()) as stats:
-        _generate(engine, [prompt], SamplingParams(max_tokens=1, temperature=0.0))
-        (out,) = _generate(engine, [prompt], params)
+        generate_all(engine, [prompt], SamplingParams(max_tokens=1, temperature=0.0))
+        (out,) = generate_all(engine, [prompt], params)
     assert out.num_cached_tokens == 32
     assert [len(s.token_ids) for s in out.outputs] == [6, 6, 6]
     assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
     assert stats.num_draft_tokens > 0
-
-
-def _chi_square_quantile_999(df: int) -> float:
-    """Wilson-Hilferty: the 0.999 quantile of chi-square with ``df`` degrees of freedom."""
-    z = 3.0902
-    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
 
 
 def test_sampled_tokens_through_the_engine_keep_their_distribution(tiny_llm):
@@ -448,7 +445,7 @@ def test_sampled_tokens_through_the_engine_keep_their_distribution(tiny_llm):
 
     engine = tiny_llm.llm_engine
     prompt = PROMPTS[1]
-    (greedy,) = _generate(engine, [prompt], SamplingParams(max_tokens=3, temperature=0.0,
+    (greedy,) = generate_all(engine, [prompt], SamplingParams(max_tokens=3, temperature=0.0,
                                                            ignore_eos=True))
     answers = {tuple(prompt): greedy.outputs[0].token_ids}
     num = 1500
@@ -469,19 +466,7 @@ def test_sampled_tokens_through_the_engine_keep_their_distribution(tiny_llm):
     with _speculating(engine, _Scripted(answers, True, k=1)) as stats:
         drafted = pairs(10**6)
     assert stats.num_draft_tokens == num and 0 < stats.num_accepted_tokens < num
-    # Categories with enough draws in both; the rest pooled into one.
-    keys = sorted(set(plain) | set(drafted), key=lambda k: -(plain[k] + drafted[k]))
-    big = [k for k in keys if plain[k] + drafted[k] >= 20]
-    rows = [[plain[k], drafted[k]] for k in big]
-    rest = [num - sum(r[0] for r in rows), num - sum(r[1] for r in rows)]
-    if sum(rest) > 0:
-        rows.append(rest)
-    stat = 0.0
-    for a, b in rows:
-        expected = (a + b) / 2
-        stat += (a - expected) ** 2 / expected + (b - expected) ** 2 / expected
-    assert len(rows) >= 4
-    assert stat < _chi_square_quantile_999(len(rows) - 1), (stat, rows)
+    assert_one_distribution(plain, drafted, num)
 
 
 @pytest.mark.parametrize("params", [
@@ -500,17 +485,8 @@ def test_drafts_drawn_from_q_emit_the_targets_own_distribution(params, q_logits)
     are p itself; a residual of p with only the draft taken out, or an
     acceptance of p(d) alone, fails this."""
     torch.manual_seed(2)
-    vocab, rows = 8, 40_000
-    base = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0])
-    logits = base.expand(rows, vocab).contiguous()
-    seqs = [_Seq(params)] * rows
-    md = SamplingMetadata.build(seqs, vocab, torch.device("cpu"))
-    want = _filter(base[None], SamplingMetadata.build(seqs[:1], vocab, torch.device("cpu"))).softmax(-1)[0]
     q = torch.tensor(q_logits).softmax(-1)
-    drafts = torch.multinomial(q, rows, replacement=True)
-    result = verify(logits, md, drafts.tolist(), q.expand(rows, vocab))
-    accepted = torch.tensor(result.accepted)
-    emitted = torch.where(accepted, drafts, torch.tensor(result.token_ids))
-    counts = torch.bincount(emitted, minlength=vocab).double()
+    drafts = torch.multinomial(q, VERIFY_ROWS, replacement=True)
+    counts, want, accepted = _verified_counts(params, drafts, q)
     assert accepted.any()  # all of them where q is p
     assert _chi_square(counts, want.double()) < 24.3

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import torch
+from engine_utils import generate_all
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -52,15 +53,6 @@ def _valid(obj) -> bool:
             and len(obj["tags"]) <= 3 and all(t in ("a", "b") for t in obj["tags"]))
 
 
-def _generate(engine, prompts, params):
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    return [done[f"r{i}"] for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("params", [CASES["json"][0], CASES["regex"][0], CASES["grammar"][0]])
 def test_the_device_mask_is_xgrammars_along_random_token_streams(tiny_llm, params):
     """Random streams of allowed tokens: at every position the tokens pllm's
@@ -95,7 +87,7 @@ def test_outputs_hold_to_their_grammar_and_finish_with_stop(tiny_llm, case, temp
     structured, valid = CASES[case]
     params = SamplingParams(max_tokens=80, temperature=temperature, seed=1, n=2,
                             structured_outputs=structured)
-    outs = _generate(tiny_llm.llm_engine, ["hello there", [5, 6, 7], "The capital"], params)
+    outs = generate_all(tiny_llm.llm_engine, ["hello there", [5, 6, 7], "The capital"], params)
     for out in outs:
         assert len(out.outputs) == 2
         for sample in out.outputs:
@@ -111,7 +103,7 @@ def test_structured_requests_under_chunks_prefix_hits_and_preemption(tiny_model_
         prompts = [list(range(40, 75)), [9] * 20, [12, 13, 14], list(range(40, 75))] * 2
         params = SamplingParams(max_tokens=90, temperature=0.8, seed=3,
                                 structured_outputs=CASES["json"][0])
-        outs = _generate(engine, prompts, params)
+        outs = generate_all(engine, prompts, params)
         for out in outs:
             assert out.outputs[0].finish_reason == "stop"
             assert _valid(json.loads(out.outputs[0].text))
@@ -167,15 +159,15 @@ def test_a_bad_grammar_is_refused_by_name(tiny_llm, value, message):
 def test_logit_bias_bans_and_forces_tokens(tiny_llm):
     engine = tiny_llm.llm_engine
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    (plain,) = _generate(engine, [[5, 6, 7]], greedy)
+    (plain,) = generate_all(engine, [[5, 6, 7]], greedy)
     first = plain.outputs[0].token_ids[0]
     banned = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
                             logit_bias={first: -100.0})
-    (out,) = _generate(engine, [[5, 6, 7]], banned)
+    (out,) = generate_all(engine, [[5, 6, 7]], banned)
     assert first not in out.outputs[0].token_ids
     forced = SamplingParams(max_tokens=6, temperature=1.0, seed=0, ignore_eos=True,
                             logit_bias={77: 100.0}, logprobs=1)
-    (out,) = _generate(engine, [[5, 6, 7]], forced)
+    (out,) = generate_all(engine, [[5, 6, 7]], forced)
     assert out.outputs[0].token_ids == [77] * 6
     for bad, message in [({-1: 1.0}, "not a token id"), ({3: 101.0}, r"in \[-100, 100\]"),
                          ({320: 1.0}, "not a token id of this model")]:
@@ -190,10 +182,10 @@ def test_choices_beyond_the_basic_plane_and_min_tokens_past_the_grammars_end(tin
     engine = tiny_llm.llm_engine
     params = SamplingParams(max_tokens=20, temperature=1.0, seed=2, n=4,
                             structured_outputs={"choice": ["\U0001F600 ok", "fine"]})
-    (out,) = _generate(engine, ["how are you?"], params)
+    (out,) = generate_all(engine, ["how are you?"], params)
     assert {s.text for s in out.outputs} <= {"\U0001F600 ok", "fine"}
     assert all(s.finish_reason == "stop" for s in out.outputs)
     params = SamplingParams(max_tokens=20, temperature=0.0, min_tokens=10,
                             structured_outputs={"choice": ["yes"]})
-    (out,) = _generate(engine, ["ok?"], params)
+    (out,) = generate_all(engine, ["ok?"], params)
     assert (out.outputs[0].text, out.outputs[0].finish_reason) == ("yes", "stop")

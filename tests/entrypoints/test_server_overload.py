@@ -14,7 +14,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-from server_utils import ServerProcess, metric  # noqa: E402
+from server_utils import metric, running_server  # noqa: E402
 
 BLOCK_SIZE = 16
 CAPACITY_TOKENS = 512  # 2 layers x 2 KV heads x 16 dims x fp32 x K and V = 512 B a token
@@ -24,16 +24,10 @@ MAX_TOKENS = 120  # with the prompt, 16 streams hold 4x the cache at their end
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_dir):
-    proc = ServerProcess([tiny_model_dir, "--device", "cpu", "--block-size", str(BLOCK_SIZE),
-                          "--kv-cache-memory", str(CAPACITY_TOKENS * 512),
-                          "--max-model-len", "256", "--max-num-seqs", str(NUM_STREAMS)])
-    try:
-        proc.wait_ready(timeout=300)
+    with running_server([tiny_model_dir, "--device", "cpu", "--block-size", str(BLOCK_SIZE),
+                         "--kv-cache-memory", str(CAPACITY_TOKENS * 512),
+                         "--max-model-len", "256", "--max-num-seqs", str(NUM_STREAMS)]) as proc:
         yield proc
-        assert proc.terminate(timeout=60) == 0, proc.log_tail()
-    finally:
-        proc.kill()
-        proc.cleanup()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-from server_utils import ServerProcess, metric  # noqa: E402
+from server_utils import metric, running_server  # noqa: E402
 
 from pllm import SamplingParams  # noqa: E402
 
@@ -23,15 +23,9 @@ MAX_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def spec_server(tiny_model_dir):
-    proc = ServerProcess([tiny_model_dir, "--device", "cpu", "--kv-cache-memory", "16MB",
-                          "--max-model-len", "128", "--speculative-config", json.dumps(SPEC)])
-    try:
-        proc.wait_ready(timeout=300)
+    with running_server([tiny_model_dir, "--device", "cpu", "--kv-cache-memory", "16MB",
+                         "--max-model-len", "128", "--speculative-config", json.dumps(SPEC)]) as proc:
         yield proc
-        assert proc.terminate(timeout=60) == 0, proc.log_tail()
-    finally:
-        proc.kill()
-        proc.cleanup()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("xgrammar")
 from pydantic import BaseModel, Field  # noqa: E402
-from server_utils import ServerProcess  # noqa: E402
+from server_utils import running_server  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -110,14 +110,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess(["--kv-cache-memory", "1GiB", "--max-model-len", "2048"])
-    try:
-        proc.wait_ready(timeout=300)
+    with running_server(["--kv-cache-memory", "1GiB", "--max-model-len", "2048"]) as proc:
         yield proc
-        assert proc.terminate(timeout=60) == 0, proc.log_tail()
-    finally:
-        proc.kill()
-        proc.cleanup()
 
 
 @pytest.fixture(scope="module")
