@@ -141,21 +141,29 @@ class LLMEngine:
         check_text(prompt, "prompt")
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
-    def render_chat(self, messages: list[dict],
-                    add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """A conversation as prompt text and token ids. The template writes
         the special tokens it wants, so none are added when tokenizing."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         check_text(text, "messages")
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def chat_template_renders_tools(self) -> bool:
+        """Whether the chat template tells the model about the tools it is given."""
+        return "tools" in (self.loaded.chat_template or "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """``tools``: OpenAI's tool definitions, which the template renders
+        (transformers' ``tools`` argument) if it knows how."""
         if not self.loaded.chat_template:
             raise ValueError("this model has no chat template; pass --chat-template")
         try:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.loaded.chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt, tools=tools or None,
             )
         except Exception as exc:  # jinja errors on malformed messages
             raise ValueError(f"messages do not fit the chat template: {exc}") from exc

@@ -21,6 +21,7 @@ import socket
 import sys
 
 from pllm.entrypoints.engine_args import EngineArgs, positive_int
+from pllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 # Streams should not freeze while long prompts are prefilled: while requests
 # decode, a server's steps aim at this many ms (--target-itl-ms; 0: off).
@@ -58,6 +59,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-body-bytes", type=positive_int, default=8 << 20,
                    help="largest request body accepted; a larger one gets HTTP 413 "
                         "(default 8388608, 8 MiB)")
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how tool calls are read out of the model's text for tool_choice "
+                        "auto: hermes (<tool_call>{...}</tool_call>, Hermes/Qwen templates) "
+                        "or llama3_json ({\"name\": ..., \"parameters\": ...}, Llama 3.1+)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let requests with tools use tool_choice "auto" (the default when '
+                        "tools are given); needs --tool-call-parser")
     g.add_argument("--max-waiting-requests", type=positive_int, default=None,
                    help="most requests waiting for the engine; beyond that new ones get "
                         "HTTP 503 with Retry-After (default: no limit)")
@@ -86,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from pllm.core.engine import LLMEngine
 
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        print("pllm serve: error: --enable-auto-tool-choice needs --tool-call-parser "
+              f"({', '.join(sorted(TOOL_PARSERS))})", file=sys.stderr)
+        return 1
     engine_args = EngineArgs.from_cli_args(args)
     if engine_args.target_itl_ms is None:
         engine_args.target_itl_ms = SERVE_TARGET_ITL_MS
@@ -105,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         app = build_app(engine, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
                         should_exit=lambda: server is not None and server.should_exit,
                         max_request_body_bytes=args.max_request_body_bytes,
-                        max_waiting_requests=args.max_waiting_requests)
+                        max_waiting_requests=args.max_waiting_requests,
+                        tool_call_parser=args.tool_call_parser,
+                        enable_auto_tool_choice=args.enable_auto_tool_choice)
         # The app aborts what is left after --shutdown-timeout; uvicorn's own limit
         # (which cancels connection tasks outright) is only a backstop behind it.
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level,

@@ -34,6 +34,8 @@ def parse(*args: str) -> argparse.Namespace:
     ("--kv-cache-memory", "0GiB", "must be more than 0 bytes, got '0GiB'"),
     ("--max-request-body-bytes", "0", "must be >= 1, got 0"),
     ("--max-waiting-requests", "0", "must be >= 1, got 0"),
+    ("--tool-call-parser", "mistral",
+     "invalid choice: 'mistral' (choose from 'hermes', 'llama3_json')"),
 ])
 def test_bad_values_are_refused_when_parsing(capsys, flag, value, reason):
     with pytest.raises(SystemExit) as exc:
@@ -72,3 +74,10 @@ def test_kv_cache_memory_beyond_the_host_is_refused(tiny_model_dir):
     last = res.stderr.splitlines()[-1]
     assert last.startswith("pllm serve: error: --kv-cache-memory 100000.00 GiB is more than the ")
     assert "of RAM available on this host" in last
+
+
+def test_auto_tool_choice_needs_a_parser(tiny_model_dir):
+    res = serve(tiny_model_dir, "--port", "0", "--enable-auto-tool-choice")
+    assert res.returncode != 0
+    assert res.stderr == ("pllm serve: error: --enable-auto-tool-choice needs --tool-call-parser "
+                          "(hermes, llama3_json)\n")

@@ -56,7 +56,9 @@ def build_app(engine: Any, *, api_key: str | None = None,
               should_exit: Callable[[], bool] | None = None,
               shutdown_timeout: float = 10.0,
               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
-              max_waiting_requests: int | None = None) -> FastAPI:
+              max_waiting_requests: int | None = None,
+              tool_call_parser: str | None = None,
+              enable_auto_tool_choice: bool = False) -> FastAPI:
     """An app serving ``engine`` (an LLMEngine); its engine thread runs during the lifespan.
 
     ``should_exit`` tells when the HTTP server began a graceful shutdown; the
@@ -68,7 +70,13 @@ def build_app(engine: Any, *, api_key: str | None = None,
     ctx = ServingContext(async_engine=async_engine, model_name=engine.model_name,
                          max_model_len=engine.max_model_len, tokenizer=engine.tokenizer,
                          engine=engine, max_num_seqs=engine.config.scheduler.max_num_seqs,
-                         max_waiting_requests=max_waiting_requests)
+                         max_waiting_requests=max_waiting_requests,
+                         tool_parser=tool_call_parser,
+                         enable_auto_tool_choice=enable_auto_tool_choice)
+    if tool_call_parser and not engine.chat_template_renders_tools:
+        logger.warning("the chat template does not render tools: the model is not told which "
+                       "tools it has; pass a --chat-template that does (such as the repository's "
+                       "examples/tool_chat_template_chatml_hermes.jinja for ChatML models)")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -176,7 +184,8 @@ def _ops_router(ctx: ServingContext, metrics: ServerMetrics, auth: Any) -> APIRo
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError(400, "give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            prompt = await render_chat_prompt(ctx, req.messages, req.add_generation_prompt)
+            prompt = await render_chat_prompt(ctx, req.messages, req.add_generation_prompt,
+                                              req.tools)
             ids = prompt["prompt_token_ids"]
         else:
             ids = await ctx.tokenize(req.prompt, "prompt", req.add_special_tokens)

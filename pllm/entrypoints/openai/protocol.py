@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI API that the server speaks (field names as OpenAI's).
 
 Requests ignore unknown fields (the official clients send some, like ``user``);
-fields pllm cannot honour (``suffix``, ``tools``) are rejected
+fields pllm cannot honour (``suffix``) are rejected
 with a 400 by the handlers rather than silently dropped. A few vLLM extensions
 (``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ...) are accepted.
 """
@@ -130,6 +130,8 @@ class ChatMessage(OpenAIBaseModel):
     # an assistant turn that only called tools.
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: which call it answers
 
 
 class ResponseFormat(OpenAIBaseModel):
@@ -147,6 +149,7 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # False: at most one call
     add_generation_prompt: bool = True
 
 
@@ -164,9 +167,21 @@ class ChatChoiceLogprobs(OpenAIBaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -189,6 +204,9 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    # {"index", "id", "type", "function": {"name", "arguments"}}: the first
+    # delta of a call has its id and name, the next ones more arguments.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):
@@ -228,6 +246,7 @@ class TokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered with messages by the chat template
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 

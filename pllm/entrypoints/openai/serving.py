@@ -43,6 +43,8 @@ class ServingContext:
     engine: Any  # tokenize / render_chat (read-only, safe off the engine thread)
     max_num_seqs: int  # a request's n choices must fit one batch
     max_waiting_requests: int | None = None  # beyond it, new requests get a 503
+    tool_parser: str | None = None  # --tool-call-parser
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
     _token_text: dict[int, str] = field(default_factory=dict)
     # Tokenizing and chat templating run here, never on the event loop: a long
     # prompt must not stall every other stream and /health. One thread, as
