@@ -213,3 +213,47 @@ def test_best_of_returns_the_n_samples_of_highest_logprob_per_token(server):
     for bad in ({"n": 3, "best_of": 2}, {"n": 1, "best_of": 2, "stream": True}):
         r = httpx.post(url, json={**body, **bad}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of", r.text
+
+
+def test_tools_without_a_tool_call_parser_need_a_forced_choice(server):
+    """A server started without --enable-auto-tool-choice: tools with the
+    default choice (auto) are a 400 saying which flags it needs; a named
+    function still works, its arguments held to the function's schema."""
+    tool = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"]}}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Add 2 and 3."}],
+            "tools": [tool], "max_tokens": 40, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "tool_choice" and "--enable-auto-tool-choice" in error["message"]
+    body["tool_choice"] = {"type": "function", "function": {"name": "add"}}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "add"
+    assert set(json.loads(call["function"]["arguments"])) == {"a", "b"}
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, server):
+    """echo with max_tokens 0: the prompt's text and its tokens' logprobs
+    (the same as a request that also generates gives), and no completion."""
+    prompt = "The capital of France is Paris."
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                       logprobs=2, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == prompt and len(lp.tokens) == scored.usage.prompt_tokens
+    generated = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True,
+                                          logprobs=2, temperature=0).choices[0].logprobs
+    assert generated.token_logprobs[:len(lp.tokens)] == lp.token_logprobs
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": prompt, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

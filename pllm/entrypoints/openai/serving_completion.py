@@ -2,6 +2,8 @@
 
 Each prompt is one engine request; its ``n`` choices get the indices
 ``prompt_index * n + i`` in the response, as OpenAI numbers them.
+``echo`` with ``max_tokens`` 0 scores a prompt: its text and, with
+``logprobs``, its tokens' logprobs, and no completion.
 """
 
 from __future__ import annotations
@@ -97,11 +99,17 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
         raise bad_request(f"best_of ({best_of}) must be >= n ({req.n})", "best_of")
     if best_of > req.n and req.stream:
         raise bad_request("best_of > n cannot stream: the best are known at the end", "best_of")
+    prompt_only = req.max_tokens == 0
+    if prompt_only and not req.echo:
+        raise bad_request("max_tokens must be >= 1 (0 only with echo, to score the prompt)",
+                          "max_tokens")
     prompts = _normalize_prompts(ctx, req.prompt)
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     # best_of > n ranks the samples by their logprob per token: each needs its own.
     logprobs = req.logprobs if req.logprobs is not None or best_of == req.n else 0
-    params = sampling_params(req, max_tokens=req.max_tokens, logprobs=logprobs,
+    # A prompt is scored by the pass that samples its first token (then dropped).
+    params = sampling_params(req, max_tokens=1 if prompt_only else req.max_tokens,
+                             logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs,
                              structured=await structured_outputs(ctx, req.structured_outputs))
     if best_of > req.n:
@@ -112,13 +120,15 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            _stream(ctx, req, request_id, streams, echo, include_usage),
+            _stream(ctx, req, request_id, streams, echo, include_usage, prompt_only),
             media_type="text/event-stream",
         )
     try:
         finals = await collect_final(ctx, streams, raw_request)
     except ClientDisconnected:
         return Response(status_code=499)
+    if prompt_only:
+        finals = [_prompt_only(out) for out in finals]
     choices = []
     for p, out in enumerate(finals):
         for rank, comp in enumerate(_best(out.outputs, req.n)):
@@ -134,6 +144,18 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                                   choices=sorted(choices, key=lambda c: c.index),
                                   usage=_usage(finals))
     return JSONResponse(response.model_dump())
+
+
+def _prompt_only(out: RequestOutput) -> RequestOutput:
+    """``out`` without the token sampled to score its prompt (``max_tokens`` 0)."""
+    if not out.finished:
+        return dataclasses.replace(out, outputs=[])
+    return dataclasses.replace(out, outputs=[
+        dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
+                            cumulative_logprob=None if c.cumulative_logprob is None else 0.0,
+                            finish_reason="length" if c.finish_reason != "abort" else "abort",
+                            stop_reason=None)
+        for c in out.outputs])
 
 
 def _best(samples: list[CompletionOutput], n: int) -> list[CompletionOutput]:
@@ -154,11 +176,14 @@ def _usage(outputs: list[RequestOutput]) -> UsageInfo:
 
 
 async def _stream(ctx: ServingContext, req: CompletionRequest, request_id: str,
-                  streams: list, echo: list[str], include_usage: bool) -> AsyncIterator[str]:
+                  streams: list, echo: list[str], include_usage: bool,
+                  prompt_only: bool) -> AsyncIterator[str]:
     states: dict[int, _Choice] = {}
     latest: dict[int, RequestOutput] = {}
     try:
         async for p, out in merge_streams(streams):
+            if prompt_only:
+                out = _prompt_only(out)
             latest[p] = out
             choices = []
             for comp in out.outputs:
