@@ -1,11 +1,17 @@
 """pllm: LLM inference and serving with PagedAttention on pluggable hardware."""
 
-from pllm.core.outputs import CompletionOutput, RequestOutput
-from pllm.core.sampling_params import SamplingParams
+from pllm.core.outputs import (
+    BeamSearchOutput,
+    BeamSearchSequence,
+    CompletionOutput,
+    RequestOutput,
+)
+from pllm.core.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BeamSearchParams",
+           "BeamSearchOutput", "BeamSearchSequence", "__version__"]
 
 
 def __getattr__(name: str):

@@ -194,6 +194,11 @@ class LLMEngine:
             raise SamplingParamsError(f"prompt token ids must be integers in [0, {vocab})",
                                       "prompt")
         params.check_against_model(vocab)
+        if params.beam_search is not None and self.scheduler.proposer is not None:
+            raise SamplingParamsError(
+                "beam search cannot run with speculative decoding: each beam's step needs the "
+                "proposals of one position; start the engine without --speculative-config",
+                "beam_search")
         grammar = None
         if params.structured_outputs is not None:
             from pllm.core.structured import check
@@ -299,7 +304,9 @@ class LLMEngine:
         return self.scheduler.schedule(admit=False)
 
     def _fail_unschedulable(self) -> None:
-        seq = self.scheduler.waiting[0]
+        # A beam holding its proposals is never the one that needs blocks.
+        seq = next((s for s in self.scheduler.waiting if s.candidates is None),
+                   self.scheduler.waiting[0])
         self.scheduler.fail_request(
             seq.request, f"it needs more KV-cache blocks than exist ({self.kv.num_total_blocks}); "
                          f"raise --kv-cache-memory")

@@ -51,3 +51,25 @@ class RequestOutput:
     # Set when the request failed on its own (the engine ended it and went on
     # with the others): what went wrong. Its outputs then finish with "abort".
     error: str | None = None
+
+
+@dataclass
+class BeamSearchSequence:
+    """One hypothesis of a beam search (vLLM's): ``tokens`` the prompt's and
+    the generated ones, ``cum_logprob`` the sum of the generated tokens'
+    logprobs, ``logprobs`` per generated token the proposals of the step
+    that chose it, ``text`` all of ``tokens`` decoded."""
+
+    tokens: list[int]
+    logprobs: list[LogprobsDict]
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None  # "stop" (it ended with EOS) | "length" | "abort"
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """A prompt's best hypotheses, best first (at most ``beam_width``)."""
+
+    sequences: list[BeamSearchSequence]

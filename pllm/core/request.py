@@ -2,7 +2,9 @@
 
 A request owns one sequence until its prompt is prefilled; then, for
 ``n > 1``, it forks into ``n`` sequences that share the prompt's blocks
-(copy-on-write). Each sequence is scheduled on its own.
+(copy-on-write). Each sequence is scheduled on its own. A beam search's
+sequences are its live beams, forked and dropped at every step
+(``pllm.core.beam_search``).
 
 A sequence's progress is one number: ``num_computed_tokens`` of its
 ``token_ids`` have K/V in the cache. Prefill, chunked prefill, decode and
@@ -74,6 +76,10 @@ class Sequence:
     # Structured outputs: the grammar's matcher, advanced with each output
     # token (None: unconstrained). Made by the scheduler at admission.
     matcher: object | None = None
+    # Beam search: the next tokens this beam proposes (the logprobs entry of
+    # its last step), held until every beam of its request has proposed;
+    # None while it has not. A beam holding them has nothing to compute.
+    candidates: LogprobsDict | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -137,6 +143,9 @@ class Request:
     # Structured outputs: the grammar being compiled (a Future of it); its
     # sequences wait until it is ready (pllm.core.structured).
     grammar: object | None = None
+    # Beam search: the hypotheses that ended with EOS so far
+    # (pllm.core.beam_search.Hypothesis).
+    completed_beams: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
@@ -146,13 +155,18 @@ class Request:
     @property
     def finished(self) -> bool:
         # Before the fork there is one sequence; it can only finish by abort.
-        return bool(self.seqs) and all(s.is_finished for s in self.seqs)
+        # A beam search whose last beams all proposed only EOS has none left.
+        return (bool(self.seqs) or bool(self.completed_beams)) and all(
+            s.is_finished for s in self.seqs)
 
     def output(self, texts: list[str]) -> RequestOutput:
         ordered = sorted(self.seqs, key=lambda s: s.index)
+        return self.output_of([s.completion_output(t) for s, t in zip(ordered, texts)])
+
+    def output_of(self, outputs: list[CompletionOutput]) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, prompt_logprobs=self.prompt_logprobs,
-            outputs=[s.completion_output(t) for s, t in zip(ordered, texts)],
-            finished=self.finished, metrics=self.metrics, num_cached_tokens=self.num_cached_tokens,
+            outputs=outputs, finished=self.finished, metrics=self.metrics,
+            num_cached_tokens=self.num_cached_tokens,
         )

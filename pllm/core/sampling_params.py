@@ -66,6 +66,46 @@ class StructuredOutputsParams:
         return "grammar", self.grammar, False
 
 
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """vLLM's beam search (``LLM.beam_search``): ``beam_width`` beams; at
+    each step every beam proposes its ``2 * beam_width`` most likely next
+    tokens, a proposal of EOS (unless ``ignore_eos``) ends a hypothesis, and
+    the best ``beam_width`` of the others go on. Hypotheses are ranked by
+    ``cumulative_logprob / length ** length_penalty``, the length counting
+    the prompt and not a final EOS (vLLM's ``get_beam_search_score``); after
+    ``max_tokens`` steps the best ``beam_width`` are returned.
+    ``temperature`` above 0 adds a sampled token to each beam's proposals."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                    or not 1 <= value <= INT64_MAX // 2:
+                raise SamplingParamsError(f"{name} must be an integer >= 1, got {value!r}", name)
+        for name, low in (("temperature", 0), ("length_penalty", -math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value) or value < low:
+                bound = " >= 0" if low == 0 else ""
+                raise SamplingParamsError(f"{name} must be a finite number{bound}, got {value!r}",
+                                          name)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """What one beam's step samples with: its proposals are the logprobs
+        entry of the step (the top ``2 * beam_width`` of the raw logits, and
+        the sampled token)."""
+        return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens,
+                              ignore_eos=self.ignore_eos, logprobs=2 * self.beam_width,
+                              beam_search=self)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -90,6 +130,9 @@ class SamplingParams:
     # Added to a token's logit before sampling (OpenAI's logit_bias): token
     # id -> a bias in [-100, 100]; -100 bans the token, 100 all but forces it.
     logit_bias: dict[int, float] | None = None
+    # Run the request as a beam search (made by BeamSearchParams.to_sampling_params,
+    # whose fields above describe one beam's step).
+    beam_search: BeamSearchParams | None = None
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -140,6 +183,35 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and value > INT64_MAX:
                 raise SamplingParamsError(f"{name} must be <= {INT64_MAX}, got {value}", name)
+        if self.beam_search is not None:
+            self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        """What beam search cannot be combined with: its beams are ranked by
+        the model's own logprobs and end only at EOS or max_tokens."""
+        beam = self.beam_search
+        if not isinstance(beam, BeamSearchParams):
+            raise SamplingParamsError(f"beam_search must be BeamSearchParams, got "
+                                      f"{type(beam).__name__}", "beam_search")
+        checks = [
+            (self.n == 1, "n", f"beam search returns its beam_width ({beam.beam_width}) best "
+                               f"sequences; n (and best_of) must be 1, got {self.n}"),
+            (self.structured_outputs is None, "structured_outputs",
+             "structured outputs cannot constrain a beam search"),
+            (not self.has_penalties and not self.logit_bias and self.min_tokens == 0,
+             "beam_search", "beam search ranks the model's own logprobs: penalties, logit_bias "
+                            "and min_tokens cannot be used with it"),
+            (not self.stop_strings and not self.stop_token_ids, "stop",
+             "beam search stops only at EOS or max_tokens: stop and stop_token_ids cannot be "
+             "used with it"),
+            ((self.logprobs, self.max_tokens, self.temperature, self.ignore_eos)
+             == (2 * beam.beam_width, beam.max_tokens, beam.temperature, beam.ignore_eos),
+             "beam_search", "a beam search's SamplingParams are made by "
+                            "BeamSearchParams.to_sampling_params()"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise SamplingParamsError(message, param)
 
     def _check_types(self) -> None:
         """Numbers that are not numbers (NaN, infinities, strings) fail here
@@ -171,6 +243,10 @@ class SamplingParams:
 
     def check_against_model(self, vocab_size: int) -> None:
         """What only the model can tell: token ids inside its vocabulary."""
+        if self.beam_search is not None and self.logprobs > vocab_size:
+            raise SamplingParamsError(
+                f"beam_width must be <= half the vocabulary size {vocab_size}, got "
+                f"{self.beam_search.beam_width}", "beam_width")
         bad = [t for t in self.logit_bias or {} if t >= vocab_size]
         if bad:
             raise SamplingParamsError(

@@ -9,13 +9,16 @@ to the front of the waiting queue to be recomputed later (its tokens are
 kept, so the result is unchanged).
 
 ``update_from_output()``: what the executor computed becomes request state:
-progress, sampled tokens, forks, stops, finished requests freed.
+progress, sampled tokens, forks, stops, finished requests freed. A beam
+search's beams hold their proposals instead, and advance together once all
+have proposed (``pllm.core.beam_search``).
 
 Who writes each field of a request's state (nothing else does)::
 
     Scheduler     Sequence.status, num_computed_tokens, num_draft_computed, token_ids, stop_reason,
-                  logprobs, cumulative_logprob; Request.metrics, prompt_logprobs,
-                  num_cached_tokens, forked; the waiting/running queues
+                  logprobs, cumulative_logprob, candidates; Request.metrics, prompt_logprobs,
+                  num_cached_tokens, forked, seqs (beam search), completed_beams;
+                  the waiting/running queues
     KVCacheManager  Sequence.block_ids, block_hashes, num_cached_blocks
     Detokenizer   Sequence.text, prefix_offset, read_offset
     sampler       Sequence.generator (a seeded sample's random stream)
@@ -29,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pllm.core import beam_search
 from pllm.core.config import SchedulerConfig
 from pllm.core.detokenizer import Detokenizer, visible_text
 from pllm.core.kv_cache.manager import KVCacheManager
@@ -234,6 +238,7 @@ class Scheduler:
 
         if not out.preempted and admit:
             self._admit_waiting(out, budget)
+            self._unpark_for_waiting(out, budget)
         now = time.time()
         for item in out.scheduled:
             metrics = item.seq.request.metrics
@@ -344,6 +349,9 @@ class Scheduler:
     def _admit_ready(self, out: SchedulerOutput, budget: int, held: list[Sequence]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.candidates is not None:  # a preempted beam: nothing to compute until it goes on
+                held.append(self.waiting.popleft())
+                continue
             if not self._grammar_ready(seq):
                 if not seq.is_finished:
                     held.append(self.waiting.popleft())
@@ -372,6 +380,19 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             out.admitted.append(seq)
             budget -= num_new
+
+    def _unpark_for_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Nothing runs, yet beams that wait for their siblings hold blocks
+        and slots: their siblings (or anyone) may be waiting for those, and
+        no step would free them. Preempt such beams, newest first, until a
+        waiting sequence is admitted; each keeps its proposals, and is
+        recomputed once it has its next token."""
+        while not out.scheduled and self.waiting:
+            parked = next((s for s in reversed(self.running) if s.candidates is not None), None)
+            if parked is None:
+                return
+            self._preempt(parked, out)
+            self._admit_waiting(out, budget)
 
     def _pick_victim(self, scheduled_ids: set[int]) -> Sequence:
         # The newest running sequence not already in this step's batch; if all
@@ -428,6 +449,9 @@ class Scheduler:
                     if seq.seq_id in drafts:
                         self._append_verified(seq, drafts[seq.seq_id], result.verdicts[seq.seq_id],
                                               now)
+                    elif req.params.beam_search is not None:
+                        self.detokenizer.decode_logprobs(logprobs)
+                        seq.candidates = logprobs
                     else:
                         self._append_token(seq, token, logprobs, now)
                 except Exception as exc:  # noqa: BLE001 - detokenizing, stop checks: its own
@@ -439,7 +463,71 @@ class Scheduler:
                 touched.pop(req.request_id, None)
                 continue
             touched[req.request_id] = req
+        for req in [r for r in touched.values() if r.params.beam_search is not None]:
+            try:
+                if all(s.candidates is not None for s in req.seqs):
+                    self._advance_beams(req, now)
+            except Exception as exc:  # noqa: BLE001 - forking, freeing: this request's fault alone
+                self.fail_request(req, _describe("advancing its beams", exc))
+                del touched[req.request_id]
+                continue
+            if not req.finished:  # its hypotheses are ranked at the end: one output then
+                del touched[req.request_id]
         return [self._output(req) for req in touched.values()] + self.take_failed()
+
+    def _advance_beams(self, req: Request, now: float) -> None:
+        """Every live beam of ``req`` has proposed: the best proposals go on
+        (``beam_search.select``), each in the beam it extends or, for a beam
+        chosen again, in a fork of it that shares its blocks; the beams not
+        chosen are freed. ``req.seqs`` become the new beams, best first."""
+        params = req.params.beam_search
+        chosen, ended = beam_search.select(req.seqs, params, req.eos_token_ids)
+        req.completed_beams += ended
+        beams, kept = [], set()
+        for choice in chosen:  # all forks first: each copies its parent's tokens as they are
+            parent = choice.parent
+            beams.append(self._fork_beam(parent) if parent.seq_id in kept else parent)
+            kept.add(parent.seq_id)
+        for seq in req.seqs:
+            if seq.seq_id not in kept:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                self._remove(seq)
+        req.seqs = beams
+        if not beams:  # every proposal was EOS: only the ended hypotheses are left
+            return self._end_beams(req, SequenceStatus.FINISHED_STOPPED, now)
+        for index, (seq, choice) in enumerate(zip(beams, chosen)):
+            seq.index = index
+            seq.token_ids.append(choice.token)
+            seq.logprobs.append(choice.parent.candidates)
+            seq.cumulative_logprob = choice.cumulative_logprob
+            self.num_generation_tokens += 1
+        for seq in beams:
+            seq.candidates = None
+        if beams[0].num_output_tokens == 1:
+            req.metrics.first_token_time = now
+            self.num_prompt_tokens += beams[0].num_prompt_tokens
+        req.metrics.last_token_time = now
+        if length_stop(beams[0], self.max_model_len) is not None:
+            self._end_beams(req, SequenceStatus.FINISHED_LENGTH, now)
+
+    def _fork_beam(self, parent: Sequence) -> Sequence:
+        """A beam's second (third, ...) continuation: a fork sharing its blocks,
+        running or waiting where its parent is."""
+        child = parent.fork(parent.index)
+        self.kv.share_blocks(child, parent)
+        if parent.status is SequenceStatus.RUNNING:
+            self.running.append(child)
+        else:  # preempted while it waited for its siblings: recomputed with its parent
+            self.waiting.insert(self.waiting.index(parent) + 1, child)
+        return child
+
+    def _end_beams(self, req: Request, status: SequenceStatus, now: float) -> None:
+        for seq in req.seqs:
+            seq.status = status
+            self._remove(seq)
+        req.metrics.finished_time = now
+        self.requests.pop(req.request_id, None)
+        self.suspects.discard(req.request_id)
 
     def _append_token(self, seq: Sequence, token: int, logprobs: LogprobsDict | None,
                       now: float) -> None:
@@ -512,6 +600,8 @@ class Scheduler:
                 have += 1
 
     def _output(self, req: Request) -> RequestOutput:
+        if req.params.beam_search is not None:
+            return beam_search.beam_output(req, self.detokenizer.tokenizer)
         ordered = sorted(req.seqs, key=lambda s: s.index)
         return req.output([visible_text(s) for s in ordered])
 

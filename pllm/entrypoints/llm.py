@@ -1,4 +1,5 @@
-"""The offline Python API, as vLLM's: ``LLM(model).generate(prompts, SamplingParams())``."""
+"""The offline Python API, as vLLM's: ``LLM(model).generate(prompts, SamplingParams())``,
+``LLM(model).beam_search(prompts, BeamSearchParams(beam_width=4, max_tokens=16))``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Sequence as Seq
 from tqdm.auto import tqdm
 
 from pllm.core.engine import LLMEngine
-from pllm.core.outputs import RequestOutput
-from pllm.core.sampling_params import SamplingParams
+from pllm.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from pllm.core.sampling_params import BeamSearchParams, SamplingParams
 from pllm.entrypoints.engine_args import EngineArgs
 
 PromptType = str | list[int] | dict
@@ -61,17 +62,35 @@ class LLM:
                 raise ValueError(
                     f"got {len(params)} SamplingParams for {len(items)} prompts; pass one or one per prompt"
                 )
-        ids = []
-        engine = self.llm_engine
-        try:
-            for item, p in zip(items, params):
-                rid = str(next(self._ids))
-                engine.add_request(rid, item, p)
-                ids.append(rid)
-        except Exception:
-            engine.abort_request(ids)
-            raise
-        return self._run(ids, use_tqdm)
+        return self._run(self._add_requests(items, params), use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        params: BeamSearchParams,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search (see :class:`BeamSearchParams`), in the engine:
+        a prompt's beams are sequences of one request that share their
+        blocks. Per prompt, in input order, the best ``beam_width``
+        hypotheses, best first; each one's ``tokens`` are the prompt's and
+        the generated ones, its ``text`` all of them decoded (as vLLM's)."""
+        items = self._normalize(prompts, None)
+        outs = self._run(self._add_requests(items, [params.to_sampling_params()] * len(items)),
+                         use_tqdm)
+        tokenizer = self.get_tokenizer()
+        results = []
+        for out in outs:
+            sequences = []
+            for c in out.outputs:
+                tokens = list(out.prompt_token_ids) + c.token_ids
+                sequences.append(BeamSearchSequence(
+                    tokens=tokens, logprobs=c.logprobs, cum_logprob=c.cumulative_logprob,
+                    text=tokenizer.decode(tokens), finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason))
+            results.append(BeamSearchOutput(sequences))
+        return results
 
     def chat(
         self,
@@ -80,12 +99,15 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of ``{"role", "content"}``) or a list of them."""
+        """One conversation (a list of ``{"role", "content"}``) or a list of
+        them. ``tools`` (OpenAI's function definitions) are given to the chat
+        template, for a template that shows them to the model."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conversation in conversations:
-            text, ids = self.llm_engine.render_chat(conversation, add_generation_prompt)
+            text, ids = self.llm_engine.render_chat(conversation, add_generation_prompt, tools)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -100,6 +122,21 @@ class LLM:
         ):
             prompts = [prompts]
         return list(prompts)  # text, ids, or {"prompt", "prompt_token_ids"}: the engine's forms
+
+    def _add_requests(self, items: list, params: list[SamplingParams]) -> list[str]:
+        """Add one request per prompt; their ids. One that is refused aborts
+        those added before it."""
+        ids = []
+        engine = self.llm_engine
+        try:
+            for item, p in zip(items, params):
+                rid = str(next(self._ids))
+                engine.add_request(rid, item, p)
+                ids.append(rid)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        return ids
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -66,3 +66,17 @@ def test_chat_renders_and_tokenizes_in_the_engine_for_both_apis(tiny_llm, monkey
     calls = _counting(engine, monkeypatch)
     out = tiny_llm.chat(messages, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0]
     assert calls == [text] and out.prompt == text and out.prompt_token_ids == ids
+
+
+def test_llm_chat_gives_the_tools_to_the_template(tiny_llm, monkeypatch):
+    engine = tiny_llm.llm_engine
+    template = ("{% for t in tools or [] %}[tool {{ t.function.name }}] {% endfor %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    monkeypatch.setattr(engine.loaded, "chat_template", template)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"word": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "define pllm"}]
+    out = tiny_llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, tools=tools)[0]
+    assert out.prompt == "[tool lookup] define pllm"
+    plain = tiny_llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert plain.prompt == "define pllm"
