@@ -45,6 +45,21 @@ CASES = [
     (HermesToolParser(), '<tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>', None, []),
     (HermesToolParser(), '<tool_call>{"name": 5, "arguments": {}}</tool_call>', None, []),
     (HermesToolParser(), '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', None, []),
+    # No arguments: an empty object, as OpenAI's arguments are always JSON.
+    (HermesToolParser(), '<tool_call>{"name": "now"}</tool_call>', None, [("now", "{}")]),
+    # Not JSON a response can carry, or not one call: all content, no 500.
+    (HermesToolParser(), '<tool_call>{"name": "get\\_weather"}</tool_call>', None, []),
+    (HermesToolParser(), '<tool_call>{"name": "\\ud800", "arguments": {}}</tool_call>', None, []),
+    (HermesToolParser(), '<tool_call>{"na\\qme": 1}</tool_call>', None, []),
+    (HermesToolParser(), '<tool_call>{"name": "f", "arguments": "{\n}"}</tool_call>', None, []),
+    (HermesToolParser(), '<tool_call>{"name": "f", "arguments": }</tool_call>', None, []),
+    (HermesToolParser(), '<tool_call>{"name": "f" "arguments": {}}</tool_call>', None, []),
+    (HermesToolParser(), '<tool_call>{"name": "f", "arguments": {"a": 1}, "arguments": {"b": 2}}'
+                         '</tool_call>', None, []),
+    (HermesToolParser(), '<tool_call>{}</tool_call>', None, []),
+    # Cut off inside a call before its name: all content.
+    (HermesToolParser(), 'Hello <tool_call>\n{"na', None, []),
+    (Llama3JsonToolParser(), '{"name": "f', None, []),
     (Llama3JsonToolParser(), '{"name": "get_weather", "parameters": {"city": "Oslo"}}', None,
      [("get_weather", '{"city": "Oslo"}')]),
     (Llama3JsonToolParser(), '<|python_tag|>{"name": "a", "parameters": {"x": [1, 2]}}; '
@@ -96,6 +111,11 @@ def test_final_calls(parser, text, content, calls):
 # Malformed only after a call's name was streamed: a stream cannot take back
 # what it sent (the non-streamed answer gives all the text as content).
 MALFORMED_LATE = {'<tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>',
+                  '<tool_call>{"name": "f", "arguments": }</tool_call>',
+                  '<tool_call>{"name": "f", "arguments": "{\n}"}</tool_call>',
+                  '<tool_call>{"name": "f" "arguments": {}}</tool_call>',
+                  '<tool_call>{"name": "f", "arguments": {"a": 1}, "arguments": {"b": 2}}'
+                  '</tool_call>',
                   '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
                   '{"name": "a", "parameters": {}} and then some text'}
 
@@ -134,3 +154,17 @@ def test_arguments_stream_as_they_are_written():
 def test_unknown_parser_names_the_known_ones():
     with pytest.raises(ValueError, match="hermes, llama3_json"):
         get_tool_parser("mistral")
+
+
+def test_one_call_allowed_keeps_the_first_whatever_follows():
+    """parallel_tool_calls false: the first call, streamed and final alike,
+    even when a second one is cut off."""
+    text = f"<tool_call>{WEATHER}</tool_call>\n<tool_call>" + '{"name": "now", "argu'
+    found = final_calls(HermesToolParser(), text, max_calls=1)
+    assert [(n, a) for _, n, a in found.calls] == [
+        ("get_weather", '{"city": "Paris", "unit": "celsius"}')]
+    stream = ToolCallStream(HermesToolParser(), max_calls=1)
+    deltas = [d for k in range(1, len(text) + 1)
+              for d in stream.update(text[:k], finished=k == len(text))[1]]
+    assert {d["index"] for d in deltas} == {0}
+    assert "".join(d["function"]["arguments"] for d in deltas) == found.calls[0][2]

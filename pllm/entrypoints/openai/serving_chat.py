@@ -148,6 +148,24 @@ def _parameters(tool: dict) -> dict:
     return tool["function"].get("parameters") or {"type": "object", "properties": {}}
 
 
+def _lift_definitions(parameters: dict, definitions: dict[str, dict], tool: str) -> dict:
+    """``parameters`` without its ``$defs`` / ``definitions``, which go to
+    ``definitions`` (the root of the schema it is nested in: a reference
+    like ``#/$defs/Place`` points at the root); the same name defined two
+    ways by two tools is a 400."""
+    parameters = dict(parameters)
+    for key in ("$defs", "definitions"):
+        defs = parameters.pop(key, None)
+        if not isinstance(defs, dict):
+            continue
+        merged = definitions.setdefault(key, {})
+        for name, definition in defs.items():
+            if merged.setdefault(name, definition) != definition:
+                raise bad_request(f"tools: {key}/{name} of {tool!r} differs from another tool's "
+                                  "definition of that name", "tools")
+    return parameters
+
+
 def _tool_plan(ctx: ServingContext, req: ChatCompletionRequest) -> _ToolPlan:
     """What ``tools`` and ``tool_choice`` ask for (OpenAI's rules; ``auto``,
     as in vLLM, needs the server started with ``--enable-auto-tool-choice``
@@ -181,13 +199,17 @@ def _tool_plan(ctx: ServingContext, req: ChatCompletionRequest) -> _ToolPlan:
                               "--enable-auto-tool-choice and --tool-call-parser", "tool_choice")
         return _ToolPlan(tools, get_tool_parser(ctx.tool_parser), max_calls=max_calls)
     if choice == "required":
+        definitions: dict[str, dict] = {}
         calls = [{"type": "object",
                   "properties": {"name": {"type": "string", "enum": [name]},
-                                 "parameters": _parameters(tool)},
+                                 "parameters": _lift_definitions(_parameters(tool), definitions,
+                                                                 name)},
                   "required": ["name", "parameters"]}
                  for name, tool in zip(names, tools)]
         schema = {"type": "array", "minItems": 1,
                   "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        for key, defs in definitions.items():
+            schema[key] = defs
         if max_calls is not None:
             schema["maxItems"] = max_calls
         return _ToolPlan(tools, CallArrayParser(), {"json": schema})
@@ -261,7 +283,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             index=comp.index,
             message=(message := _message(plan, comp)),
             logprobs=_choice_logprobs(ctx, req, comp, 0),
-            finish_reason=_finish_reason(comp.finish_reason, bool(message.tool_calls)),
+            finish_reason=_finish_reason(plan, comp.finish_reason, bool(message.tool_calls)),
             stop_reason=comp.stop_reason,
         )
         for comp in sorted(out.outputs, key=lambda c: c.index)
@@ -284,9 +306,12 @@ def _message(plan: _ToolPlan, comp: CompletionOutput) -> ChatResponseMessage:
                     for call_id, name, arguments in found.calls])
 
 
-def _finish_reason(reason: str | None, called: bool) -> str | None:
-    """OpenAI's ``tool_calls`` for a choice that ended by calling tools."""
-    return "tool_calls" if called and reason == "stop" else reason
+def _finish_reason(plan: _ToolPlan, reason: str | None, called: bool) -> str | None:
+    """OpenAI's ``tool_calls`` for a choice that ended by calling tools of
+    its own choice (``auto``, ``required``); a named function's call ends
+    with ``stop``, as OpenAI's."""
+    named = isinstance(plan.parser, NamedCallParser)
+    return "tool_calls" if called and reason == "stop" and not named else reason
 
 
 async def _stream(ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
@@ -319,7 +344,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, request_id: s
                     delta, calls = comp.text[sent_chars[i]:], []
                 else:
                     delta, calls = tools.update(comp.text, finished=finish is not None)
-                    finish = _finish_reason(finish, bool(tools.ids))
+                    finish = _finish_reason(plan, finish, bool(tools.ids))
                 if not delta and not calls and not finish:
                     continue  # nothing to show yet: its tokens' logprobs go with the next chunk
                 choices.append(ChatCompletionStreamChoice(

@@ -103,6 +103,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     if prompt_only and not req.echo:
         raise bad_request("max_tokens must be >= 1 (0 only with echo, to score the prompt)",
                           "max_tokens")
+    if prompt_only and req.min_tokens:
+        raise bad_request("min_tokens must be 0 with max_tokens 0", "min_tokens")
     prompts = _normalize_prompts(ctx, req.prompt)
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     # best_of > n ranks the samples by their logprob per token: each needs its own.

@@ -107,26 +107,42 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
+def _json_string(literal: str) -> str | None:
+    """A JSON string literal's text; None when it is not one a response can
+    carry (a bad escape, a raw control character, a lone surrogate)."""
+    try:
+        value = json.loads(literal)
+        value.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def scan_call(text: str, i: int) -> tuple[CallText, int | None, bool]:
     """The call object starting at ``text[i] == '{'``: what of it is
     written, the index after it (None while open), and whether it is
-    well-formed so far (an object of a string ``name`` and JSON arguments)."""
+    well-formed so far: an object of a string ``name`` and, optionally
+    (``{}`` when absent), arguments that are a JSON object, each once;
+    other members are skipped."""
     call = CallText()
-    i += 1
+    seen: set[str] = set()
+    i = _skip_ws(text, i + 1)
+    if i < len(text) and text[i] == "}":
+        return call, None, False  # no name
     while True:
-        i = _skip_ws(text, i)
         if i >= len(text):
             return call, None, True
-        if text[i] == "}":
-            call.complete = True
-            ok = call.name is not None and _valid_arguments(call)
-            return call, i + 1, ok
         if text[i] != '"':
             return call, None, False
         key_end = _string_end(text, i)
         if key_end is None:
             return call, None, True
-        key = json.loads(text[i:key_end])
+        key = _json_string(text[i:key_end])
+        if key is None:
+            return call, None, False
+        if key in seen or (key in _ARGUMENT_KEYS and seen & set(_ARGUMENT_KEYS)):
+            return call, None, False  # which one would count is anyone's guess
+        seen.add(key)
         i = _skip_ws(text, key_end)
         if i >= len(text):
             return call, None, True
@@ -136,31 +152,58 @@ def scan_call(text: str, i: int) -> tuple[CallText, int | None, bool]:
         if i >= len(text):
             return call, None, True
         end = _value_end(text, i)
+        if end == i:
+            return call, None, False  # no value
         if key == "name":
+            if text[i] != '"':
+                return call, None, False
             if end is not None:
-                name = json.loads(text[i:end]) if text[i] == '"' else None
-                if not isinstance(name, str):
+                call.name = _json_string(text[i:end])
+                if call.name is None:
                     return call, None, False
-                call.name = name
         elif key in _ARGUMENT_KEYS:
             call.quoted = text[i] == '"'
             raw = text[i:] if end is None else text[i:end]
-            if call.quoted:
-                call.arguments = json.loads(raw) if end is not None else ""
-            else:
+            if not call.quoted:
                 call.arguments = raw
+            elif end is not None:
+                arguments = _json_string(raw)
+                if arguments is None:
+                    return call, None, False
+                call.arguments = arguments
         if end is None:
             return call, None, True
         i = _skip_ws(text, end)
-        if i < len(text) and text[i] == ",":
-            i += 1
+        if i >= len(text):
+            return call, None, True
+        if text[i] == "}":
+            call.complete = True
+            if not seen & set(_ARGUMENT_KEYS):
+                call.arguments = "{}"
+            return call, i + 1, call.name is not None and _valid_arguments(call)
+        if text[i] != ",":
+            return call, None, False
+        i = _skip_ws(text, i + 1)
 
 
 def _valid_arguments(call: CallText) -> bool:
     try:
-        return isinstance(json.loads(call.arguments or "{}"), dict)
+        return isinstance(json.loads(call.arguments), dict)
     except ValueError:
         return False
+
+
+def _complete(parsed: Parsed, max_calls: int | None) -> list[CallText] | None:
+    """The calls a finished text made: the first ``max_calls`` (all: None),
+    if each is a complete, well-formed call and the text is nothing else;
+    None otherwise. Calls past ``max_calls`` are dropped, as they are when
+    streamed, whatever they hold."""
+    calls = parsed.calls[:max_calls]
+    if not calls or not all(c.complete for c in calls):
+        return None
+    if not parsed.valid and (max_calls is None or len(parsed.calls) <= max_calls):
+        return None
+    return calls
 
 
 def _held_back(text: str, marker: str) -> int:
@@ -329,11 +372,11 @@ def final_calls(parser: ToolParser, text: str, max_calls: int | None = None) -> 
     if the text is well-formed calls (after optional content); otherwise all
     its text as content, as a model that wrote no call."""
     parsed = parser.parse(text)
-    if not parsed.valid or not parsed.calls or not all(c.complete for c in parsed.calls):
+    calls = _complete(parsed, max_calls)
+    if calls is None:
         return FinalCalls(text, [])
     content = parsed.content.strip() or None
-    return FinalCalls(content, [(new_call_id(), c.name, c.arguments.strip())
-                                for c in parsed.calls[:max_calls]])
+    return FinalCalls(content, [(new_call_id(), c.name, c.arguments.strip()) for c in calls])
 
 
 class ToolCallStream:
@@ -353,8 +396,8 @@ class ToolCallStream:
         possible start of a call is content after all, when no call came."""
         parsed = self.parser.parse(text)
         shown = parsed.content
-        if finished and not self.ids and not (parsed.valid and parsed.calls):
-            shown = text
+        if finished and not self.ids and _complete(parsed, self.max_calls) is None:
+            shown = text  # no call after all: all of it is content, as final_calls says
         content = shown[self.sent_content:]
         self.sent_content = max(self.sent_content, len(shown))
         deltas = []
