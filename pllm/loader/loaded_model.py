@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 # model_type values the pllm model definitions implement.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 class ModelLoadError(ValueError):

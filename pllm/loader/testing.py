@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # ids 0-2 as in SmolLM2: <|endoftext|> pads, <|im_start|> is BOS, <|im_end|> is EOS.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

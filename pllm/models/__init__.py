@@ -27,6 +27,7 @@ MODEL_REGISTRY = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "phi3": LlamaForCausalLM,
 }
 
 

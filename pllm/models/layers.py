@@ -59,41 +59,68 @@ class SiluAndMul(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """RoPE with the inverse frequencies from transformers' own rope functions
-    (default, linear, llama3, yarn, ...), so scaling matches the reference."""
+    (default, linear, llama3, yarn, longrope, ...), so scaling matches the
+    reference. ``partial_rotary_factor`` (Phi-4-mini, ...) rotates only the
+    first ``rotary_dim`` channels of each head.
+
+    LongRoPE (Phi-3) has two sets of frequencies: transformers uses the
+    short ones for a sequence within ``original_max_position_embeddings``
+    and recomputes the whole sequence with the long ones beyond it. A paged
+    cache keeps the K it computed, so here a position takes the short
+    frequencies below that length and the long ones from it on: the same as
+    transformers for every sequence within the original context."""
 
     def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
         super().__init__()
         self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
-        self.register_buffer("cos", torch.empty(max_positions, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, head_dim // 2), persistent=False)
+        factor = self._params().get("partial_rotary_factor",
+                                    getattr(hf_config, "partial_rotary_factor", None) or 1.0)
+        self.rotary_dim = int(head_dim * factor)
+        half = self.rotary_dim // 2
+        self.register_buffer("cos", torch.empty(max_positions, half), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, half), persistent=False)
         self.reset_tables()
+
+    def _params(self) -> dict:
+        cfg = self.hf_config
+        return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
 
     def reset_tables(self) -> None:
         """(Re)compute the cos/sin tables on the CPU, then move them to the
         buffers' device (models are built on the meta device first)."""
         if self.cos.device.type == "meta":
             return  # filled in after the model leaves the meta device
-        cfg, dim = self.hf_config, self.head_dim
-        params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        cfg, dim, params = self.hf_config, self.rotary_dim, self._params()
         rope_type = params.get("rope_type", params.get("type", "default"))
         cpu = torch.device("cpu")
+        pos = torch.arange(self.max_positions, dtype=torch.float, device=cpu)
         if rope_type == "default":
             base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
-            scaling = 1.0
+            freqs, scaling = torch.outer(pos, inv_freq), 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, cpu)
-        pos = torch.arange(self.max_positions, dtype=torch.float, device=cpu)
-        freqs = torch.outer(pos, inv_freq.float().to(cpu))
+            freqs = torch.outer(pos, inv_freq.float().to(cpu))
+            if rope_type == "longrope":
+                original = int(params.get("original_max_position_embeddings")
+                               or getattr(cfg, "original_max_position_embeddings", 0) or 0)
+                if 0 < original < self.max_positions:
+                    long_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, cpu, seq_len=original + 1)
+                    freqs[original:] = torch.outer(pos[original:], long_freq.float().to(cpu))
         device = self.cos.device
         self.cos = (freqs.cos() * scaling).to(device)
         self.sin = (freqs.sin() * scaling).to(device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q, k: [tokens, heads, head_dim] (HF's rotate-half layout)."""
+        """q, k: [tokens, heads, head_dim] (HF's rotate-half layout, over the
+        first ``rotary_dim`` channels)."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.rotary_dim == self.head_dim:
+            return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        d = self.rotary_dim
+        return (torch.cat((_rotate(q[..., :d], cos, sin), q[..., d:]), dim=-1),
+                torch.cat((_rotate(k[..., :d], cos, sin), k[..., d:]), dim=-1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The Llama family: Llama 2/3, SmolLM2, Mistral (sliding window), Qwen2 (QKV
-bias), Qwen3 (q/k norm). One flat token batch, no padding; Q/K/V and
-gate/up run as one fused matmul each (weights fused at load time)."""
+bias), Qwen3 (q/k norm), Phi-3 / Phi-4-mini (Q/K/V and gate/up fused in the
+checkpoint, LongRoPE, partial rotary). One flat token batch, no padding;
+Q/K/V and gate/up run as one fused matmul each (weights fused at load time
+where the checkpoint has them apart)."""
 
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ class ArchSpec:
         self.qk_norm = cfg.model_type == "qwen3"
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         window = getattr(cfg, "sliding_window", None)
-        uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+        uses_window = (cfg.model_type in ("mistral", "phi3")
+                       or getattr(cfg, "use_sliding_window", False))
         self.sliding_window = window if uses_window and window else None
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
@@ -120,9 +123,9 @@ class DecoderLayer(nn.Module):
 
     def dense_weights(self) -> DenseDecoderWeights | None:
         """This layer as plain tensors; None when it is not a plain dense
-        layer (q/k norms: Qwen3)."""
+        layer (q/k norms: Qwen3; partial rotary: Phi-4-mini)."""
         attn, mlp, spec = self.self_attn, self.mlp, self.self_attn.spec
-        if spec.qk_norm:
+        if spec.qk_norm or attn.rotary.rotary_dim != spec.head_dim:
             return None
         return DenseDecoderWeights(
             input_norm=self.input_layernorm.weight,
@@ -214,14 +217,15 @@ class LlamaForCausalLM(nn.Module):
             parts = name.split(".")
             if self._load_kv_scale(parts, tensor):
                 continue
+            if len(parts) >= 2 and parts[-2] in self._SPLIT:
+                # Fused in the checkpoint (Phi-3): taken apart into the pieces
+                # other checkpoints have, each sharded and fused again below.
+                for piece, chunk in zip(self._SPLIT[parts[-2]], self._split(parts[-2], tensor)):
+                    self._load_piece(params, parts[:-2] + [piece, parts[-1]], chunk, pending,
+                                     loaded)
+                continue
             if len(parts) >= 2 and parts[-2] in self._FUSED:
-                fused, slot = self._FUSED[parts[-2]]
-                target = ".".join(parts[:-2] + [fused, parts[-1]])
-                pending.setdefault(target, {})[slot] = self._column_shard(fused, slot, tensor)
-                if len(pending[target]) == (3 if fused == "qkv_proj" else 2):
-                    chunks = pending.pop(target)
-                    self._copy(params, target, torch.cat([chunks[i] for i in sorted(chunks)]))
-                    loaded.add(target)
+                self._load_piece(params, parts, tensor, pending, loaded)
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.spec.model_type}")
@@ -238,6 +242,33 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
         self.tie_weights()
+
+    # A checkpoint's fused tensor -> the pieces in _FUSED it holds, in order.
+    _SPLIT = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+    def _split(self, fused: str, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        spec = self.spec
+        if fused == "qkv_proj":
+            q, kv = spec.total_heads * spec.head_dim, spec.total_kv_heads * spec.head_dim
+            sizes = [q, kv, kv]
+        else:
+            sizes = [spec.total_intermediate] * 2
+        if tensor.shape[0] != sum(sizes):
+            raise ValueError(f"{fused}: checkpoint has {tensor.shape[0]} rows, the config "
+                             f"says {sum(sizes)}")
+        return tensor.split(sizes, dim=0)
+
+    def _load_piece(self, params, parts: list[str], tensor: torch.Tensor,
+                    pending: dict[str, dict[int, torch.Tensor]], loaded: set[str]) -> None:
+        """One of q/k/v or gate/up: this rank's shard of it waits for its
+        siblings, and all of them go into the fused parameter together."""
+        fused, slot = self._FUSED[parts[-2]]
+        target = ".".join(parts[:-2] + [fused, parts[-1]])
+        pending.setdefault(target, {})[slot] = self._column_shard(fused, slot, tensor)
+        if len(pending[target]) == (3 if fused == "qkv_proj" else 2):
+            chunks = pending.pop(target)
+            self._copy(params, target, torch.cat([chunks[i] for i in sorted(chunks)]))
+            loaded.add(target)
 
     def _column_shard(self, fused: str, slot: int, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a column-parallel weight or bias: its heads of

@@ -151,7 +151,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
         np.testing.assert_array_equal(gguf_file.unpermute_rows(permuted, num_heads), weights)
 
 
-@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHITECTURES if a != "phi3"])
 def test_gguf_f32_recovers_the_hf_weights(tmp_path, arch):
     # llama/mistral Q/K rows were permuted on the way in; they must come back exact.
     path = make_tiny_gguf(tmp_path, arch)

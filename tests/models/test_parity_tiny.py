@@ -24,7 +24,19 @@ ARCHS = {
     "qwen2": dict(),
     "qwen3": dict(),
     "mqa": dict(num_key_value_heads=1),
+    "phi3": dict(),  # q/k/v and gate/up fused in the checkpoint
+    # Phi-4-mini's shape: a quarter of each head unrotated, LongRoPE factors
+    # (the prompts stay within the original context: the short ones).
+    "phi3_longrope_partial": dict(
+        original_max_position_embeddings=128,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.3, 1.9, 2.4, 3.1, 4.0],
+                         "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 5.0]}),
+    "phi3_window": dict(sliding_window=12),
 }
+BASE_ARCH = {"llama3_rope": "llama", "mqa": "llama", "phi3_longrope_partial": "phi3",
+             "phi3_window": "phi3"}
 
 
 def _prompts(vocab: int = 300) -> list[list[int]]:
@@ -37,7 +49,7 @@ def _prompts(vocab: int = 300) -> list[list[int]]:
 @pytest.fixture(scope="module", params=list(ARCHS))
 def tiny(request, tmp_path_factory):
     name = request.param
-    arch = "llama" if name in ("llama3_rope", "mqa") else name
+    arch = BASE_ARCH.get(name, name)
     folder = make_tiny_model(tmp_path_factory.mktemp(name), arch=arch, **ARCHS[name])
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -53,7 +53,8 @@ class CPUSiluAndMul(SiluAndMul):
 class CPURotaryEmbedding(RotaryEmbedding):
     def forward(self, positions, q, k):
         ops = cpu_ops()
-        if ops is None or not _fp32(q, k, self.cos) or self.head_dim % 2:
+        if (ops is None or not _fp32(q, k, self.cos) or self.head_dim % 2
+                or self.rotary_dim != self.head_dim):  # partial rotary: the reference path
             return super().forward(positions, q, k)
         # Views of a column-major QKV product (a mid-size batch) get their
         # own rows first: the kernel rotates contiguous head vectors in place.

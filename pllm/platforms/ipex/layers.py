@@ -73,7 +73,7 @@ class IPEXSiluAndMul(SiluAndMul):
 
 class IPEXRotaryEmbedding(RotaryEmbedding):
     def forward(self, positions, q, k):
-        if self.head_dim % 2 or q.dim() != 3:
+        if self.head_dim % 2 or q.dim() != 3 or self.rotary_dim != self.head_dim:
             return super().forward(positions, q, k)
         # In place on each token's head vectors: views of the QKV product get rows of their own.
         q = q if q.is_contiguous() else q.contiguous()

@@ -41,6 +41,10 @@ ARCHS = {
     # One KV head (MQA) on two ranks: both hold it, with its bias (Qwen2's
     # q/k/v carry biases).
     "qwen2_mqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1)),
+    # Q/K/V and gate/up fused in the checkpoint: taken apart, then each
+    # rank's heads and columns fused again; a quarter of each head unrotated.
+    "phi3_partial": ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.75})),
 }
 BIASED = ("llama_biases", "qwen2_mqa")
 
@@ -197,8 +201,9 @@ def test_decode_steps_use_the_compiled_halves(tp_engine, monkeypatch):
     import pllm.platforms.cpu.layers as cpu_layers
 
     llm, prompts, expected, _ = tp_engine
-    if llm.llm_engine.executor.worker.model.spec.qk_norm:
-        pytest.skip("q/k norms run module by module: the compiled layer does not apply")
+    if llm.llm_engine.executor.worker.model.layers[0].dense_weights() is None:
+        pytest.skip("q/k norms or partial rotary run module by module: the compiled layer "
+                    "does not apply")
     ops, calls = cpu_layers.cpu_ops(), []
 
     class Counting:
