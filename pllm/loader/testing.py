@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe",
+                      "qwen3_moe")
 
 # ids 0-2 as in SmolLM2: <|endoftext|> pads, <|im_start|> is BOS, <|im_end|> is EOS.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -41,6 +42,15 @@ _TINY_CONFIG = dict(
     eos_token_id=EOS_ID,
     pad_token_id=PAD_ID,
 )
+
+# Four experts, two per token, a quarter of the dense MLP's width each.
+_TINY_EXPERTS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True),
+}
 
 _CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
@@ -196,7 +206,7 @@ def _tiny_config(arch: str, overrides: dict):
 
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is not one of {', '.join(TINY_ARCHITECTURES)}")
-    values = {**_TINY_CONFIG, **overrides}
+    values = {**_TINY_CONFIG, **_TINY_EXPERTS.get(arch, {}), **overrides}
     if "head_dim" not in overrides and "hidden_size" in overrides:
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     return AutoConfig.for_model(arch, **values)

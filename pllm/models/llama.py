@@ -20,7 +20,10 @@ from pllm.models.layers import (
     RotaryEmbedding,
     SiluAndMul,
 )
+from pllm.models.moe import MoEBlock, MoESpec
 from pllm.models.parallel import SINGLE, TensorParallel, divide, kv_head_split
+
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 class ArchSpec:
@@ -42,13 +45,17 @@ class ArchSpec:
         self.num_kv_heads = kv_head_split(self.total_kv_heads, tp_size)
         self.intermediate = divide(self.total_intermediate, tp_size, "intermediate_size")
         self.eps = cfg.rms_norm_eps
-        self.qkv_bias = cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
-        self.o_bias = cfg.model_type != "qwen2" and bool(getattr(cfg, "attention_bias", False))
+        qwen2 = cfg.model_type in ("qwen2", "qwen2_moe")
+        self.qkv_bias = qwen2 or bool(getattr(cfg, "attention_bias", False))
+        self.o_bias = not qwen2 and bool(getattr(cfg, "attention_bias", False))
         self.mlp_bias = bool(getattr(cfg, "mlp_bias", False))
-        self.qk_norm = cfg.model_type == "qwen3"
+        self.qk_norm = cfg.model_type in ("qwen3", "qwen3_moe")
+        # Mixture of experts (pllm.models.moe): the layers it names have
+        # experts in place of the dense MLP.
+        self.moe = MoESpec(cfg, tp_size) if cfg.model_type in MOE_TYPES else None
         self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
         window = getattr(cfg, "sliding_window", None)
-        uses_window = (cfg.model_type in ("mistral", "phi3")
+        uses_window = (cfg.model_type in ("mistral", "phi3", "mixtral")
                        or getattr(cfg, "use_sliding_window", False))
         self.sliding_window = window if uses_window and window else None
         act = getattr(cfg, "hidden_act", "silu")
@@ -101,7 +108,8 @@ class DecoderLayer(nn.Module):
                  tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.self_attn = Attention(spec, idx, rotary, tp)
-        self.mlp = MLP(spec, tp)
+        sparse = spec.moe is not None and spec.moe.is_sparse(idx)
+        self.mlp = MoEBlock(spec.hidden, spec.moe, tp) if sparse else MLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
         self.fused: FusedDecoderLayer | None = None  # a platform's hook (pllm.models.layers)
@@ -123,9 +131,9 @@ class DecoderLayer(nn.Module):
 
     def dense_weights(self) -> DenseDecoderWeights | None:
         """This layer as plain tensors; None when it is not a plain dense
-        layer (q/k norms: Qwen3; partial rotary: Phi-4-mini)."""
+        layer (q/k norms: Qwen3; partial rotary: Phi-4-mini; experts)."""
         attn, mlp, spec = self.self_attn, self.mlp, self.self_attn.spec
-        if spec.qk_norm or attn.rotary.rotary_dim != spec.head_dim:
+        if spec.qk_norm or attn.rotary.rotary_dim != spec.head_dim or isinstance(mlp, MoEBlock):
             return None
         return DenseDecoderWeights(
             input_norm=self.input_layernorm.weight,
@@ -217,6 +225,8 @@ class LlamaForCausalLM(nn.Module):
             parts = name.split(".")
             if self._load_kv_scale(parts, tensor):
                 continue
+            if self._load_expert(params, parts, tensor, pending, loaded):
+                continue
             if len(parts) >= 2 and parts[-2] in self._SPLIT:
                 # Fused in the checkpoint (Phi-3): taken apart into the pieces
                 # other checkpoints have, each sharded and fused again below.
@@ -238,10 +248,72 @@ class LlamaForCausalLM(nn.Module):
                     tensor = torch.zeros_like(tensor)  # the all-reduce adds rank 0's bias once
             self._copy(params, name, tensor)
             loaded.add(name)
+        if pending:
+            raise ValueError(f"checkpoint lacks parts of: {', '.join(sorted(pending)[:8])}")
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
         self.tie_weights()
+
+    # An expert's tensors in a checkpoint (Mixtral's names, then Qwen-MoE's):
+    # which of w13's halves (0 gate, 1 up) or w2 they are.
+    _EXPERT = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", 0),
+               "gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", 0)}
+
+    def _load_expert(self, params, parts: list[str], tensor: torch.Tensor,
+                     pending: dict, loaded: set[str]) -> bool:
+        """A mixture-of-experts tensor: Mixtral's ``block_sparse_moe.*``
+        (its router, ``experts.E.w1/w2/w3``), Qwen-MoE's ``mlp.experts.E.*``,
+        or transformers' stacked ``mlp.experts.gate_up_proj / down_proj``;
+        this rank's slice of each expert's intermediate dimension goes into
+        the block's ``w13`` / ``w2``. False for any other tensor."""
+        if len(parts) < 4 or parts[0] != "layers" or parts[2] not in ("block_sparse_moe", "mlp"):
+            return False
+        prefix = f"layers.{parts[1]}.mlp"
+        rest = parts[3:]
+        if parts[2] == "block_sparse_moe" and rest == ["gate", "weight"]:
+            self._copy(params, f"{prefix}.gate.weight", tensor)
+            loaded.add(f"{prefix}.gate.weight")
+            return True
+        if rest[0] != "experts":
+            return False
+        spec = self.spec.moe
+        if spec is None:
+            raise ValueError(f"checkpoint tensor {'.'.join(parts)!r} has no place in "
+                             f"{self.spec.model_type}")
+        if rest in (["experts", "gate_up_proj"], ["experts", "down_proj"]):  # stacked
+            if rest[1] == "down_proj":
+                self._copy(params, f"{prefix}.w2", self.tp.shard(tensor, 2))
+            else:
+                gate, up = tensor.chunk(2, dim=1)
+                self._copy(params, f"{prefix}.w13", torch.cat(
+                    [self.tp.shard(gate, 1), self.tp.shard(up, 1)], dim=1))
+            loaded.add(f"{prefix}.{'w2' if rest[1] == 'down_proj' else 'w13'}")
+            return True
+        if len(rest) != 4 or not rest[1].isdigit() or rest[2] not in self._EXPERT:
+            raise ValueError(f"checkpoint tensor {'.'.join(parts)!r} has no place in "
+                             f"{self.spec.model_type}")
+        expert, (target, half) = int(rest[1]), self._EXPERT[rest[2]]
+        name = f"{prefix}.{target}"
+        if name not in params or expert >= spec.num_experts:
+            raise ValueError(f"checkpoint tensor {'.'.join(parts)!r} has no place in "
+                             f"{self.spec.model_type}")
+        shard = self.tp.shard(tensor, 1 if target == "w2" else 0)
+        rows = spec.intermediate
+        with torch.no_grad():
+            dest = params[name][expert]
+            if target == "w13":
+                dest = dest[half * rows:(half + 1) * rows]
+            if dest.shape != shard.shape:
+                raise ValueError(f"{'.'.join(parts)}: checkpoint shape {tuple(tensor.shape)} "
+                                 f"does not fit the config's experts")
+            dest.copy_(shard)
+        done = pending.setdefault(name, set())
+        done.add((expert, half))
+        if len(done) == spec.num_experts * (2 if target == "w13" else 1):
+            pending.pop(name)
+            loaded.add(name)
+        return True
 
     # A checkpoint's fused tensor -> the pieces in _FUSED it holds, in order.
     _SPLIT = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

