@@ -8,10 +8,10 @@ import random
 
 import pytest
 import torch
-from parity import check_setting, hf_greedy, settings
+from parity import check_setting, check_top5, hf_greedy, settings
 from transformers import AutoModelForCausalLM
 
-from pllm import LLM
+from pllm import LLM, SamplingParams
 from pllm.loader.testing import make_tiny_model
 
 MAX_NEW = 24
@@ -58,13 +58,26 @@ def tiny(request, tmp_path_factory):
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = _prompts()
-    return folder, prompts, hf_greedy(hf, prompts, MAX_NEW)
+    expected = hf_greedy(hf, prompts, MAX_NEW)
+    with torch.inference_mode():  # transformers' log-softmax at each generated position
+        logprobs = [hf(torch.tensor([p + e])).logits[0, len(p) - 1: -1].float().log_softmax(-1)
+                    for p, e in zip(prompts, expected)]
+    return folder, prompts, expected, logprobs
 
 
 @pytest.mark.parametrize("setting", settings(PROMPT_LENS, MAX_NEW), ids=lambda s: s[0])
 def test_greedy_parity(tiny, setting):
-    folder, prompts, expected = tiny
+    folder, prompts, expected, _ = tiny
     _, kwargs, must = setting
     kwargs = {"kv_cache_memory": "16MB", **kwargs}
     llm = LLM(folder, device="cpu", **kwargs)
     check_setting(llm, prompts, expected, MAX_NEW, must)
+
+
+def test_top5_logprobs_in_a_mixed_batch(tiny):
+    """All prompts in one batch, chunked by a 16-token budget: each emitted
+    token's top-5 logprobs are transformers' at its position."""
+    folder, prompts, expected, logprobs = tiny
+    llm = LLM(folder, device="cpu", kv_cache_memory="16MB", max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+    check_top5(llm.generate(prompts, params, use_tqdm=False), expected, logprobs)
