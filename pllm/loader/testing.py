@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe",
-                      "qwen3_moe")
+                      "qwen3_moe", "gemma3_text")
 
 # ids 0-2 as in SmolLM2: <|endoftext|> pads, <|im_start|> is BOS, <|im_end|> is EOS.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -43,13 +43,16 @@ _TINY_CONFIG = dict(
     pad_token_id=PAD_ID,
 )
 
-# Four experts, two per token, a quarter of the dense MLP's width each.
-_TINY_EXPERTS = {
+# What a family needs on top of the tiny defaults. Experts: four, two per
+# token, a quarter of the dense MLP's width each. Gemma 3: a sliding-window
+# layer (shorter than most test prompts) then a global one.
+_TINY_ARCH_DEFAULTS = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       norm_topk_prob=True),
+    "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=12),
 }
 
 _CORPUS = [
@@ -206,7 +209,7 @@ def _tiny_config(arch: str, overrides: dict):
 
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is not one of {', '.join(TINY_ARCHITECTURES)}")
-    values = {**_TINY_CONFIG, **_TINY_EXPERTS.get(arch, {}), **overrides}
+    values = {**_TINY_CONFIG, **_TINY_ARCH_DEFAULTS.get(arch, {}), **overrides}
     if "head_dim" not in overrides and "hidden_size" in overrides:
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     return AutoConfig.for_model(arch, **values)

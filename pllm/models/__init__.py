@@ -16,6 +16,7 @@ import torch
 
 from pllm.core.interfaces import Model
 from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8
+from pllm.models.gemma import Gemma3ForCausalLM
 from pllm.models.llama import LlamaForCausalLM
 from pllm.models.parallel import TensorParallel
 
@@ -31,6 +32,7 @@ MODEL_REGISTRY = {
     "mixtral": LlamaForCausalLM,
     "qwen2_moe": LlamaForCausalLM,
     "qwen3_moe": LlamaForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
 }
 
 

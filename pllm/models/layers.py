@@ -70,9 +70,13 @@ class RotaryEmbedding(nn.Module):
     frequencies below that length and the long ones from it on: the same as
     transformers for every sequence within the original context."""
 
-    def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
+    def __init__(self, hf_config, head_dim: int, max_positions: int,
+                 layer_type: str | None = None) -> None:
         super().__init__()
         self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
+        # Gemma 3: each kind of layer ("sliding_attention", "full_attention")
+        # has its own rope parameters.
+        self.layer_type = layer_type
         factor = self._params().get("partial_rotary_factor",
                                     getattr(hf_config, "partial_rotary_factor", None) or 1.0)
         self.rotary_dim = int(head_dim * factor)
@@ -83,7 +87,8 @@ class RotaryEmbedding(nn.Module):
 
     def _params(self) -> dict:
         cfg = self.hf_config
-        return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        return params[self.layer_type] if self.layer_type is not None else params
 
     def reset_tables(self) -> None:
         """(Re)compute the cos/sin tables on the CPU, then move them to the
@@ -99,7 +104,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
             freqs, scaling = torch.outer(pos, inv_freq), 1.0
         else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, cpu)
+            by_layer = {"layer_type": self.layer_type} if self.layer_type is not None else {}
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, cpu, **by_layer)
             freqs = torch.outer(pos, inv_freq.float().to(cpu))
             if rope_type == "longrope":
                 original = int(params.get("original_max_position_embeddings")

@@ -58,6 +58,9 @@ class ArchSpec:
         uses_window = (cfg.model_type in ("mistral", "phi3", "mixtral")
                        or getattr(cfg, "use_sliding_window", False))
         self.sliding_window = window if uses_window and window else None
+        self._check_activation(cfg)
+
+    def _check_activation(self, cfg) -> None:
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported (only silu)")

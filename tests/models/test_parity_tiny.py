@@ -38,9 +38,16 @@ ARCHS = {
     "mixtral": dict(),
     "qwen2_moe": dict(mlp_only_layers=[1]),  # a shared expert; the second layer dense
     "qwen3_moe": dict(),  # top-k weights renormalised, q/k norms
+    # Gemma 3: a sliding layer (base 10k) and a global one (base 1M, linear
+    # scaling 8), query_pre_attn_scalar 256 (not head_dim), tied embeddings.
+    "gemma3_text": dict(tie_word_embeddings=True, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}),
+    # Gemma 2's final logit soft-cap (Gemma 3 configs may set it too).
+    "gemma3_softcap": dict(final_logit_softcapping=3.0),
 }
 BASE_ARCH = {"llama3_rope": "llama", "mqa": "llama", "phi3_longrope_partial": "phi3",
-             "phi3_window": "phi3"}
+             "phi3_window": "phi3", "gemma3_softcap": "gemma3_text"}
 
 
 def _prompts(vocab: int = 300) -> list[list[int]]:

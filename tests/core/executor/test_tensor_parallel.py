@@ -46,6 +46,9 @@ ARCHS = {
     # Experts split by their intermediate dimension, a shared expert, one
     # dense layer (and Qwen2's Q/K/V biases).
     "qwen2_moe": ("qwen2_moe", dict(mlp_only_layers=[1])),
+    # Gemma 3: its four norms, q/k norms, a sliding and a global layer, tied
+    # embeddings split by vocabulary.
+    "gemma3": ("gemma3_text", dict(tie_word_embeddings=True)),
     "phi3_partial": ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.75})),
 }

@@ -1,0 +1,166 @@
+"""Gemma 3 (text): the Llama layout with Gemma's differences, each read
+from the config: the embedding scaled by sqrt(hidden); RMSNorm by
+``1 + weight``; a GELU-tanh MLP; norms before and after both attention and
+the MLP; q/k norms; attention scaled by ``query_pre_attn_scalar``; sliding-
+window and global layers interleaved (``layer_types``), each kind with its
+own rope parameters (local: base 10k; global: base 1M, scaled); tied
+embeddings; and a final logit soft-cap where the config sets one.
+
+Attention logit soft-capping (Gemma 2) is not implemented by the attention
+backends, so a config that asks for it is refused by name."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pllm.models.layers import ForwardContext, PagedAttention, RotaryEmbedding
+from pllm.models.llama import ArchSpec, LlamaForCausalLM
+from pllm.models.parallel import SINGLE, TensorParallel
+
+
+class GemmaSpec(ArchSpec):
+    def __init__(self, cfg, tp_size: int = 1) -> None:
+        super().__init__(cfg, tp_size)
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            raise ValueError("attn_logit_softcapping is not supported: pllm's attention "
+                             "backends do not soft-cap attention logits")
+        if getattr(cfg, "use_bidirectional_attention", False):
+            raise ValueError("use_bidirectional_attention is not supported (a causal LM only)")
+        self.qk_norm = True
+        self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
+        self.layer_types = list(cfg.layer_types)
+        window = getattr(cfg, "sliding_window", None)
+        self.sliding_window = window if window and "sliding_attention" in self.layer_types else None
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+
+    def _check_activation(self, cfg) -> None:
+        act = getattr(cfg, "hidden_activation", None) or "gelu_pytorch_tanh"
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"hidden_activation={act!r} is not supported (only gelu_pytorch_tanh)")
+
+    def window_of(self, layer_idx: int) -> int | None:
+        return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm scaled by ``1 + weight``, computed in fp32 (Gemma's)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, spec: GemmaSpec, layer_idx: int, rotary: RotaryEmbedding,
+                 tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        self.spec, self.tp = spec, tp
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden, bias=spec.o_bias)
+        self.q_norm = GemmaRMSNorm(spec.head_dim, spec.eps)
+        self.k_norm = GemmaRMSNorm(spec.head_dim, spec.eps)
+        self.rotary = rotary
+        self.attn = PagedAttention(layer_idx, spec.scale, spec.window_of(layer_idx))
+
+    def forward(self, positions, x, ctx: ForwardContext) -> torch.Tensor:
+        n, spec = x.shape[0], self.spec
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(n, spec.num_heads, spec.head_dim))
+        k = self.k_norm(k.reshape(n, spec.num_kv_heads, spec.head_dim))
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v.reshape(n, spec.num_kv_heads, spec.head_dim), ctx)
+        return self.tp.all_reduce(self.o_proj(out.reshape(n, self.q_size)))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, spec: GemmaSpec, tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        self.tp = tp
+        self.gate_up_proj = nn.Linear(spec.hidden, 2 * spec.intermediate, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate, spec.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.tp.all_reduce(self.down_proj(F.gelu(gate, approximate="tanh") * up))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, spec: GemmaSpec, idx: int, rotary: RotaryEmbedding,
+                 tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(spec, idx, rotary, tp)
+        self.mlp = GemmaMLP(spec, tp)
+        self.input_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)
+        self.post_attention_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)
+        self.fused = None  # no platform's one-call layer fits Gemma's four norms
+
+    def forward(self, positions, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), ctx))
+        x = x + h
+        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x + h
+
+    def dense_weights(self) -> None:
+        return None
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """Loading, tensor parallelism (heads and MLP columns split, the LM head
+    by vocabulary) and tied embeddings as the Llama family's."""
+
+    spec_class = GemmaSpec
+
+    def __init__(self, hf_config, max_positions: int, tp: TensorParallel = SINGLE) -> None:
+        nn.Module.__init__(self)
+        self.spec = spec = GemmaSpec(hf_config, tp.size)
+        self.tp = tp
+        rotaries = {kind: RotaryEmbedding(hf_config, spec.head_dim, max_positions, layer_type=kind)
+                    for kind in sorted(set(spec.layer_types))}
+        self.rotaries = nn.ModuleDict(rotaries)
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, spec.hidden)
+        self.layers = nn.ModuleList(
+            GemmaDecoderLayer(spec, i, rotaries[kind], tp) for i, kind in enumerate(spec.layer_types))
+        self.norm = GemmaRMSNorm(spec.hidden, spec.eps)
+        self.vocab_size = hf_config.vocab_size
+        self.vocab_lo, self.vocab_hi = tp.vocab_range(self.vocab_size)
+        self.lm_head = nn.Linear(spec.hidden, self.vocab_hi - self.vocab_lo, bias=False)
+        self.embed_scale = spec.hidden ** 0.5
+
+    @property
+    def rotary(self) -> "_AllRotaries":
+        return _AllRotaries(list(self.rotaries.values()))
+
+    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # rounded to the dtype, as HF
+        for layer in self.layers:
+            x = layer(positions, x, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        cap = self.spec.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class _AllRotaries:
+    """``model.rotary.reset_tables()`` for a model with one table per layer kind."""
+
+    def __init__(self, rotaries: list[RotaryEmbedding]) -> None:
+        self.rotaries = rotaries
+
+    def reset_tables(self) -> None:
+        for rotary in self.rotaries:
+            rotary.reset_tables()
