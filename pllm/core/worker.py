@@ -146,7 +146,12 @@ class Worker:
         caches = allocator.allocate(self.info.num_layers, self._cache_shape(num_blocks),
                                     config.cache.torch_cache_dtype, self.device)
         decode_runner = None
-        if platform.capabilities.supports_graphs and not config.device.enforce_eager:
+        graphs = platform.capabilities.supports_graphs and not config.device.enforce_eager
+        if graphs and self.info.dynamic_routing:
+            logger.info("decode graphs off: %s routes tokens to experts by their values",
+                        self.info.model_type)
+            graphs = False
+        if graphs:
             decode_runner = platform.make_decode_runner(self.model, self.backend, caches, config)
             if decode_runner is not None:
                 decode_runner.capture_all()

@@ -102,6 +102,10 @@ def open_gguf(path: str) -> GGUFReader:
     arch = _architecture(reader)
     if arch not in _GGUF_ARCHITECTURES:
         check_architecture(arch, f"{path} (general.architecture)")
+        # A family pllm runs from HF folders only: transformers' GGUF mapping
+        # drops what it needs (Phi-3's LongRoPE factors and partial rotary, ...).
+        raise ModelLoadError(f"{path} (general.architecture): {arch!r} is supported from an HF "
+                             f"folder, not from GGUF; GGUF files: {', '.join(_GGUF_ARCHITECTURES)}")
     return reader
 
 

@@ -55,6 +55,9 @@ class ModelInfo:
     head_dim: int
     sliding_window: int | None
     max_position_embeddings: int  # the model's own context; 0 when the config has none
+    # Mixture of experts: how many tokens each expert computes depends on the
+    # data (the step's shapes do), so no graph or static-shape compilation.
+    dynamic_routing: bool = False
 
 
 def describe_model(hf_config, tp_size: int = 1) -> ModelInfo:
@@ -66,6 +69,7 @@ def describe_model(hf_config, tp_size: int = 1) -> ModelInfo:
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         sliding_window=spec.sliding_window,
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 0) or 0),
+        dynamic_routing=getattr(spec, "moe", None) is not None,
     )
 
 

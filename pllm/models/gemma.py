@@ -30,7 +30,7 @@ class GemmaSpec(ArchSpec):
             raise ValueError("use_bidirectional_attention is not supported (a causal LM only)")
         self.qk_norm = True
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
-        self.layer_types = list(cfg.layer_types)
+        self.layer_types = _layer_types(cfg)
         window = getattr(cfg, "sliding_window", None)
         self.sliding_window = window if window and "sliding_attention" in self.layer_types else None
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -42,6 +42,17 @@ class GemmaSpec(ArchSpec):
 
     def window_of(self, layer_idx: int) -> int | None:
         return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
+
+
+def _layer_types(cfg) -> list[str]:
+    """Each layer's kind; configs from transformers 4 give a period instead
+    (every ``sliding_window_pattern``-th layer global, the others local)."""
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    period = getattr(cfg, "sliding_window_pattern", 6)
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+            for i in range(cfg.num_hidden_layers)]
 
 
 class GemmaRMSNorm(nn.Module):

@@ -88,7 +88,19 @@ class RotaryEmbedding(nn.Module):
     def _params(self) -> dict:
         cfg = self.hf_config
         params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        return params[self.layer_type] if self.layer_type is not None else params
+        if self.layer_type is None:
+            return params
+        if self.layer_type in params:  # transformers 5: parameters per kind of layer
+            return params[self.layer_type]
+        # transformers 4 (Gemma 3): local layers take plain RoPE on their own
+        # base, global ones the model's rope_theta and rope_scaling.
+        if self.layer_type == "sliding_attention":
+            return {"rope_type": "default", "rope_theta": getattr(cfg, "rope_local_base_freq")}
+        return params
+
+    def _per_layer_type(self) -> bool:
+        params = getattr(self.hf_config, "rope_parameters", None) or {}
+        return self.layer_type is not None and self.layer_type in params
 
     def reset_tables(self) -> None:
         """(Re)compute the cos/sin tables on the CPU, then move them to the
@@ -104,7 +116,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
             freqs, scaling = torch.outer(pos, inv_freq), 1.0
         else:
-            by_layer = {"layer_type": self.layer_type} if self.layer_type is not None else {}
+            by_layer = {"layer_type": self.layer_type} if self._per_layer_type() else {}
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, cpu, **by_layer)
             freqs = torch.outer(pos, inv_freq.float().to(cpu))
             if rope_type == "longrope":

@@ -46,7 +46,8 @@ class ArchSpec:
         self.intermediate = divide(self.total_intermediate, tp_size, "intermediate_size")
         self.eps = cfg.rms_norm_eps
         qwen2 = cfg.model_type in ("qwen2", "qwen2_moe")
-        self.qkv_bias = qwen2 or bool(getattr(cfg, "attention_bias", False))
+        self.qkv_bias = (bool(getattr(cfg, "qkv_bias", True)) if qwen2
+                         else bool(getattr(cfg, "attention_bias", False)))
         self.o_bias = not qwen2 and bool(getattr(cfg, "attention_bias", False))
         self.mlp_bias = bool(getattr(cfg, "mlp_bias", False))
         self.qk_norm = cfg.model_type in ("qwen3", "qwen3_moe")
@@ -57,7 +58,10 @@ class ArchSpec:
         window = getattr(cfg, "sliding_window", None)
         uses_window = (cfg.model_type in ("mistral", "phi3", "mixtral")
                        or getattr(cfg, "use_sliding_window", False))
-        self.sliding_window = window if uses_window and window else None
+        # A window no shorter than the context (Phi-4-mini's) is no window.
+        context = getattr(cfg, "max_position_embeddings", None)
+        self.sliding_window = (window if uses_window and window and not (context and window >= context)
+                               else None)
         self._check_activation(cfg)
 
     def _check_activation(self, cfg) -> None:
@@ -386,7 +390,9 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def _copy(params, name: str, tensor: torch.Tensor) -> None:
-        param = params[name]
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
         if param.shape != tensor.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
         with torch.no_grad():

@@ -43,7 +43,7 @@ class MoESpec:
 
     def is_sparse(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` has experts (Qwen-MoE may keep some dense)."""
-        return (layer_idx not in self.mlp_only_layers
+        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
                 and (layer_idx + 1) % self.sparse_step == 0)
 
 
@@ -71,7 +71,7 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
     token_of = order // top_k
-    scale = weights.reshape(-1)[order].to(x.dtype)
+    scale = weights.reshape(-1)[order]
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -79,7 +79,8 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         rows = token_of[start:start + count]
         gate, up = F.linear(x[rows], w13[expert]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, w2[expert])
-        out.index_add_(0, rows, y * scale[start:start + count, None])
+        # Weighted in the weights' dtype (fp32 for Mixtral, as transformers), then cast.
+        out.index_add_(0, rows, (y * scale[start:start + count, None]).to(out.dtype))
         start += count
     return out
 
@@ -104,7 +105,9 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.spec.top_k, self.spec.renormalize)
-        out = self.experts_fn(x, self.w13, self.w2, weights.to(x.dtype), ids)
+        if self.spec.model_type != "mixtral":  # Qwen's routers cast them to the model dtype
+            weights = weights.to(x.dtype)
+        out = self.experts_fn(x, self.w13, self.w2, weights, ids)
         if self.spec.shared:
             # The sigmoid scales this rank's partial sum: the same after the all-reduce.
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

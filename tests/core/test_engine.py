@@ -98,6 +98,15 @@ def test_a_sliding_window_model_is_refused_where_attention_has_none(tmp_path, fa
     assert _engine(mistral, fake_platform()).config.resolved  # where it has one, it runs
 
 
+def test_experts_are_refused_where_shapes_are_static(tmp_path, fake_platform):
+    """An MoE model's per-expert shapes depend on the routing: a static-shape
+    (XLA) platform cannot compile them, so it is refused there by name."""
+    mixtral = make_tiny_model(tmp_path / "mixtral", arch="mixtral")
+    with pytest.raises(ValueError, match=r"mixtral model routes tokens to experts.*fakeaccel"):
+        _engine(mixtral, _platform_with(fake_platform, token_buckets=(8, 16), seq_buckets=(2,)))
+    assert _engine(mixtral, fake_platform()).config.resolved  # dynamic shapes: it runs
+
+
 def test_a_head_dim_the_platform_lacks_is_refused(tiny_model_dir, fake_platform):
     with pytest.raises(ValueError, match=r"head_dim=16 is not supported on fakeaccel"):
         _engine(tiny_model_dir, _platform_with(fake_platform, head_dims=(64, 128)))

@@ -371,3 +371,19 @@ def test_default_model_tokenizer_and_chat_template(default_model):
     assert "<|im_start|>user\nHi<|im_end|>\n" in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
     assert loaded.chat_template == tokenizer.chat_template
+
+
+def test_a_family_run_from_folders_only_is_refused_as_gguf(tmp_path):
+    """A Phi-3 GGUF would lose its LongRoPE factors and partial rotary in
+    transformers' GGUF mapping: refused, naming the GGUF families."""
+    import gguf
+
+    path = str(tmp_path / "phi.gguf")
+    writer = gguf.GGUFWriter(path, "phi3")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"'phi3' is supported from an HF folder, not from "
+                                             r"GGUF; GGUF files: llama, qwen2, qwen3"):
+        load_model(path)

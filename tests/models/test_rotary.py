@@ -50,3 +50,20 @@ def test_partial_rotary_leaves_the_last_channels():
     # A rotation, scaled by LongRoPE's attention factor.
     factor = ROPE_INIT_FUNCTIONS["longrope"](_phi3_config(), torch.device("cpu"))[1]
     torch.testing.assert_close(q2[..., :12].norm(dim=-1), q[..., :12].norm(dim=-1) * factor)
+
+
+def test_gemma3_from_a_transformers_4_config():
+    """transformers 4 writes Gemma 3's layer kinds as a period and its local
+    rope base apart: local layers get plain RoPE on that base."""
+    from types import SimpleNamespace
+
+    from pllm.models.gemma import _layer_types
+
+    cfg = SimpleNamespace(num_hidden_layers=6, sliding_window_pattern=3, rope_theta=1e6,
+                          rope_local_base_freq=10000.0, rope_scaling=None)
+    assert _layer_types(cfg) == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    local = RotaryEmbedding(cfg, head_dim=16, max_positions=8, layer_type="sliding_attention")
+    glob = RotaryEmbedding(cfg, head_dim=16, max_positions=8, layer_type="full_attention")
+    for rotary, base in ((local, 10000.0), (glob, 1e6)):
+        inv = 1.0 / base ** (torch.arange(0, 16, 2, dtype=torch.float) / 16)
+        torch.testing.assert_close(rotary.cos, torch.outer(torch.arange(8.0), inv).cos())
