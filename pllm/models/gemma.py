@@ -15,12 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pllm.models.layers import ForwardContext, PagedAttention, RotaryEmbedding
-from pllm.models.llama import ArchSpec, LlamaForCausalLM
+from pllm.models.layers import ForwardContext, RotaryEmbedding
+from pllm.models.llama import ArchSpec, Attention, LlamaForCausalLM
 from pllm.models.parallel import SINGLE, TensorParallel
 
 
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm scaled by ``1 + weight``, computed in fp32 (Gemma's)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
 class GemmaSpec(ArchSpec):
+    qk_norm_cls = GemmaRMSNorm
+
     def __init__(self, cfg, tp_size: int = 1) -> None:
         super().__init__(cfg, tp_size)
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
@@ -55,44 +71,6 @@ def _layer_types(cfg) -> list[str]:
             for i in range(cfg.num_hidden_layers)]
 
 
-class GemmaRMSNorm(nn.Module):
-    """RMSNorm scaled by ``1 + weight``, computed in fp32 (Gemma's)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
-
-
-class GemmaAttention(nn.Module):
-    def __init__(self, spec: GemmaSpec, layer_idx: int, rotary: RotaryEmbedding,
-                 tp: TensorParallel = SINGLE) -> None:
-        super().__init__()
-        self.spec, self.tp = spec, tp
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = nn.Linear(spec.hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden, bias=spec.o_bias)
-        self.q_norm = GemmaRMSNorm(spec.head_dim, spec.eps)
-        self.k_norm = GemmaRMSNorm(spec.head_dim, spec.eps)
-        self.rotary = rotary
-        self.attn = PagedAttention(layer_idx, spec.scale, spec.window_of(layer_idx))
-
-    def forward(self, positions, x, ctx: ForwardContext) -> torch.Tensor:
-        n, spec = x.shape[0], self.spec
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(n, spec.num_heads, spec.head_dim))
-        k = self.k_norm(k.reshape(n, spec.num_kv_heads, spec.head_dim))
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v.reshape(n, spec.num_kv_heads, spec.head_dim), ctx)
-        return self.tp.all_reduce(self.o_proj(out.reshape(n, self.q_size)))
-
-
 class GemmaMLP(nn.Module):
     def __init__(self, spec: GemmaSpec, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
@@ -109,7 +87,7 @@ class GemmaDecoderLayer(nn.Module):
     def __init__(self, spec: GemmaSpec, idx: int, rotary: RotaryEmbedding,
                  tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.self_attn = GemmaAttention(spec, idx, rotary, tp)
+        self.self_attn = Attention(spec, idx, rotary, tp)
         self.mlp = GemmaMLP(spec, tp)
         self.input_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)
         self.post_attention_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)

@@ -62,7 +62,15 @@ class ArchSpec:
         context = getattr(cfg, "max_position_embeddings", None)
         self.sliding_window = (window if uses_window and window and not (context and window >= context)
                                else None)
+        self.scale = self.head_dim ** -0.5  # of the attention logits
         self._check_activation(cfg)
+
+    # The q/k norms' class (Qwen3's; Gemma's scales by 1 + weight).
+    qk_norm_cls = RMSNorm
+
+    def window_of(self, layer_idx: int) -> int | None:
+        """Layer ``layer_idx``'s sliding window (None: it attends to all)."""
+        return self.sliding_window
 
     def _check_activation(self, cfg) -> None:
         act = getattr(cfg, "hidden_act", "silu")
@@ -80,10 +88,10 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(spec.hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, spec.hidden, bias=spec.o_bias)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.eps)
-            self.k_norm = RMSNorm(spec.head_dim, spec.eps)
+            self.q_norm = spec.qk_norm_cls(spec.head_dim, spec.eps)
+            self.k_norm = spec.qk_norm_cls(spec.head_dim, spec.eps)
         self.rotary = rotary
-        self.attn = PagedAttention(layer_idx, spec.head_dim ** -0.5, spec.sliding_window)
+        self.attn = PagedAttention(layer_idx, spec.scale, spec.window_of(layer_idx))
 
     def forward(self, positions, x, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]

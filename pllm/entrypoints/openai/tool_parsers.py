@@ -221,6 +221,32 @@ class ToolParser:
         raise NotImplementedError
 
 
+def _scan_calls(text: str, i: int, out: Parsed, sep: str | None) -> int | None:
+    """Call objects from ``text[i] == '{'`` on, each appended to ``out``,
+    one after another with ``sep`` between them (None: just one): the index
+    of what follows the last of them, for the caller to judge; None when the
+    text ends first or is malformed (``out.valid`` then says which)."""
+    while True:
+        call, after, ok = scan_call(text, i)
+        out.calls.append(call)
+        if not ok:
+            out.valid = False
+            return None
+        if after is None:
+            return None
+        i = _skip_ws(text, after)
+        if i >= len(text):
+            return None
+        if sep is None or text[i] != sep:
+            return i
+        i = _skip_ws(text, i + 1)
+        if i >= len(text):
+            return None
+        if text[i] != "{":
+            out.valid = False
+            return None
+
+
 class HermesToolParser(ToolParser):
     name = "hermes"
     start, end = "<tool_call>", "</tool_call>"
@@ -238,14 +264,9 @@ class HermesToolParser(ToolParser):
             if text[i] != "{":
                 out.valid = False
                 return out
-            call, after, ok = scan_call(text, i)
-            out.calls.append(call)
-            if not ok:
-                out.valid = False
+            i = _scan_calls(text, i, out, None)
+            if i is None:
                 return out
-            if after is None:
-                return out
-            i = _skip_ws(text, after)
             closing = text[i:i + len(self.end)]
             if not self.end.startswith(closing):
                 out.valid = False
@@ -271,26 +292,9 @@ class Llama3JsonToolParser(ToolParser):
         if text[i] != "{":
             return Parsed(text)
         out = Parsed("")
-        while True:
-            call, after, ok = scan_call(text, i)
-            out.calls.append(call)
-            if not ok:
-                out.valid = False
-                return out
-            if after is None:
-                return out
-            i = _skip_ws(text, after)
-            if i >= len(text):
-                return out
-            if text[i] != ";":
-                out.valid = False
-                return out
-            i = _skip_ws(text, i + 1)
-            if i >= len(text):
-                return out
-            if text[i] != "{":
-                out.valid = False
-                return out
+        if _scan_calls(text, i, out, ";") is not None:
+            out.valid = False  # anything but another call after one
+        return out
 
 
 class CallArrayParser(ToolParser):
@@ -307,28 +311,16 @@ class CallArrayParser(ToolParser):
         if text[i] != "[":
             out.valid = False
             return out
-        while True:
-            i = _skip_ws(text, i + 1)
-            if i >= len(text):
-                return out
-            if text[i] == "]" and not out.calls:
-                return out
-            if text[i] != "{":
-                out.valid = False
-                return out
-            call, after, ok = scan_call(text, i)
-            out.calls.append(call)
-            if not ok:
-                out.valid = False
-                return out
-            if after is None:
-                return out
-            i = _skip_ws(text, after)
-            if i >= len(text) or text[i] == "]":
-                return out
-            if text[i] != ",":
-                out.valid = False
-                return out
+        i = _skip_ws(text, i + 1)
+        if i >= len(text) or text[i] == "]":
+            return out
+        if text[i] != "{":
+            out.valid = False
+            return out
+        i = _scan_calls(text, i, out, ",")
+        if i is not None and text[i] != "]":
+            out.valid = False
+        return out
 
 
 class NamedCallParser(ToolParser):
