@@ -57,6 +57,9 @@ class PlatformCapabilities:
     head_dims: tuple[int, ...] | None = None  # None: any head_dim
     # Whether attention takes ``sliding_window``; a model with one is refused otherwise.
     supports_sliding_window: bool = True
+    # Whether attention takes ``soft_cap`` (Gemma 2's attention logit
+    # soft-capping); a model with one is refused otherwise.
+    supports_soft_cap: bool = False
     # 8-bit float formats the attention backend can store K/V in (scaled,
     # besides the model dtype): ``--kv-cache-dtype fp8`` picks from these.
     kv_cache_dtypes: tuple[torch.dtype, ...] = ()
@@ -211,12 +214,16 @@ class AttentionBackend(abc.ABC):
         sliding_window: int | None = None,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         """Attention for ``query`` ``[num_tokens, num_heads, head_dim]`` against
         the cache (which already holds this step's K/V). Returns the same shape.
         ``num_heads`` is a multiple of the cache's ``num_kv_heads`` (GQA/MQA).
         An 8-bit cache is read as ``k_scale * K`` and ``v_scale * V`` (the
-        scales ``write_kv`` divided by; passed only with such a cache)."""
+        scales ``write_kv`` divided by; passed only with such a cache).
+        ``soft_cap`` ``c``: each scaled score ``s`` becomes ``c * tanh(s / c)``
+        before the mask and the softmax (Gemma 2); passed only to a backend
+        whose capabilities say ``supports_soft_cap``, and only when set."""
 
     @abc.abstractmethod
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:

@@ -60,6 +60,9 @@ def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineCon
     if model.sliding_window is not None and not caps.supports_sliding_window:
         raise ValueError(f"this {model.model_type} model uses a sliding window of "
                          f"{model.sliding_window} tokens, which {name} attention does not support")
+    if getattr(model, "attn_soft_cap", None) is not None and not caps.supports_soft_cap:
+        raise ValueError(f"this {model.model_type} model soft-caps its attention logits "
+                         f"(at {model.attn_soft_cap}), which {name} attention does not support")
     if getattr(model, "dynamic_routing", False) and caps.static_shapes:
         raise ValueError(f"this {model.model_type} model routes tokens to experts by their "
                          f"values (data-dependent shapes), which {name}'s static-shape "

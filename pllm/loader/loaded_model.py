@@ -14,7 +14,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 # model_type values the pllm model definitions implement.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe",
-                           "qwen3_moe", "gemma3_text")
+                           "qwen3_moe", "gemma2", "gemma3_text")
 
 
 class ModelLoadError(ValueError):

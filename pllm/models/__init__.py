@@ -16,7 +16,7 @@ import torch
 
 from pllm.core.interfaces import Model
 from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8
-from pllm.models.gemma import Gemma3ForCausalLM
+from pllm.models.gemma import GemmaForCausalLM
 from pllm.models.llama import LlamaForCausalLM
 from pllm.models.parallel import TensorParallel
 
@@ -32,7 +32,8 @@ MODEL_REGISTRY = {
     "mixtral": LlamaForCausalLM,
     "qwen2_moe": LlamaForCausalLM,
     "qwen3_moe": LlamaForCausalLM,
-    "gemma3_text": Gemma3ForCausalLM,
+    "gemma2": GemmaForCausalLM,
+    "gemma3_text": GemmaForCausalLM,
 }
 
 
@@ -58,6 +59,8 @@ class ModelInfo:
     # Mixture of experts: how many tokens each expert computes depends on the
     # data (the step's shapes do), so no graph or static-shape compilation.
     dynamic_routing: bool = False
+    # Attention logit soft-cap (Gemma 2): the attention backend must take ``soft_cap``.
+    attn_soft_cap: float | None = None
 
 
 def describe_model(hf_config, tp_size: int = 1) -> ModelInfo:
@@ -70,6 +73,7 @@ def describe_model(hf_config, tp_size: int = 1) -> ModelInfo:
         sliding_window=spec.sliding_window,
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 0) or 0),
         dynamic_routing=getattr(spec, "moe", None) is not None,
+        attn_soft_cap=getattr(spec, "attn_soft_cap", None),
     )
 
 

@@ -1,13 +1,14 @@
-"""Gemma 3 (text): the Llama layout with Gemma's differences, each read
-from the config: the embedding scaled by sqrt(hidden); RMSNorm by
+"""Gemma 2 and Gemma 3 (text): the Llama layout with Gemma's differences,
+each read from the config: the embedding scaled by sqrt(hidden); RMSNorm by
 ``1 + weight``; a GELU-tanh MLP; norms before and after both attention and
-the MLP; q/k norms; attention scaled by ``query_pre_attn_scalar``; sliding-
-window and global layers interleaved (``layer_types``), each kind with its
-own rope parameters (local: base 10k; global: base 1M, scaled); tied
-embeddings; and a final logit soft-cap where the config sets one.
+the MLP; attention scaled by ``query_pre_attn_scalar``; sliding-window and
+global layers interleaved (``layer_types``); tied embeddings; and a final
+logit soft-cap where the config sets one.
 
-Attention logit soft-capping (Gemma 2) is not implemented by the attention
-backends, so a config that asks for it is refused by name."""
+Gemma 2 soft-caps the attention logits (``attn_logit_softcapping``): the
+attention backend applies it (``supports_soft_cap``; a platform without it
+refuses the model by name). Gemma 3 has q/k norms instead, and each layer
+kind its own rope parameters (local: base 10k; global: base 1M, scaled)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,12 @@ class GemmaSpec(ArchSpec):
 
     def __init__(self, cfg, tp_size: int = 1) -> None:
         super().__init__(cfg, tp_size)
-        if getattr(cfg, "attn_logit_softcapping", None) is not None:
-            raise ValueError("attn_logit_softcapping is not supported: pllm's attention "
-                             "backends do not soft-cap attention logits")
         if getattr(cfg, "use_bidirectional_attention", False):
             raise ValueError("use_bidirectional_attention is not supported (a causal LM only)")
-        self.qk_norm = True
+        gemma3 = cfg.model_type != "gemma2"
+        self.qk_norm = gemma3  # Gemma 3's q/k norms ...
+        self.rope_per_layer_type = gemma3  # ... and rope parameters by kind of layer
+        self.attn_soft_cap = getattr(cfg, "attn_logit_softcapping", None) or None
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.layer_types = _layer_types(cfg)
         window = getattr(cfg, "sliding_window", None)
@@ -62,10 +63,14 @@ class GemmaSpec(ArchSpec):
 
 def _layer_types(cfg) -> list[str]:
     """Each layer's kind; configs from transformers 4 give a period instead
-    (every ``sliding_window_pattern``-th layer global, the others local)."""
+    (Gemma 3: every ``sliding_window_pattern``-th layer global, the others
+    local; Gemma 2: even layers local, odd ones global)."""
     kinds = getattr(cfg, "layer_types", None)
     if kinds:
         return list(kinds)
+    if cfg.model_type == "gemma2":
+        return ["sliding_attention" if i % 2 == 0 else "full_attention"
+                for i in range(cfg.num_hidden_layers)]
     period = getattr(cfg, "sliding_window_pattern", 6)
     return ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
             for i in range(cfg.num_hidden_layers)]
@@ -105,7 +110,7 @@ class GemmaDecoderLayer(nn.Module):
         return None
 
 
-class Gemma3ForCausalLM(LlamaForCausalLM):
+class GemmaForCausalLM(LlamaForCausalLM):
     """Loading, tensor parallelism (heads and MLP columns split, the LM head
     by vocabulary) and tied embeddings as the Llama family's."""
 
@@ -115,8 +120,13 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         nn.Module.__init__(self)
         self.spec = spec = GemmaSpec(hf_config, tp.size)
         self.tp = tp
-        rotaries = {kind: RotaryEmbedding(hf_config, spec.head_dim, max_positions, layer_type=kind)
-                    for kind in sorted(set(spec.layer_types))}
+        if spec.rope_per_layer_type:
+            rotaries = {kind: RotaryEmbedding(hf_config, spec.head_dim, max_positions,
+                                              layer_type=kind)
+                        for kind in sorted(set(spec.layer_types))}
+        else:  # Gemma 2: one rope for every layer
+            shared = RotaryEmbedding(hf_config, spec.head_dim, max_positions)
+            rotaries = {kind: shared for kind in set(spec.layer_types)}
         self.rotaries = nn.ModuleDict(rotaries)
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, spec.hidden)
         self.layers = nn.ModuleList(

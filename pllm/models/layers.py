@@ -153,11 +153,13 @@ class PagedAttention(nn.Module):
     platform's backend. ``k_scale``/``v_scale`` are what an 8-bit cache
     stores K and V divided by (1.0 unless the checkpoint gives them)."""
 
-    def __init__(self, layer_idx: int, scale: float, sliding_window: int | None) -> None:
+    def __init__(self, layer_idx: int, scale: float, sliding_window: int | None,
+                 soft_cap: float | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.scale = scale
         self.sliding_window = sliding_window
+        self.soft_cap = soft_cap
         self.k_scale = 1.0
         self.v_scale = 1.0
         self.scales_from_checkpoint = False
@@ -166,8 +168,10 @@ class PagedAttention(nn.Module):
         cache = ctx.kv_caches[self.layer_idx]
         scales = scale_kwargs(cache.dtype, self.k_scale, self.v_scale)
         ctx.backend.write_kv(k, v, cache, ctx.metadata.slot_mapping, **scales)
+        # Passed only when set: a backend without the capability need not take it.
+        cap = {} if self.soft_cap is None else {"soft_cap": self.soft_cap}
         return ctx.backend.forward(q, cache, ctx.metadata, scale=self.scale,
-                                   sliding_window=self.sliding_window, **scales)
+                                   sliding_window=self.sliding_window, **scales, **cap)
 
 
 @dataclass(frozen=True)

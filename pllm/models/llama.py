@@ -67,6 +67,8 @@ class ArchSpec:
 
     # The q/k norms' class (Qwen3's; Gemma's scales by 1 + weight).
     qk_norm_cls = RMSNorm
+    # Attention logit soft-cap (Gemma 2's): the backend applies it.
+    attn_soft_cap: float | None = None
 
     def window_of(self, layer_idx: int) -> int | None:
         """Layer ``layer_idx``'s sliding window (None: it attends to all)."""
@@ -91,7 +93,8 @@ class Attention(nn.Module):
             self.q_norm = spec.qk_norm_cls(spec.head_dim, spec.eps)
             self.k_norm = spec.qk_norm_cls(spec.head_dim, spec.eps)
         self.rotary = rotary
-        self.attn = PagedAttention(layer_idx, spec.scale, spec.window_of(layer_idx))
+        self.attn = PagedAttention(layer_idx, spec.scale, spec.window_of(layer_idx),
+                                   spec.attn_soft_cap)
 
     def forward(self, positions, x, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]

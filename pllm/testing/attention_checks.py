@@ -81,6 +81,7 @@ class AttentionCase:
     head_dim: int = 64
     block_size: int = 16
     sliding_window: int | None = None
+    soft_cap: float | None = None  # attention logit soft-cap (Gemma 2)
     # How many leading sequences are decodes; None: those with query_len 1
     # and some cached context (a one-token sequence may be a decode too).
     num_decodes: int | None = None
@@ -122,6 +123,8 @@ class AttentionCase:
             return f"block_size {self.block_size} not in {caps.block_sizes}"
         if self.sliding_window is not None and not caps.supports_sliding_window:
             return "no sliding window support"
+        if self.soft_cap is not None and not caps.supports_soft_cap:
+            return "no attention soft-cap support"
         if self.kv_cache_dtype and not caps.supports_kv_cache_dtype(
             getattr(torch, self.kv_cache_dtype)
         ):
@@ -162,6 +165,10 @@ DEFAULT_CASES: tuple[AttentionCase, ...] = (
     # A scale that is not head_dim ** -0.5 (models set their own, e.g. Gemma).
     _case("custom_scale_gqa", ((20, 1), (0, 7), (9, 12)), scale=0.37),
     _case("large_logits_gqa", ((20, 1), (0, 9), (12, 10)), large_logits=True),
+    # Soft-capped logits (Gemma 2): a cap near the scores' spread, so it bends them.
+    _case("soft_cap_mixed_gqa", ((15, 1), (32, 1), (0, 17), (16, 9)), soft_cap=1.5),
+    _case("soft_cap_sliding_window_mqa", ((24, 1), (10, 12)), num_kv_heads=1, sliding_window=8,
+          soft_cap=3.0, scale=0.3),
 )
 QUICK_CASES: tuple[AttentionCase, ...] = (DEFAULT_CASES[2], DEFAULT_CASES[3])
 
@@ -337,11 +344,13 @@ def run_attention_case(
     write(md_cpu.slot_mapping, key, value)
 
     scale = case.softmax_scale
+    # Passed only when set, as the model layers do.
+    cap = {} if case.soft_cap is None else {"soft_cap": case.soft_cap}
     out = backend.forward(query, cache, md, scale=scale, sliding_window=case.sliding_window,
-                          **scales)
+                          **scales, **cap)
     # The reference cache holds real (dequantized) values: no scales for it.
     expected = reference_attention(query.float().cpu(), ref_cache, md_cpu, scale=scale,
-                                   sliding_window=case.sliding_window)
+                                   sliding_window=case.sliding_window, soft_cap=case.soft_cap)
     return AttentionRun(case=case, dtype=dtype, kv_cache_dtype=kv_cache_dtype, metadata=md,
                         query=query, cache=cache, ref_cache=ref_cache, out=out.cpu(),
                         out_device=out.device,

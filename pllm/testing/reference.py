@@ -55,9 +55,11 @@ def reference_attention(
     sliding_window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Sequence by sequence, in fp32, with an explicit mask: slow and obvious.
-    An 8-bit cache is read as ``k_scale * K``, ``v_scale * V``."""
+    An 8-bit cache is read as ``k_scale * K``, ``v_scale * V``; ``soft_cap``
+    ``c`` turns each scaled score ``s`` into ``c * tanh(s / c)``."""
     num_heads = query.shape[1]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -72,6 +74,8 @@ def reference_attention(
         k = dequantize(k, k_scale).repeat_interleave(group, dim=1)
         v = dequantize(v, v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if soft_cap is not None:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
         q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
         k_pos = torch.arange(seq_len).unsqueeze(0)
         allowed = k_pos <= q_pos

@@ -98,6 +98,22 @@ def test_a_sliding_window_model_is_refused_where_attention_has_none(tmp_path, fa
     assert _engine(mistral, fake_platform()).config.resolved  # where it has one, it runs
 
 
+def test_attention_soft_capping_is_refused_where_attention_has_none(tmp_path, fake_platform):
+    """Gemma 2 soft-caps its attention logits: a platform that does not
+    declare ``supports_soft_cap`` (the default, as this plugin) refuses it by
+    name rather than attending without the cap. A model without a cap never
+    passes ``soft_cap`` (this plugin's backend does not take it)."""
+    gemma2 = make_tiny_model(tmp_path / "gemma2", arch="gemma2", attn_logit_softcapping=50.0)
+    assert not fake_platform().capabilities.supports_soft_cap
+    with pytest.raises(ValueError, match=r"gemma2 model soft-caps its attention logits \(at 50.0\)"
+                                         r", which fakeaccel attention does not support"):
+        _engine(gemma2, fake_platform())
+    no_cap = make_tiny_model(tmp_path / "gemma2_no_cap", arch="gemma2",
+                             attn_logit_softcapping=None)
+    engine = _engine(no_cap, fake_platform())
+    assert len(_greedy(engine, [[5, 6, 7, 8]])[0]) == 6
+
+
 def test_experts_are_refused_where_shapes_are_static(tmp_path, fake_platform):
     """An MoE model's per-expert shapes depend on the routing: a static-shape
     (XLA) platform cannot compile them, so it is refused there by name."""

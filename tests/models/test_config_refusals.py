@@ -14,7 +14,6 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping is not supported"),
     (dict(hidden_activation="relu"), "hidden_activation='relu' is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention is not supported"),
 ])

@@ -43,8 +43,14 @@ ARCHS = {
     "gemma3_text": dict(tie_word_embeddings=True, rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}),
-    # Gemma 2's final logit soft-cap (Gemma 3 configs may set it too).
+    # Gemma 3 configs may set Gemma 2's final logit soft-cap too.
     "gemma3_softcap": dict(final_logit_softcapping=3.0),
+    # Gemma 2: alternating local (window 12, shorter than most prompts) and
+    # global layers, attention logits soft-capped at 0.5 and final logits at
+    # 3; weights drawn 10x wider than the default, so that the scores are
+    # large enough for the cap to bend them (the test fails without it).
+    "gemma2": dict(sliding_window=12, attn_logit_softcapping=0.5, final_logit_softcapping=3.0,
+                   tie_word_embeddings=True, initializer_range=0.2),
 }
 BASE_ARCH = {"llama3_rope": "llama", "mqa": "llama", "phi3_longrope_partial": "phi3",
              "phi3_window": "phi3", "gemma3_softcap": "gemma3_text"}

@@ -59,9 +59,12 @@ def test_gemma3_from_a_transformers_4_config():
 
     from pllm.models.gemma import _layer_types
 
-    cfg = SimpleNamespace(num_hidden_layers=6, sliding_window_pattern=3, rope_theta=1e6,
+    cfg = SimpleNamespace(model_type="gemma3_text", num_hidden_layers=6,
+                          sliding_window_pattern=3, rope_theta=1e6,
                           rope_local_base_freq=10000.0, rope_scaling=None)
     assert _layer_types(cfg) == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    gemma2 = SimpleNamespace(model_type="gemma2", num_hidden_layers=4)  # even layers local
+    assert _layer_types(gemma2) == ["sliding_attention", "full_attention"] * 2
     local = RotaryEmbedding(cfg, head_dim=16, max_positions=8, layer_type="sliding_attention")
     glob = RotaryEmbedding(cfg, head_dim=16, max_positions=8, layer_type="full_attention")
     for rotary, base in ((local, 10000.0), (glob, 1e6)):

@@ -140,7 +140,20 @@ def test_check_fails_a_half_precision_softmax(backend, capsys) -> None:
     out = _check("halfsoftmax", _mutant("halfsoftmax", backend=backend), "large_logits", capsys)
     assert "large_logits_gqa" in out and "1 failed" in out
     with pytest.raises(AssertionError, match="large_logits_gqa"):
-        cf.check_attention_case(backend(), cf.DEFAULT_CASES[-1])
+        cf.check_attention_case(backend(), _case_named("large_logits_gqa"))
+
+
+class IgnoresSoftCapBackend(FakeAccelAttentionBackend):
+    """Takes ``soft_cap`` and attends without it."""
+
+    def forward(self, query, kv_cache, metadata, *, soft_cap=None, **kw):
+        return super().forward(query, kv_cache, metadata, **kw)
+
+
+@pytest.mark.parametrize("name", ["soft_cap_mixed_gqa", "soft_cap_sliding_window_mqa"])
+def test_check_fails_a_backend_that_ignores_the_soft_cap(name) -> None:
+    with pytest.raises(AssertionError, match="mismatch|not close"):
+        cf.check_attention_case(IgnoresSoftCapBackend(), _case_named(name))
 
 
 def test_check_fails_a_communicator_whose_close_keeps_the_group(capsys) -> None:
@@ -156,3 +169,7 @@ def test_check_fails_a_communicator_without_close(capsys) -> None:
     out = _check("noclose", _mutant("noclose", communicator=NoCloseCommunicator),
                  "close_then_rebuild", capsys)
     assert "make_communicator(0, 1, ...) failed" in out and "abstract" in out
+
+
+def _case_named(name: str) -> cf.AttentionCase:
+    return next(c for c in cf.DEFAULT_CASES if c.name == name)

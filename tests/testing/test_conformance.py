@@ -35,9 +35,11 @@ def test_fake_attention_write_and_copy(dtype: torch.dtype) -> None:
     backend = FakeAccelAttentionBackend()
     skipped = cf.check_attention_backend(backend, dtype=dtype,
                                          capabilities=FakeAccel().capabilities)
-    # Only the large-logit case is fp32-only.
-    assert [s.split(":")[0] for s in skipped] == ([] if dtype == torch.float32
-                                                  else ["large_logits_gqa"])
+    # The soft-capped cases are skipped (the plugin does not declare
+    # supports_soft_cap); only the large-logit case is fp32-only.
+    soft_capped = ["soft_cap_mixed_gqa", "soft_cap_sliding_window_mqa"]
+    assert [s.split(":")[0] for s in skipped] == (soft_capped if dtype == torch.float32
+                                                  else ["large_logits_gqa", *soft_capped])
     cf.check_write_kv(backend, dtype=dtype)
     cf.check_copy_blocks(backend, dtype=dtype)
 
@@ -162,6 +164,8 @@ def test_attention_check_skips_what_capabilities_rule_out() -> None:
         "block_size_32_gqa",
         "decode_sliding_window_mqa",
         "mixed_sliding_window_gqa",
+        "soft_cap_mixed_gqa",  # no supports_soft_cap
+        "soft_cap_sliding_window_mqa",
     ]
 
 
@@ -243,7 +247,8 @@ def test_fake_fp8_kv_cache(kv_dtype: torch.dtype, dtype: torch.dtype) -> None:
     cf.check_copy_blocks(backend, dtype=dtype, kv_cache_dtype=kv_dtype)
     skipped = cf.check_attention_backend(backend, dtype=dtype, capabilities=caps,
                                          kv_cache_dtype=kv_dtype)
-    assert [s.split(":")[0] for s in skipped] == ["large_logits_gqa"]
+    assert [s.split(":")[0] for s in skipped] == ["large_logits_gqa", "soft_cap_mixed_gqa",
+                                                  "soft_cap_sliding_window_mqa"]
 
 
 class _IgnoresKScale(FakeAccelAttentionBackend):

@@ -69,21 +69,22 @@ class CPUAttentionBackend(AttentionBackend):
             cache[:, :, dst] = cache[:, :, src]
 
     def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None, k_scale=1.0,
-                v_scale=1.0):
+                v_scale=1.0, soft_cap=None):
         kv_scales = (k_scale, v_scale) if is_fp8(kv_cache.dtype) else None
         nd = metadata.num_decodes
         if nd == metadata.num_seqs:  # decodes only: the common step
-            return self._decode(query, kv_cache, metadata, scale, sliding_window, kv_scales)
+            return self._decode(query, kv_cache, metadata, scale, sliding_window, kv_scales,
+                                soft_cap)
         out = torch.empty_like(query)
         if nd:
             out[:nd] = self._decode(query[:nd], kv_cache, metadata, scale, sliding_window,
-                                    kv_scales)
+                                    kv_scales, soft_cap)
         starts = metadata.query_start_loc_cpu
         for s in range(nd, metadata.num_seqs):
             lo, hi = starts[s], starts[s + 1]
             out[lo:hi] = self._prefill(
                 query[lo:hi], kv_cache, metadata.block_tables[s], metadata.seq_lens_cpu[s],
-                scale, sliding_window, kv_scales,
+                scale, sliding_window, kv_scales, soft_cap,
             )
         return out
 
@@ -101,7 +102,8 @@ class CPUAttentionBackend(AttentionBackend):
             return kv[0], kv[1]
         return dequantize(kv[0], kv_scales[0], dtype), dequantize(kv[1], kv_scales[1], dtype)
 
-    def _prefill(self, q, kv_cache, block_table, seq_len, scale, sliding_window, kv_scales=None):
+    def _prefill(self, q, kv_cache, block_table, seq_len, scale, sliding_window, kv_scales=None,
+                 soft_cap=None):
         q_len, block_size = q.shape[0], kv_cache.shape[3]
         k, v = self._gather(kv_cache, block_table[: -(-seq_len // block_size)], q.dtype,
                             kv_scales)
@@ -110,6 +112,8 @@ class CPUAttentionBackend(AttentionBackend):
         # unfused math path: about 3x slower here).
         q, k, v = q.transpose(0, 1)[None], k[None], v[None]  # [1, H, L, D]
         gqa = q.shape[1] != k.shape[1]
+        if soft_cap is not None:  # SDPA cannot bend the scores: the plain math
+            return _soft_capped_prefill(q, k, v, seq_len, scale, sliding_window, soft_cap)
         if sliding_window is None and q_len == seq_len:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
@@ -129,7 +133,8 @@ class CPUAttentionBackend(AttentionBackend):
             metadata.extras["cpu.decode_groups"] = _plan_decode_groups(metadata)
         return metadata
 
-    def _decode(self, q, kv_cache, metadata, scale, sliding_window, kv_scales=None):
+    def _decode(self, q, kv_cache, metadata, scale, sliding_window, kv_scales=None,
+                soft_cap=None):
         nd = q.shape[0]
         if (q.dtype == torch.float32 and kv_cache.dtype in COMPILED_KV_DTYPES
                 and q.shape[-1] % 8 == 0):
@@ -137,19 +142,22 @@ class CPUAttentionBackend(AttentionBackend):
             if op is not None:  # reads K/V straight from the blocks, once
                 k_scale, v_scale = kv_scales or (1.0, 1.0)
                 return op(q, kv_cache, metadata.block_tables[:nd], metadata.seq_lens[:nd],
-                          scale, sliding_window or 0, k_scale, v_scale)
+                          scale, sliding_window or 0, k_scale, v_scale, soft_cap or 0.0)
         groups = metadata.extras.get("cpu.decode_groups")
         if groups is None:  # planned once per step, on the first layer that needs it
             groups = metadata.extras["cpu.decode_groups"] = _plan_decode_groups(metadata)
         if len(groups) == 1 and groups[0].index is None:
-            return self._decode_group(q, kv_cache, groups[0], scale, sliding_window, kv_scales)
+            return self._decode_group(q, kv_cache, groups[0], scale, sliding_window, kv_scales,
+                                      soft_cap)
         out = torch.empty_like(q)
         for g in groups:
             out.index_copy_(0, g.index, self._decode_group(q.index_select(0, g.index), kv_cache, g,
-                                                           scale, sliding_window, kv_scales))
+                                                           scale, sliding_window, kv_scales,
+                                                           soft_cap))
         return out
 
-    def _decode_group(self, q, kv_cache, group, scale, sliding_window, kv_scales=None):
+    def _decode_group(self, q, kv_cache, group, scale, sliding_window, kv_scales=None,
+                      soft_cap=None):
         """Single-token queries of one group at once, by KV head (GQA)::
 
             q [n, Hq, D] -> [Hkv, n, group, D]
@@ -160,6 +168,8 @@ class CPUAttentionBackend(AttentionBackend):
         num_kv_heads = k.shape[0]
         qg = q.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
         scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, n, group, L]
+        if soft_cap is not None:
+            scores = soft_cap * torch.tanh(scores.float() / soft_cap)
         seq_lens = group.seq_lens.unsqueeze(1)
         pos = torch.arange(k.shape[2]).unsqueeze(0)
         invalid = pos >= seq_lens
@@ -169,6 +179,24 @@ class CPUAttentionBackend(AttentionBackend):
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         o = torch.matmul(probs, v)  # [Hkv, n, group, D]
         return o.transpose(0, 1).reshape(n, num_heads, head_dim)
+
+
+def _soft_capped_prefill(q, k, v, seq_len, scale, sliding_window, soft_cap):
+    """One sequence's chunk ``q`` [1, H, q_len, D] against its K/V [1, Hkv,
+    L, D], scores soft-capped: ``cap * tanh(s / cap)``, softmax in fp32."""
+    q_len = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = soft_cap * torch.tanh(scores / soft_cap)
+    q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+    k_pos = torch.arange(seq_len).unsqueeze(0)
+    invalid = k_pos > q_pos
+    if sliding_window is not None:
+        invalid |= k_pos <= q_pos - sliding_window
+    scores.masked_fill_(invalid, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)[0].transpose(0, 1)
 
 
 @dataclass

@@ -36,6 +36,7 @@ def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCap
         block_sizes=BLOCK_SIZES,
         head_dims=HEAD_DIMS,
         kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2) if has_fp8 else (),
+        supports_soft_cap=True,
         supports_graphs=True,
         profiles_memory=True,
     )

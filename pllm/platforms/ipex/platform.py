@@ -105,5 +105,6 @@ def ipex_capabilities(native_bf16: bool) -> PlatformCapabilities:
         default_dtype=torch.bfloat16 if native_bf16 else torch.float32,
         # IPEX's fp8 cache is e5m2 only (its reshape_and_cache refuses e4m3).
         kv_cache_dtypes=(torch.float8_e5m2,),
+        supports_soft_cap=True,  # IPEX's operators take ``softcap``
         ranks_share_device=True,  # tensor-parallel ranks split the cores
     )

@@ -36,6 +36,7 @@ _CAPABILITIES = PlatformCapabilities(
     block_sizes=(16, 32, 64, 128),
     head_dims=None,  # any: the torch path takes every head_dim, the kernel gets it padded
     supports_sliding_window=True,
+    supports_soft_cap=True,  # the torch path and the ragged kernel's signature take it
     inference_mode=False,  # torch-xla's tensors cannot be inference tensors
     # neuronx-cc compiles one graph per shape, slowly: fewer, larger buckets.
     token_buckets=(128, 256, 512, 1024, 2048, 4096),

@@ -37,6 +37,7 @@ def rocm_capabilities(gcn_arch: str | None) -> PlatformCapabilities:
         block_sizes=BLOCK_SIZES,
         head_dims=HEAD_DIMS,
         kv_cache_dtypes=(fp8,) if fp8 is not None else (),
+        supports_soft_cap=True,
         supports_graphs=True,  # HIP graphs, through torch.cuda.CUDAGraph
         profiles_memory=True,
     )

@@ -74,7 +74,7 @@ class TritonAttentionBackend(AttentionBackend):
         return metadata
 
     def forward(self, query, kv_cache, metadata, *, scale, sliding_window=None, k_scale=1.0,
-                v_scale=1.0):
+                v_scale=1.0, soft_cap=None):
         check_inputs(query, kv_cache)
         if not is_fp8(kv_cache.dtype):
             k_scale = v_scale = 1.0
@@ -90,7 +90,7 @@ class TritonAttentionBackend(AttentionBackend):
             decode_attention(
                 query, kv_cache, out, metadata.seq_lens, metadata.block_tables,
                 num_seqs=nd, scale=scale, num_splits=num_splits, sliding_window=window,
-                k_scale=k_scale, v_scale=v_scale,
+                k_scale=k_scale, v_scale=v_scale, soft_cap=soft_cap,
             )
         if metadata.num_prefills:
             starts = metadata.query_start_loc_cpu
@@ -100,7 +100,7 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata.block_tables, first_seq=nd, num_seqs=metadata.num_prefills,
                 first_token=first,
                 num_query_tokens=metadata.num_tokens - first, scale=scale,
-                sliding_window=window, k_scale=k_scale, v_scale=v_scale,
+                sliding_window=window, k_scale=k_scale, v_scale=v_scale, soft_cap=soft_cap,
             )
         return out
 

@@ -49,6 +49,10 @@ ARCHS = {
     # Gemma 3: its four norms, q/k norms, a sliding and a global layer, tied
     # embeddings split by vocabulary.
     "gemma3": ("gemma3_text", dict(tie_word_embeddings=True)),
+    # Gemma 2: soft-capped attention logits on each rank's heads (weights
+    # drawn wide enough for the cap to bend the scores).
+    "gemma2": ("gemma2", dict(tie_word_embeddings=True, attn_logit_softcapping=0.5,
+                              initializer_range=0.2)),
     "phi3_partial": ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.75})),
 }

@@ -64,12 +64,13 @@ def test_torch_paths_match_the_reference(monkeypatch):
 
 @needs_compiler
 @pytest.mark.parametrize("kv_dtype", FP8_FORMATS, ids=str)
-@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (20, None), (None, 2.0), (20, 5.0)])
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 2.0), (2.0, 0.37)])
-def test_compiled_fp8_decode_matches_the_reference(kv_dtype, window, scales):
+def test_compiled_fp8_decode_matches_the_reference(kv_dtype, window, soft_cap, scales):
     """The compiled decode over an 8-bit cache: 9 query heads on 3 KV heads,
     contexts of 1 token to past 16 blocks, on and across block edges, with
-    and without a sliding window, and two padding rows (no context: zeros)."""
+    and without a sliding window and a logit soft-cap, and two padding rows
+    (no context: zeros)."""
     gen = torch.Generator().manual_seed(0)
     block_size, num_kv_heads, head_dim = 16, 3, 64
     lens = [1, 15, 16, 17, 33, 100, 257, 48, 1, 1]  # the last two become padding rows
@@ -82,9 +83,10 @@ def test_compiled_fp8_decode_matches_the_reference(kv_dtype, window, scales):
     seq_lens = torch.tensor(lens[:-2] + [0, 0], dtype=torch.int32)
     k_scale, v_scale = scales
     out = paged_decode_op()(query, cache, md.block_tables, seq_lens, head_dim**-0.5, window or 0,
-                            k_scale, v_scale)
+                            k_scale, v_scale, soft_cap or 0.0)
     want = reference_attention(query, cache.permute(0, 2, 3, 1, 4), md, scale=head_dim**-0.5,
-                               sliding_window=window, k_scale=k_scale, v_scale=v_scale)
+                               sliding_window=window, k_scale=k_scale, v_scale=v_scale,
+                               soft_cap=soft_cap)
     torch.testing.assert_close(out[:-2], want[:-2], rtol=1e-5, atol=1e-5 * v_scale)
     assert not out[-2:].any(), "padding rows must be zeros"
 
@@ -117,7 +119,7 @@ def test_compiled_fp8_decode_reads_every_byte_exactly(kv_dtype, v_scale, reader,
     cache[1, 0, 1, 0] = every_byte  # V of the token in block 1, offset 0
     query = torch.randn(1, 2, head_dim)
     out = op(query, cache.view(kv_dtype), torch.tensor([[1]], dtype=torch.int32),
-             torch.tensor([1], dtype=torch.int32), head_dim**-0.5, 0, 1.0, v_scale)
+             torch.tensor([1], dtype=torch.int32), head_dim**-0.5, 0, 1.0, v_scale, 0.0)
     want = dequantize(every_byte.view(kv_dtype), v_scale)
     torch.testing.assert_close(out[0], want.expand(2, -1), rtol=0, atol=0, equal_nan=True)
 

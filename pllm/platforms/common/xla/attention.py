@@ -68,16 +68,18 @@ class XLAPagedAttention(AttentionBackend):
         return metadata
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                *, scale: float, sliding_window: int | None = None, **_scales) -> torch.Tensor:
+                *, scale: float, sliding_window: int | None = None,
+                soft_cap: float | None = None, **_scales) -> torch.Tensor:
         if self.kernel is not None:
             kv_pages = paged.pages(kv_cache, metadata.block_size)
             return ragged_attention(self.kernel, self.fit, query, kv_pages, metadata.seq_lens,
                                     metadata.block_tables, metadata.query_start_loc,
-                                    scale=scale, sliding_window=sliding_window)
+                                    scale=scale, sliding_window=sliding_window,
+                                    soft_cap=soft_cap)
         # Metadata prepared before kv_cache_shape routed the kernel away has no token map yet.
         tokens = metadata.extras.get("tokens") or self.prepare_metadata(metadata).extras["tokens"]
         return paged.paged_attention(query, kv_cache, tokens, metadata.block_size, scale=scale,
-                                     sliding_window=sliding_window,
+                                     sliding_window=sliding_window, soft_cap=soft_cap,
                                      gather_budget=self.gather_budget)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: list[tuple[int, int]]) -> None:

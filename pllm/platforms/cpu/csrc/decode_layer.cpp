@@ -58,7 +58,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_attn(
   rotary_(q, k, positions, cos, sin);
   write_kv_(k, v, kv_cache, slots, k_scale, v_scale);
   torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window,
-                                    k_scale, v_scale);
+                                    k_scale, v_scale, 0.0);  // no soft-cap in a fused layer
   return {decode_linear(attn.view({m, q_size}), o_w, o_b, few_rows), res};
 }
 

@@ -13,6 +13,9 @@
 //      V rows stream past.
 // head_dim must be a multiple of 8 (the Python side checks).
 //
+// A soft-cap ``c`` > 0 (Gemma 2) bends each scaled score ``s`` into
+// ``c * tanh(s / c)`` before the softmax.
+//
 // An 8-bit cache (float8_e4m3fn or float8_e5m2) is read as fp32 times
 // k_scale (v_scale), exactly what ``dequantize`` gives (``Fp8Reader``). Each
 // task converts its span of K rows into fp32 scratch, scores them as above,
@@ -224,7 +227,8 @@ torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
                            torch::Tensor block_tables,  // [n, W] int32
                            torch::Tensor seq_lens,      // [n] int32
                            double scale, int64_t sliding_window,
-                           double k_scale, double v_scale) {  // 8-bit caches only
+                           double k_scale, double v_scale,  // 8-bit caches only
+                           double soft_cap) {               // 0: none
   const bool fp8 = kv_cache.element_size() == 1;
   TORCH_CHECK(query.dtype() == torch::kFloat32 && (fp8 || kv_cache.dtype() == torch::kFloat32),
               "fp32 queries, fp32 or 8-bit cache only");
@@ -249,7 +253,7 @@ torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   float* o = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale), cap = static_cast<float>(soft_cap);
   static const int32_t kFirstBlock = 0;  // the table of an 8-bit task's fp32 scratch
 
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
@@ -280,8 +284,13 @@ torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
       } else {
         score_span(sv, k_base + head, d, qs, group, scores, span);
       }
+      if (cap > 0.0f) {  // the scale goes into the cap's argument; the softmax takes 1
+        for (int64_t t = 0; t < group * span; ++t)
+          scores[t] = cap * std::tanh(scores[t] * fscale / cap);
+      }
+      const float softmax_scale = cap > 0.0f ? 1.0f : fscale;
       for (int64_t g = 0; g < group; ++g)
-        inv[g] = softmax_unnormalised(scores + g * span, span, fscale);
+        inv[g] = softmax_unnormalised(scores + g * span, span, softmax_scale);
 
       if (fp8) decode_span(sv, k8_base + v_offset + head, d, v_fmt, rows);
       const SeqView& v_view = fp8 ? flat : sv;

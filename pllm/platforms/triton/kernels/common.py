@@ -10,6 +10,14 @@ LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
+def soft_capped(scores, cap):
+    """``cap * tanh(scores / cap)`` (``tanh(x) = 2 sigmoid(2x) - 1``: the
+    language has no tanh that also runs under the interpreter). In the
+    kernels' base-2 domain ``cap`` is the soft-cap times log2(e)."""
+    return cap * (2.0 * tl.sigmoid(2.0 * scores / cap) - 1.0)
+
+
+@triton.jit
 def load_kv_tile(
     cache_ptr, block_table_ptr, k_idx, k_ok, kv_head, offs_d, d_ok,
     stride_kv, stride_cb, stride_co, stride_ch,

@@ -19,18 +19,23 @@ import torch
 import triton
 import triton.language as tl
 
-from pllm.platforms.triton.kernels.common import LOG2E, load_kv_tile, online_softmax_step
+from pllm.platforms.triton.kernels.common import (
+    LOG2E,
+    load_kv_tile,
+    online_softmax_step,
+    soft_capped,
+)
 
 
 @triton.jit(do_not_specialize=["window", "num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, out_ptr, part_ptr,
     seq_lens_ptr, block_tables_ptr,
-    scale_log2, v_scale, window, group, head_dim, num_heads, num_splits,
+    scale_log2, cap_log2, v_scale, window, group, head_dim, num_heads, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_cb, stride_co, stride_ch, stride_bt,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -61,6 +66,8 @@ def _decode_split_kernel(
         k, v = load_kv_tile(cache_ptr, block_table, k_idx, k_ok, kv_head, offs_d, d_ok,
                             stride_kv, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
         scores = tl.dot(q, k.to(q.dtype), input_precision="ieee") * scale_log2
+        if SOFT_CAP:
+            scores = soft_capped(scores, cap_log2)
         scores = tl.where(k_ok[None, :], scores, float("-inf"))
         m_i, l_i, acc = online_softmax_step(scores, m_i, l_i, acc, v.to(q.dtype))
 
@@ -139,13 +146,15 @@ def decode_attention(
     sliding_window: int = 0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    soft_cap: float | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> None:
     """One query token per sequence for the first ``num_seqs`` sequences:
     row ``n`` of ``query``/``out`` (``[tokens, num_heads, head_dim]``) attends
     to the first ``seq_lens[n]`` cached positions of ``block_tables[n]``
     (later rows are untouched, so a mixed batch needs no slicing). The cache
-    is read as ``k_scale * K``, ``v_scale * V``. ``config`` overrides
+    is read as ``k_scale * K``, ``v_scale * V``; ``soft_cap`` ``c`` bends each
+    scaled score ``s`` into ``c * tanh(s / c)``. ``config`` overrides
     ``(BLOCK_N, num_warps, num_stages)``, for tuning."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     if num_seqs == 0:
@@ -161,13 +170,15 @@ def decode_attention(
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, kv_cache, out, part,
         seq_lens, block_tables,
-        scale * k_scale * LOG2E, v_scale, sliding_window, group, head_dim, num_heads, num_splits,
+        scale * k_scale * LOG2E, (soft_cap or 1.0) * LOG2E, v_scale, sliding_window, group,
+        head_dim, num_heads, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_N=block_n,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM_PAD=head_dim_pad, SINGLE_SPLIT=single, num_warps=num_warps,
+        HEAD_DIM_PAD=head_dim_pad, SINGLE_SPLIT=single, SOFT_CAP=soft_cap is not None,
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     if not single:

@@ -21,7 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pllm.platforms.triton.kernels.common import LOG2E, load_kv_tile, online_softmax_step
+from pllm.platforms.triton.kernels.common import (
+    LOG2E,
+    load_kv_tile,
+    online_softmax_step,
+    soft_capped,
+)
 
 
 @triton.jit
@@ -44,11 +49,11 @@ def _find_seq(qsl_ptr, tile, num_seqs, tok_base, BLOCK_M: tl.constexpr):
 def _prefill_kernel(
     q_ptr, cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
-    seq_base, num_seqs, tok_base, scale_log2, v_scale, window, group, head_dim,
+    seq_base, num_seqs, tok_base, scale_log2, cap_log2, v_scale, window, group, head_dim,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_cb, stride_co, stride_ch, stride_bt,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -92,6 +97,8 @@ def _prefill_kernel(
         k, v = load_kv_tile(cache_ptr, block_table, k_idx, k_ok, kv_head, offs_d, d_ok,
                             stride_kv, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
         scores = tl.dot(q, k.to(q.dtype), input_precision="ieee") * scale_log2
+        if SOFT_CAP:
+            scores = soft_capped(scores, cap_log2)
         allowed = k_ok[None, :] & (k_idx[None, :] <= q_pos[:, None])
         allowed = allowed & ((window <= 0) | (k_idx[None, :] > q_pos[:, None] - window))
         scores = tl.where(allowed, scores, float("-inf"))
@@ -129,6 +136,7 @@ def prefill_attention(
     sliding_window: int = 0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    soft_cap: float | None = None,
     config: tuple[int, int, int, int] | None = None,
 ) -> None:
     """Attention for sequences ``first_seq .. first_seq + num_seqs`` of the
@@ -137,7 +145,8 @@ def prefill_attention(
     (``[tokens, num_heads, head_dim]``). ``first_token`` and
     ``num_query_tokens`` are ``query_start_loc[first_seq]`` and the number of
     their query rows, as host ints (no device sync). The cache is read as
-    ``k_scale * K``, ``v_scale * V``. ``config`` overrides the tile choice ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, for tuning."""
+    ``k_scale * K``, ``v_scale * V``; ``soft_cap`` ``c`` bends each scaled
+    score ``s`` into ``c * tanh(s / c)``. ``config`` overrides the tile choice ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, for tuning."""
     if num_seqs == 0:
         return
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -150,11 +159,12 @@ def prefill_attention(
     _prefill_kernel[grid](
         query, kv_cache, out,
         query_start_loc, seq_lens, block_tables,
-        first_seq, num_seqs, first_token, scale * k_scale * LOG2E, v_scale, sliding_window, group,
-        head_dim,
+        first_seq, num_seqs, first_token, scale * k_scale * LOG2E, (soft_cap or 1.0) * LOG2E,
+        v_scale, sliding_window, group, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
-        HEAD_DIM_PAD=head_dim_pad, num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM_PAD=head_dim_pad, SOFT_CAP=soft_cap is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )

@@ -76,6 +76,11 @@ SMALL_CASES = (
        v_scale=0.25),
     _c("fp8_e4m3fnuz_mqa", decode_lens=(9, 64), prefills=((17, 50),), num_heads=4,
        num_kv_heads=1, kv_cache_dtype="float8_e4m3fnuz", k_scale=0.25, v_scale=1.0),
+    # Gemma 2: soft-capped logits, head_dim 256, local layers' window; split decode too.
+    _c("soft_cap_d256_window", decode_lens=(40, 7), prefills=((18, 35),), num_heads=2,
+       num_kv_heads=1, head_dim=256, block_size=32, sliding_window=16, soft_cap=1.5),
+    _c("soft_cap_split_decode", decode_lens=(200, 77), prefills=((9, 30),), min_partition=32,
+       expect_split=True, soft_cap=2.0, scale=0.3),
 )
 
 # Realistic shapes for a GPU (too slow for the interpreter).
@@ -96,6 +101,9 @@ LARGE_CASES = (
     _c("fp8_e4m3_mixed_32dec_ctx2k", decode_lens=tuple(1500 + 17 * i for i in range(32)),
        prefills=((512, 2048), (300, 1800)), num_heads=32, num_kv_heads=8, head_dim=128,
        kv_cache_dtype="float8_e4m3fn", k_scale=0.5, v_scale=0.5),
+    _c("soft_cap_mixed_gemma2_shapes", decode_lens=tuple(1000 + 31 * i for i in range(16)),
+       prefills=((512, 1024), (200, 4000)), num_heads=8, num_kv_heads=4, head_dim=256,
+       sliding_window=4096, soft_cap=50.0, scale=256 ** -0.5),
     _c("fp8_e5m2_decode_4x16k_split", decode_lens=(16384, 9000, 12345, 700),
        num_heads=32, num_kv_heads=8, head_dim=128, expect_split=True,
        kv_cache_dtype="float8_e5m2", k_scale=1.0, v_scale=1.0),
