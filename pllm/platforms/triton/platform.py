@@ -1,8 +1,8 @@
 """What the two GPU platforms that torch drives through its ``cuda`` device
 type share: NVIDIA under a CUDA build of torch, AMD under a ROCm build. The
-device API, the Triton attention backend, NCCL (RCCL) collectives and graph
-capture are the same; each platform adds its detection, its capabilities
-and its allocator."""
+device API, the Triton attention backend and MoE kernels, NCCL (RCCL)
+collectives and graph capture are the same; each platform adds its
+detection, its capabilities and its allocator."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ class TorchGPUPlatform(Platform):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
+
+    def prepare_model(self, model, config):
+        """MoE blocks run their experts through the Triton grouped GEMM
+        (``triton/moe.py``); a model without experts is returned as it is."""
+        from pllm.platforms.triton.moe import use_triton_moe
+
+        return use_triton_moe(model)
 
     def make_decode_runner(self, model, backend, kv_caches, config):
         """CUDA (HIP) graphs of the decode step at 1, 2, 4, 8, 16, 32, ... up to
