@@ -1,9 +1,18 @@
 """GGUF files: converted once into a cached Hugging Face folder, then loaded as one.
 
+Families (GGUF architecture -> HF model_type): llama (Mixtral when it has
+experts), qwen2, qwen3, qwen2moe, qwen3moe, gemma2, gemma3 (-> gemma3_text).
+
 Conversion:
-  config, tokenizer  transformers' own GGUF support (AutoConfig / AutoTokenizer with gguf_file)
+  config, tokenizer  transformers' own GGUF support (AutoConfig / AutoTokenizer with gguf_file),
+                     then what its mapping drops or gets wrong set from the file's metadata
+                     the way llama.cpp reads it (expert sizes, Gemma's window, soft-caps,
+                     layer pattern, query scale and rope); a key that cannot be derived
+                     and is missing is a ModelLoadError naming it
   tensors            gguf.GGUFReader + gguf.quants.dequantize -> float32, renamed to HF names
-                     with gguf's tensor-name map, Q/K rows un-permuted for llama
+                     with gguf's tensor-name map; Q/K rows un-permuted for llama (Mixtral
+                     too); Gemma's norms minus the 1 llama.cpp adds; stacked experts
+                     ([num_experts, ...]) split into HF's per-expert tensors
   result             <cache>/gguf/<stem>-<fingerprint>-v<N>-transformers<major>/ with
                      config.json, tokenizer files, generation_config.json and model.safetensors
 
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,11 +46,17 @@ logger = logging.getLogger(__name__)
 # Bump when the converted folder's content changes, so stale caches are not reused.
 CONVERSION_VERSION = 1
 
-# GGUF architecture names of the supported model types (mistral is written as "llama").
-_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# GGUF architecture names of the supported model types (mistral and mixtral
+# are written as "llama").
+_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma2", "gemma3")
 # llama.cpp's converter permutes Q/K rows only for these GGUF architectures
-# (mistral checkpoints are written as "llama"); qwen2/qwen3 are stored as in HF.
+# (mistral and mixtral checkpoints are written as "llama"); the others are stored as in HF.
 _PERMUTED_ARCHITECTURES = ("llama",)
+# Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the weight: its
+# converter adds 1 to every norm weight (q/k norms included).
+_NORM_PLUS_ONE_ARCHITECTURES = ("gemma2", "gemma3")
+# An expert's tensor in an HF checkpoint: "<layer>.experts.<index>.<projection>".
+_EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)")
 # GGUF tensors with no HF parameter: llama3 rope frequencies are recomputed from the config.
 _IGNORED_TENSORS = ("rope_freqs.weight",)
 
@@ -105,7 +121,8 @@ def open_gguf(path: str) -> GGUFReader:
         # A family pllm runs from HF folders only: transformers' GGUF mapping
         # drops what it needs (Phi-3's LongRoPE factors and partial rotary, ...).
         raise ModelLoadError(f"{path} (general.architecture): {arch!r} is supported from an HF "
-                             f"folder, not from GGUF; GGUF files: {', '.join(_GGUF_ARCHITECTURES)}")
+                             f"folder, not from GGUF; GGUF files: {', '.join(_GGUF_ARCHITECTURES)} "
+                             f"(llama with experts: Mixtral)")
     return reader
 
 
@@ -120,8 +137,8 @@ def _convert(gguf_path: str, reader: GGUFReader, out_dir: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:  # transformers raises several types for one bad file
         raise ModelLoadError(f"{gguf_path}: transformers cannot read its metadata: {e}") from e
+    config = _apply_metadata_fixes(reader, config)
     check_architecture(config.model_type, gguf_path)
-    _apply_metadata_fixes(reader, config)
 
     tensors = {
         hf_name: torch.from_numpy(weights) for hf_name, weights in dequantized_tensors(reader, config)
@@ -151,6 +168,8 @@ def dequantized_tensors(
             continue
         hf_name, shape = expected[tensor.name]
         weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if tuple(weights.shape) != shape and _squeezed(weights.shape) == _squeezed(shape):
+            weights = weights.reshape(shape)  # Qwen2-MoE's shared-expert gate: [hidden]
         if tuple(weights.shape) != shape:
             raise ModelLoadError(
                 f"{reader.data.filename}: tensor {tensor.name} has shape {tuple(weights.shape)}, "
@@ -161,16 +180,27 @@ def dequantized_tensors(
                 weights = unpermute_rows(weights, config.num_attention_heads)
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 weights = unpermute_rows(weights, config.num_key_value_heads)
+        if arch in _NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
+            weights = weights - 1
         seen.add(tensor.name)
-        yield hf_name, weights
-    missing = sorted(hf for gguf_name, (hf, _) in expected.items() if gguf_name not in seen)
-    if config.tie_word_embeddings and "lm_head.weight" in missing:
-        missing.remove("lm_head.weight")  # tied: the model reuses the embedding
+        if "{expert}" in hf_name:  # stacked experts: one HF tensor each
+            for expert, expert_weights in enumerate(weights):
+                yield hf_name.format(expert=expert), expert_weights
+        else:
+            yield hf_name, weights
+    missing = sorted((gguf_name, hf.format(expert="*")) for gguf_name, (hf, _) in expected.items()
+                     if gguf_name not in seen)
+    if config.tie_word_embeddings:  # tied: the model reuses the embedding
+        missing = [(gguf_name, hf) for gguf_name, hf in missing if hf != "lm_head.weight"]
     if missing:
         raise ModelLoadError(
             f"{reader.data.filename} lacks {len(missing)} tensor(s) the model needs, "
-            f"e.g. {missing[0]}"
+            f"e.g. {missing[0][0]} (for {missing[0][1]})"
         )
+
+
+def _squeezed(shape: tuple) -> tuple:
+    return tuple(n for n in shape if n != 1)
 
 
 def unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -186,7 +216,9 @@ def unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def _hf_names_by_gguf_name(arch: str, config: PretrainedConfig) -> dict[str, tuple[str, tuple]]:
-    """GGUF tensor name -> (HF parameter name, shape), from a weightless model of ``config``."""
+    """GGUF tensor name -> (HF parameter name, shape), from a weightless model of ``config``
+    in the layout HF checkpoints have. A stacked expert tensor maps to a name with an
+    ``{expert}`` field and the shape [num_experts, *one expert's shape]."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM
@@ -195,21 +227,129 @@ def _hf_names_by_gguf_name(arch: str, config: PretrainedConfig) -> dict[str, tup
         model = AutoModelForCausalLM.from_config(config)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     name_map = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0)
     mapping = {}
-    for hf_name, param in model.state_dict().items():
+    for hf_name, param in _checkpoint_layout(model).items():
         base, _, suffix = hf_name.rpartition(".")
+        shape = tuple(param.shape)
+        expert = _EXPERT_TENSOR.fullmatch(base)
+        if expert:  # llama.cpp stacks the layer's experts: "<layer>.experts.<projection>"
+            if expert[2] != "0":
+                continue
+            base = f"{expert[1]}.{expert[3]}"
+            hf_name = f"{expert[1]}.{{expert}}.{expert[3]}.{suffix}"
+            shape = (num_experts, *shape)
         gguf_name = name_map.get_name(base)
         if gguf_name is not None:
-            mapping[f"{gguf_name}.{suffix}"] = (hf_name, tuple(param.shape))
+            mapping[f"{gguf_name}.{suffix}"] = (hf_name, shape)
     return mapping
 
 
-def _apply_metadata_fixes(reader: GGUFReader, config: PretrainedConfig) -> None:
+def _checkpoint_layout(model) -> dict:
+    """``model``'s state dict named as HF checkpoints name it: transformers 5
+    holds experts stacked (``mlp.experts.gate_up_proj``) and renames some
+    modules, and undoes both when saving; 4.x holds the checkpoint's layout."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4
+        return model.state_dict()
+    return revert_weight_conversion(model, model.state_dict())
+
+
+def _apply_metadata_fixes(reader: GGUFReader, config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` corrected from the file's metadata as llama.cpp reads it
+    (a new config where the model type changes: llama with experts is Mixtral)."""
+    arch = _architecture(reader)
     # transformers maps no GGUF key to head_dim for qwen2/qwen3, leaving the
     # config class default (qwen3: 128) even where the file says otherwise.
-    key_length = _field(reader, f"{_architecture(reader)}.attention.key_length")
+    key_length = _field(reader, f"{arch}.attention.key_length")
     if key_length is not None:
         config.head_dim = int(key_length)
+    if arch == "llama" and _field(reader, "llama.expert_count"):
+        return _as_mixtral(reader, config)
+    if arch in ("qwen2moe", "qwen3moe"):
+        _fix_qwen_moe(reader, config, arch)
+    elif arch in ("gemma2", "gemma3"):
+        _fix_gemma(reader, config, arch)
+    return config
+
+
+def _as_mixtral(reader: GGUFReader, config: PretrainedConfig) -> PretrainedConfig:
+    # transformers' "llama" mapping reads no expert keys: a Llama config comes back.
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in config.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version",
+                           "pretraining_tp", "attention_bias", "mlp_bias")}
+    return AutoConfig.for_model(
+        "mixtral", **values,
+        num_local_experts=int(_required(reader, "llama.expert_count")),
+        num_experts_per_tok=int(_required(reader, "llama.expert_used_count")),
+    )
+
+
+def _fix_qwen_moe(reader: GGUFReader, config: PretrainedConfig, arch: str) -> None:
+    # transformers maps the expert counts but drops the experts' widths,
+    # leaving the config class defaults; a missing count would do the same.
+    config.num_experts = int(_required(reader, f"{arch}.expert_count"))
+    config.num_experts_per_tok = int(_required(reader, f"{arch}.expert_used_count"))
+    config.moe_intermediate_size = int(_required(reader, f"{arch}.expert_feed_forward_length"))
+    if arch == "qwen2moe":
+        config.shared_expert_intermediate_size = int(
+            _required(reader, "qwen2moe.expert_shared_feed_forward_length"))
+    # llama.cpp renormalises the top-k weights of qwen3moe, not of qwen2moe,
+    # unless the file says otherwise.
+    norm = _field(reader, f"{arch}.expert_weights_norm")
+    config.norm_topk_prob = bool(norm) if norm is not None else arch == "qwen3moe"
+
+
+def _fix_gemma(reader: GGUFReader, config: PretrainedConfig, arch: str) -> None:
+    """What llama.cpp derives from the architecture and size rather than the
+    file: the layer pattern (Gemma 2: every 2nd layer global; Gemma 3: every
+    6th), Gemma 3's local rope base (10k) and the query scale (the 27B
+    models: hidden / heads; the others: head_dim)."""
+    layers = config.num_hidden_layers
+    big = layers == (46 if arch == "gemma2" else 62)
+    config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
+                                    else config.head_dim)
+    # Gemma 3 without a window: every layer global (llama.cpp's reading too).
+    window = (_required if arch == "gemma2" else _field)(reader, f"{arch}.attention.sliding_window")
+    period = 2 if arch == "gemma2" else 6
+    config.layer_types = [
+        "sliding_attention" if window and (i + 1) % period else "full_attention"
+        for i in range(layers)
+    ]
+    config.sliding_window = int(window) if window else None
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = _field(reader, f"{arch}.{key}")
+        if value is not None:  # else llama.cpp's defaults, the config class's too
+            setattr(config, key, float(value))
+    if arch == "gemma3":
+        _set_gemma3_rope(reader, config)
+
+
+def _set_gemma3_rope(reader: GGUFReader, config: PretrainedConfig) -> None:
+    # Global layers: the file's base and scaling; local ones: plain, base 10k.
+    full = {"rope_type": "default",
+            "rope_theta": float(_field(reader, "gemma3.rope.freq_base") or 10000.0)}
+    scaling = _field(reader, "gemma3.rope.scaling.type")
+    if scaling == "linear":
+        full = {**full, "rope_type": "linear",
+                "factor": float(_required(reader, "gemma3.rope.scaling.factor"))}
+    elif scaling not in (None, "none"):
+        raise ModelLoadError(f"{reader.data.filename} (gemma3.rope.scaling.type): {scaling!r} "
+                             f"is not supported; supported: none, linear")
+    local_theta = float(_field(reader, "gemma3.rope.freq_base_swa") or 10000.0)
+    if hasattr(config, "rope_parameters"):  # transformers 5: per kind of layer
+        config.rope_parameters = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+            "full_attention": full,
+        }
+    else:  # transformers 4
+        config.rope_theta = full["rope_theta"]
+        config.rope_local_base_freq = local_theta
+        config.rope_scaling = ({"rope_type": "linear", "factor": full["factor"]}
+                               if "factor" in full else None)
 
 
 def _end_of_generation_ids(reader: GGUFReader, config: PretrainedConfig) -> list[int]:
@@ -226,6 +366,14 @@ def _end_of_generation_ids(reader: GGUFReader, config: PretrainedConfig) -> list
 def _architecture(reader: GGUFReader) -> str | None:
     value = _field(reader, "general.architecture")
     return str(value) if value is not None else None
+
+
+def _required(reader: GGUFReader, key: str):
+    value = _field(reader, key)
+    if value is None:
+        raise ModelLoadError(f"{reader.data.filename} lacks the metadata key {key}, which "
+                             f"pllm needs and cannot derive")
+    return value
 
 
 def _field(reader: GGUFReader, key: str):

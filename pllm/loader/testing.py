@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe",
-                      "qwen3_moe", "gemma3_text")
+                      "qwen3_moe", "gemma2", "gemma3_text")
+
+# HF model_type -> the GGUF architecture llama.cpp's converter writes it as
+# (Mistral and Mixtral as "llama", Mixtral with expert counts set).
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
+                      "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+                      "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 # ids 0-2 as in SmolLM2: <|endoftext|> pads, <|im_start|> is BOS, <|im_end|> is EOS.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -44,7 +51,7 @@ _TINY_CONFIG = dict(
 )
 
 # What a family needs on top of the tiny defaults. Experts: four, two per
-# token, a quarter of the dense MLP's width each. Gemma 3: a sliding-window
+# token, a quarter of the dense MLP's width each. Gemma: a sliding-window
 # layer (shorter than most test prompts) then a global one.
 _TINY_ARCH_DEFAULTS = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
@@ -52,6 +59,7 @@ _TINY_ARCH_DEFAULTS = {
                       shared_expert_intermediate_size=64),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       norm_topk_prob=True),
+    "gemma2": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=12),
     "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=12),
 }
 
@@ -150,58 +158,160 @@ def make_tiny_gguf(
     *,
     quant: str = "F32",
     seed: int = 0,
+    omit: tuple[str, ...] = (),
     **config_overrides,
 ) -> str:
     """Write a tiny model as llama.cpp's converter would: ``folder/hf`` (the HF original)
     and ``folder/tiny-<arch>.gguf``, whose path is returned.
 
-    Q/K rows are permuted for llama/mistral exactly as llama.cpp does; ``quant``
-    ("F32", "F16", "Q8_0") applies to 2-D weights, norms stay F32.
+    As llama.cpp: Q/K rows permuted for llama/mistral/mixtral; Gemma's norm
+    weights stored plus one (llama.cpp's RMSNorm scales by the weight, HF
+    Gemma's by 1 + weight) and Gemma 2's lm_head left out; each layer's
+    experts stacked into one [num_experts, ...] tensor per projection.
+    ``quant`` ("F32", "F16", "Q8_0") applies to 2-D and 3-D weights; norms and
+    routers stay F32. A Gemma whose layer pattern or query scale llama.cpp
+    would not derive from the file is a ValueError (GGUF cannot carry them).
+    ``omit`` names GGUF tensors and metadata keys to leave out (a damaged file).
     """
     import gguf
-    import numpy as np
     from safetensors.numpy import load_file
 
     folder = Path(folder)
-    hf_dir = make_tiny_model(folder / "hf", arch, seed=seed, **config_overrides)
     config = _tiny_config(arch, config_overrides)
-    gguf_arch = "llama" if arch == "mistral" else arch
+    gguf_arch = GGUF_ARCHITECTURES.get(arch, arch)
+    if gguf_arch in ("gemma2", "gemma3"):
+        _check_gemma_fits_gguf(config, gguf_arch)
+    hf_dir = make_tiny_model(folder / "hf", arch, seed=seed, **config_overrides)
     path = folder / f"tiny-{arch}.gguf"
 
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     writer.add_name(f"tiny {arch}")
+    _add_hparams(writer, config, gguf_arch)
+    writer.add_file_type(_file_type(quant))
+    _add_tokenizer(writer, Path(hf_dir) / "tokenizer.json", config.vocab_size)
+    for key in omit:
+        writer.kv_data[0].pop(key, None)
+
+    name_map = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch),
+        config.num_hidden_layers,
+    )
+    for gguf_name, weights in _gguf_tensors(
+        load_file(os.path.join(hf_dir, "model.safetensors")), config, gguf_arch, name_map
+    ):
+        if gguf_name in omit:
+            continue
+        # llama.cpp keeps routers in F32 whatever the file type.
+        tensor_quant = "F32" if ".ffn_gate_inp" in gguf_name else quant
+        _add_tensor(writer, gguf_name, weights, tensor_quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def _add_hparams(writer, config, gguf_arch: str) -> None:
+    """The metadata keys llama.cpp's converter writes for ``gguf_arch``."""
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.head_dim)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(_file_type(quant))
-    _add_tokenizer(writer, Path(hf_dir) / "tokenizer.json", config.vocab_size)
+    if gguf_arch == "gemma2":  # no rope keys: llama.cpp's defaults
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
+        return
+    writer.add_rope_dimension_count(config.head_dim)
+    if gguf_arch == "gemma3":
+        import gguf
 
-    name_map = gguf.get_tensor_name_map(
-        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch),
-        config.num_hidden_layers,
-    )
-    for hf_name, weights in load_file(os.path.join(hf_dir, "model.safetensors")).items():
+        full = _rope_params(config, "full_attention")
+        writer.add_rope_freq_base(float(full["rope_theta"]))
+        if full.get("rope_type", "default") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(full["factor"]))
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        if "sliding_attention" in config.layer_types:
+            writer.add_sliding_window(config.sliding_window)
+        return
+    writer.add_rope_freq_base(float(_rope_theta(config)))
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0)
+    if num_experts:
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    if gguf_arch in ("qwen2moe", "qwen3moe"):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if gguf_arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+
+
+def _gguf_tensors(hf_tensors: dict, config, gguf_arch: str, name_map):
+    """(GGUF name, array) as llama.cpp's converter writes the HF tensors."""
+    import numpy as np
+
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for hf_name, weights in hf_tensors.items():
+        if gguf_arch == "gemma2" and hf_name == "lm_head.weight":
+            continue  # llama.cpp's Gemma 2 converter never writes it
+        if gguf_arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+            weights = weights + 1
         base, _, suffix = hf_name.rpartition(".")
-        gguf_name = f"{name_map.get_name(base)}.{suffix}"
+        expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)", base)
+        if expert:  # stacked below, one tensor per layer and projection
+            merged = f"{expert[1]}.{expert[3]}"
+            experts.setdefault(merged, {})[int(expert[2])] = weights
+            continue
         if gguf_arch == "llama" and base.endswith("q_proj"):
             weights = llama_cpp_permute(weights, config.num_attention_heads)
         elif gguf_arch == "llama" and base.endswith("k_proj"):
             weights = llama_cpp_permute(weights, config.num_key_value_heads)
-        _add_tensor(writer, gguf_name, np.ascontiguousarray(weights), quant)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+        elif base.endswith("shared_expert_gate"):
+            weights = weights.reshape(-1)  # llama.cpp's shape: [hidden]
+        yield f"{name_map.get_name(base)}.{suffix}", np.ascontiguousarray(weights)
+    for merged, by_expert in experts.items():
+        stacked = np.stack([by_expert[e] for e in sorted(by_expert)])
+        yield f"{name_map.get_name(merged)}.weight", stacked
+
+
+def _check_gemma_fits_gguf(config, gguf_arch: str) -> None:
+    """llama.cpp derives Gemma's layer pattern, local rope base and query
+    scale from the architecture and size, not from the file."""
+    num_layers = config.num_hidden_layers
+    period = 2 if gguf_arch == "gemma2" else 6
+    kinds = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+             for i in range(num_layers)]
+    if gguf_arch == "gemma3" and "sliding_attention" not in config.layer_types:
+        kinds = ["full_attention"] * num_layers  # no window in the file: all global
+    if list(config.layer_types) != kinds:
+        raise ValueError(f"layer_types={config.layer_types} is not llama.cpp's {gguf_arch} "
+                         f"pattern {kinds}")
+    big = num_layers == (46 if gguf_arch == "gemma2" else 62)  # the 27B models
+    scalar = config.hidden_size // config.num_attention_heads if big else config.head_dim
+    if config.query_pre_attn_scalar != scalar:
+        raise ValueError(f"query_pre_attn_scalar={config.query_pre_attn_scalar} is not the "
+                         f"{scalar} llama.cpp derives for this {gguf_arch}")
+    if gguf_arch == "gemma3":
+        local = _rope_params(config, "sliding_attention")
+        if local.get("rope_type", "default") != "default" or local["rope_theta"] != 10000.0:
+            raise ValueError(f"local rope {local} is not llama.cpp's (default, base 10000)")
+
+
+def _rope_params(config, layer_type: str) -> dict:
+    # transformers 5: per kind of layer; 4.x: rope_theta / rope_local_base_freq / rope_scaling.
+    params = getattr(config, "rope_parameters", None)
+    if params and layer_type in params:
+        return params[layer_type]
+    if layer_type == "sliding_attention":
+        return {"rope_type": "default", "rope_theta": config.rope_local_base_freq}
+    return {"rope_theta": config.rope_theta, **(config.rope_scaling or {})}
 
 
 def _tiny_config(arch: str, overrides: dict):
