@@ -3,7 +3,7 @@
 Families (GGUF architecture -> HF model_type): llama (Mixtral when it has
 experts), qwen2, qwen3, qwen2moe, qwen3moe, gemma2, gemma3 (-> gemma3_text).
 
-Conversion:
+Conversion (the config: gguf_config.py):
   config, tokenizer  transformers' own GGUF support (AutoConfig / AutoTokenizer with gguf_file),
                      then what its mapping drops or gets wrong set from the file's metadata
                      the way llama.cpp reads it (expert sizes, Gemma's window, soft-caps,
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pllm.loader.cache import cache_root, file_fingerprint
+from pllm.loader.gguf_config import architecture, field, fixed_config
 from pllm.loader.hf_folder import SINGLE_WEIGHTS_FILE, check_architecture
 from pllm.loader.loaded_model import ModelLoadError
 from pllm.loader.tokenizer import as_token_ids
@@ -115,7 +116,7 @@ def open_gguf(path: str) -> GGUFReader:
         reader = GGUFReader(path)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
-    arch = _architecture(reader)
+    arch = architecture(reader)
     if arch not in _GGUF_ARCHITECTURES:
         check_architecture(arch, f"{path} (general.architecture)")
         # A family pllm runs from HF folders only: transformers' GGUF mapping
@@ -137,7 +138,7 @@ def _convert(gguf_path: str, reader: GGUFReader, out_dir: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:  # transformers raises several types for one bad file
         raise ModelLoadError(f"{gguf_path}: transformers cannot read its metadata: {e}") from e
-    config = _apply_metadata_fixes(reader, config)
+    config = fixed_config(reader, config)
     check_architecture(config.model_type, gguf_path)
 
     tensors = {
@@ -158,7 +159,7 @@ def dequantized_tensors(
     """(hf_name, float32 array in HF layout) for every tensor the HF model has."""
     from gguf.quants import dequantize
 
-    arch = _architecture(reader)
+    arch = architecture(reader)
     expected = _hf_names_by_gguf_name(arch, config)
     seen = set()
     for tensor in reader.tensors:
@@ -256,127 +257,12 @@ def _checkpoint_layout(model) -> dict:
     return revert_weight_conversion(model, model.state_dict())
 
 
-def _apply_metadata_fixes(reader: GGUFReader, config: PretrainedConfig) -> PretrainedConfig:
-    """``config`` corrected from the file's metadata as llama.cpp reads it
-    (a new config where the model type changes: llama with experts is Mixtral)."""
-    arch = _architecture(reader)
-    # transformers maps no GGUF key to head_dim for qwen2/qwen3, leaving the
-    # config class default (qwen3: 128) even where the file says otherwise.
-    key_length = _field(reader, f"{arch}.attention.key_length")
-    if key_length is not None:
-        config.head_dim = int(key_length)
-    if arch == "llama" and _field(reader, "llama.expert_count"):
-        return _as_mixtral(reader, config)
-    if arch in ("qwen2moe", "qwen3moe"):
-        _fix_qwen_moe(reader, config, arch)
-    elif arch in ("gemma2", "gemma3"):
-        _fix_gemma(reader, config, arch)
-    return config
-
-
-def _as_mixtral(reader: GGUFReader, config: PretrainedConfig) -> PretrainedConfig:
-    # transformers' "llama" mapping reads no expert keys: a Llama config comes back.
-    from transformers import AutoConfig
-
-    values = {k: v for k, v in config.to_dict().items()
-              if k not in ("model_type", "architectures", "transformers_version",
-                           "pretraining_tp", "attention_bias", "mlp_bias")}
-    return AutoConfig.for_model(
-        "mixtral", **values,
-        num_local_experts=int(_required(reader, "llama.expert_count")),
-        num_experts_per_tok=int(_required(reader, "llama.expert_used_count")),
-    )
-
-
-def _fix_qwen_moe(reader: GGUFReader, config: PretrainedConfig, arch: str) -> None:
-    # transformers maps the expert counts but drops the experts' widths,
-    # leaving the config class defaults; a missing count would do the same.
-    config.num_experts = int(_required(reader, f"{arch}.expert_count"))
-    config.num_experts_per_tok = int(_required(reader, f"{arch}.expert_used_count"))
-    config.moe_intermediate_size = int(_required(reader, f"{arch}.expert_feed_forward_length"))
-    if arch == "qwen2moe":
-        config.shared_expert_intermediate_size = int(
-            _required(reader, "qwen2moe.expert_shared_feed_forward_length"))
-    # llama.cpp renormalises the top-k weights of qwen3moe, not of qwen2moe,
-    # unless the file says otherwise.
-    norm = _field(reader, f"{arch}.expert_weights_norm")
-    config.norm_topk_prob = bool(norm) if norm is not None else arch == "qwen3moe"
-
-
-def _fix_gemma(reader: GGUFReader, config: PretrainedConfig, arch: str) -> None:
-    """What llama.cpp derives from the architecture and size rather than the
-    file: the layer pattern (Gemma 2: every 2nd layer global; Gemma 3: every
-    6th), Gemma 3's local rope base (10k) and the query scale (the 27B
-    models: hidden / heads; the others: head_dim)."""
-    layers = config.num_hidden_layers
-    big = layers == (46 if arch == "gemma2" else 62)
-    config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
-                                    else config.head_dim)
-    # Gemma 3 without a window: every layer global (llama.cpp's reading too).
-    window = (_required if arch == "gemma2" else _field)(reader, f"{arch}.attention.sliding_window")
-    period = 2 if arch == "gemma2" else 6
-    config.layer_types = [
-        "sliding_attention" if window and (i + 1) % period else "full_attention"
-        for i in range(layers)
-    ]
-    config.sliding_window = int(window) if window else None
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        value = _field(reader, f"{arch}.{key}")
-        if value is not None:  # else llama.cpp's defaults, the config class's too
-            setattr(config, key, float(value))
-    if arch == "gemma3":
-        _set_gemma3_rope(reader, config)
-
-
-def _set_gemma3_rope(reader: GGUFReader, config: PretrainedConfig) -> None:
-    # Global layers: the file's base and scaling; local ones: plain, base 10k.
-    full = {"rope_type": "default",
-            "rope_theta": float(_field(reader, "gemma3.rope.freq_base") or 10000.0)}
-    scaling = _field(reader, "gemma3.rope.scaling.type")
-    if scaling == "linear":
-        full = {**full, "rope_type": "linear",
-                "factor": float(_required(reader, "gemma3.rope.scaling.factor"))}
-    elif scaling not in (None, "none"):
-        raise ModelLoadError(f"{reader.data.filename} (gemma3.rope.scaling.type): {scaling!r} "
-                             f"is not supported; supported: none, linear")
-    local_theta = float(_field(reader, "gemma3.rope.freq_base_swa") or 10000.0)
-    if hasattr(config, "rope_parameters"):  # transformers 5: per kind of layer
-        config.rope_parameters = {
-            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
-            "full_attention": full,
-        }
-    else:  # transformers 4
-        config.rope_theta = full["rope_theta"]
-        config.rope_local_base_freq = local_theta
-        config.rope_scaling = ({"rope_type": "linear", "factor": full["factor"]}
-                               if "factor" in full else None)
-
-
 def _end_of_generation_ids(reader: GGUFReader, config: PretrainedConfig) -> list[int]:
     # llama.cpp stops on eos and on the end-of-turn / end-of-message tokens.
     ids = as_token_ids(config.eos_token_id)
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                 "tokenizer.ggml.eom_token_id"):
-        value = _field(reader, key)
+        value = field(reader, key)
         if value is not None:
             ids.append(int(value))
     return list(dict.fromkeys(ids))
-
-
-def _architecture(reader: GGUFReader) -> str | None:
-    value = _field(reader, "general.architecture")
-    return str(value) if value is not None else None
-
-
-def _required(reader: GGUFReader, key: str):
-    value = _field(reader, key)
-    if value is None:
-        raise ModelLoadError(f"{reader.data.filename} lacks the metadata key {key}, which "
-                             f"pllm needs and cannot derive")
-    return value
-
-
-def _field(reader: GGUFReader, key: str):
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
-
