@@ -15,6 +15,7 @@ _CAPABILITIES = PlatformCapabilities(
     dtypes=(torch.float32, torch.bfloat16),
     default_dtype=torch.float32,
     kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
+    supports_soft_cap=True,
     ranks_share_device=True,  # tensor-parallel ranks split the cores
 )
 
@@ -49,9 +50,10 @@ class CPUPlatform(HostPlatform):
         from pllm.platforms.common.malloc import tune_malloc
         from pllm.platforms.cpu.layers import use_cpu_layers
         from pllm.platforms.cpu.linear import use_cpu_linears
+        from pllm.platforms.cpu.moe import use_cpu_moe
 
         tune_malloc()
         # --enforce-eager: every layer runs module by module, as the model's
         # code reads (the CPU's counterpart of not capturing CUDA graphs).
         fuse = not config.device.enforce_eager
-        return use_cpu_layers(use_cpu_linears(model), fuse_decode_layers=fuse)
+        return use_cpu_moe(use_cpu_layers(use_cpu_linears(model), fuse_decode_layers=fuse))
