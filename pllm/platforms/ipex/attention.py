@@ -153,9 +153,11 @@ class IPEXAttentionBackend(AttentionBackend):
         left = sliding_window - 1 if sliding_window else -1
         cap = float(soft_cap) if soft_cap is not None else -1.0  # IPEX's "none"
         nd, n = metadata.num_decodes, metadata.num_seqs
-        # The single-query operator reads no fp8 cache under fp32 queries.
+        # The single-query operator reads no fp8 cache under fp32 queries,
+        # and refuses a window together with a soft-cap.
         single = (nd > 0 and self.decode_kernel == "single-query"
-                  and not (fp8 and query.dtype != torch.bfloat16))
+                  and not (fp8 and query.dtype != torch.bfloat16)
+                  and not (sliding_window and soft_cap is not None))
         varlen = plan.get("prefill") if single else plan["all"]
         if single:
             self._ops.single_query_cached_kv_attention(
