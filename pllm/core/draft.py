@@ -185,15 +185,20 @@ class DraftRunner:
                 {sid: torch.stack(rows) for sid, rows in zip(plan.seq_ids, probs) if rows})
 
 
-def check_draft_model(target, draft, tensor_parallel_size: int) -> None:
+def check_draft_model(target, draft, tensor_parallel_size: int, platform=None) -> None:
     """A draft model the target can verify: the same vocabulary, token for
-    token, and heads that split over the ranks. ``target`` and ``draft`` are
-    loaded models (``pllm.loader.LoadedModel``); raises ``ValueError``."""
+    token, heads that split over the ranks, and (given the ``platform``)
+    attention the platform runs (its window, soft-cap, head size). ``target``
+    and ``draft`` are loaded models (``pllm.loader.LoadedModel``); raises
+    ``ValueError``."""
+    from pllm.core.resolve import check_model_fits
     from pllm.models import describe_model
 
     where = f"draft model {draft.path}"
     try:
-        describe_model(draft.hf_config, tensor_parallel_size)
+        info = describe_model(draft.hf_config, tensor_parallel_size)
+        if platform is not None:
+            check_model_fits(info, platform)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     sizes = target.hf_config.vocab_size, draft.hf_config.vocab_size

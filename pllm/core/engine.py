@@ -80,7 +80,7 @@ class LLMEngine:
             from pllm.core.draft import check_draft_model
 
             check_draft_model(self.loaded, load_model(config.speculative.model),
-                              config.parallel.tensor_parallel_size)
+                              config.parallel.tensor_parallel_size, self.platform)
         self.config = config = resolve_config(config, self.platform, info)
         self.platform.setup_process(config, 0)
         torch.manual_seed(mc.seed)

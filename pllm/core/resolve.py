@@ -34,6 +34,25 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
+def check_model_fits(model, platform: Platform) -> None:
+    """Raises ``ValueError`` naming what of ``model`` (a ``ModelInfo``: the
+    served model's, or a draft model's) the platform cannot run."""
+    caps, name = platform.capabilities, platform.name
+    if not caps.supports_head_dim(model.head_dim):
+        raise ValueError(f"head_dim={model.head_dim} is not supported on {name}; "
+                         f"supported: {', '.join(map(str, caps.head_dims or ()))}")
+    if model.sliding_window is not None and not caps.supports_sliding_window:
+        raise ValueError(f"this {model.model_type} model uses a sliding window of "
+                         f"{model.sliding_window} tokens, which {name} attention does not support")
+    if getattr(model, "attn_soft_cap", None) is not None and not caps.supports_soft_cap:
+        raise ValueError(f"this {model.model_type} model soft-caps its attention logits "
+                         f"(at {model.attn_soft_cap}), which {name} attention does not support")
+    if getattr(model, "dynamic_routing", False) and caps.static_shapes:
+        raise ValueError(f"this {model.model_type} model routes tokens to experts by their "
+                         f"values (data-dependent shapes), which {name}'s static-shape "
+                         "compilation does not support yet")
+
+
 def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineConfig:
     """``config`` with every value decided; ``model`` is the
     ``pllm.models.ModelInfo`` of the model to run (one rank's share)."""
@@ -54,19 +73,7 @@ def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineCon
     if not caps.supports_block_size(block_size):
         raise ValueError(f"block_size={block_size} is not supported on {name}; "
                          f"supported: {', '.join(map(str, caps.block_sizes))}")
-    if not caps.supports_head_dim(model.head_dim):
-        raise ValueError(f"head_dim={model.head_dim} is not supported on {name}; "
-                         f"supported: {', '.join(map(str, caps.head_dims or ()))}")
-    if model.sliding_window is not None and not caps.supports_sliding_window:
-        raise ValueError(f"this {model.model_type} model uses a sliding window of "
-                         f"{model.sliding_window} tokens, which {name} attention does not support")
-    if getattr(model, "attn_soft_cap", None) is not None and not caps.supports_soft_cap:
-        raise ValueError(f"this {model.model_type} model soft-caps its attention logits "
-                         f"(at {model.attn_soft_cap}), which {name} attention does not support")
-    if getattr(model, "dynamic_routing", False) and caps.static_shapes:
-        raise ValueError(f"this {model.model_type} model routes tokens to experts by their "
-                         f"values (data-dependent shapes), which {name}'s static-shape "
-                         "compilation does not support yet")
+    check_model_fits(model, platform)
     cache_dtype = resolve_kv_cache_dtype(cc.kv_cache_dtype, dtype, caps, name)
 
     sched = config.scheduler

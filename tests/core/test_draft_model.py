@@ -139,6 +139,12 @@ def test_a_draft_the_target_cannot_verify_is_refused_by_name(tiny_model_dir, tmp
         _llm(tiny_model_dir, wider)
     with pytest.raises(ModelLoadError, match="missing"):
         _llm(tiny_model_dir, str(tmp_path / "missing"))
+    # A draft the platform cannot run (this one has no attention soft-cap) is
+    # refused by name before it loads, as a served model would be.
+    capped = make_tiny_model(tmp_path / "capped", arch="gemma2", attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match=r"draft model .*capped: this gemma2 model soft-caps its "
+                                         r"attention logits \(at 50.0\), which fakeaccel"):
+        _llm(tiny_model_dir, capped)
 
 
 

@@ -181,22 +181,31 @@ class CPUAttentionBackend(AttentionBackend):
         return o.transpose(0, 1).reshape(n, num_heads, head_dim)
 
 
-def _soft_capped_prefill(q, k, v, seq_len, scale, sliding_window, soft_cap):
+def _soft_capped_prefill(q, k, v, seq_len, scale, sliding_window, soft_cap, rows=256):
     """One sequence's chunk ``q`` [1, H, q_len, D] against its K/V [1, Hkv,
-    L, D], scores soft-capped: ``cap * tanh(s / cap)``, softmax in fp32."""
-    q_len = q.shape[2]
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    scores = soft_cap * torch.tanh(scores / soft_cap)
-    q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-    k_pos = torch.arange(seq_len).unsqueeze(0)
-    invalid = k_pos > q_pos
-    if sliding_window is not None:
-        invalid |= k_pos <= q_pos - sliding_window
-    scores.masked_fill_(invalid, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)[0].transpose(0, 1)
+    L, D], scores soft-capped: ``cap * tanh(s / cap)``, softmax in fp32. By
+    ``rows`` query rows at a time, each KV head's query heads together (a
+    view, no copy of K/V), so the scores never exceed ``H * rows * L``."""
+    _, num_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    qg = q[0].reshape(num_kv_heads, group, q_len, head_dim)
+    k_t, v = k[0].transpose(-1, -2).unsqueeze(1), v[0].unsqueeze(1)  # [Hkv, 1, D, L], [Hkv, 1, L, D]
+    out = torch.empty(q_len, num_heads, head_dim, dtype=q.dtype)
+    k_pos = torch.arange(seq_len)
+    for lo in range(0, q_len, rows):
+        hi = min(lo + rows, q_len)
+        scores = torch.matmul(qg[:, :, lo:hi], k_t).float()  # [Hkv, group, n, L]
+        scores.mul_(scale / soft_cap).tanh_().mul_(soft_cap)
+        q_pos = torch.arange(seq_len - q_len + lo, seq_len - q_len + hi).unsqueeze(1)
+        invalid = k_pos > q_pos
+        if sliding_window is not None:
+            invalid |= k_pos <= q_pos - sliding_window
+        scores.masked_fill_(invalid, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        o = torch.matmul(probs, v)  # [Hkv, group, n, D]
+        out[lo:hi] = o.reshape(num_heads, hi - lo, head_dim).transpose(0, 1)
+    return out
 
 
 @dataclass

@@ -86,8 +86,9 @@ class CPUFusedDecodeLayer:
         """fp32 weights, a head_dim the kernel's vector loop takes and no
         attention soft-cap."""
         w = weights
-        return w.head_dim % 8 == 0 and w.attention.soft_cap is None and _fp32(w.qkv_weight, w.o_weight, w.gate_up_weight,
-                                               w.down_weight, w.input_norm, w.rotary_cos)
+        return (w.head_dim % 8 == 0 and w.attention.soft_cap is None
+                and _fp32(w.qkv_weight, w.o_weight, w.gate_up_weight, w.down_weight,
+                          w.input_norm, w.rotary_cos))
 
     def __call__(self, positions, x, residual, ctx):
         md = ctx.metadata

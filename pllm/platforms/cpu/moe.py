@@ -61,7 +61,7 @@ def cpu_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     op = moe_op()
     if op is None or x.dtype not in _DTYPES or not (x.dtype == w13.dtype == w2.dtype) or x.dim() != 2:
         return grouped_experts(x, w13, w2, weights, ids)
-    return op(x, w13, w2, weights, ids, _FEW_ROWS)
+    return op(x, w13, w2, weights, ids.long(), _FEW_ROWS)  # a no-op for the router's int64
 
 
 def use_cpu_moe(model: nn.Module) -> nn.Module:

@@ -151,7 +151,8 @@ class IPEXAttentionBackend(AttentionBackend):
         # decode operator takes W, the varlen one the W - 1 to the left.
         window = sliding_window if sliding_window else -1
         left = sliding_window - 1 if sliding_window else -1
-        cap = float(soft_cap) if soft_cap is not None else -1.0  # IPEX's "none"
+        # The soft-cap goes last, and only when set (older IPEX releases lack it).
+        cap = () if soft_cap is None else (float(soft_cap),)
         nd, n = metadata.num_decodes, metadata.num_seqs
         # The single-query operator reads no fp8 cache under fp32 queries,
         # and refuses a window together with a soft-cap.
@@ -163,12 +164,12 @@ class IPEXAttentionBackend(AttentionBackend):
             self._ops.single_query_cached_kv_attention(
                 out[:nd], query[:nd], kc, vc, self._head_mapping(heads, kv_heads), float(scale),
                 plan["block_tables"][:nd], plan["seq_lens"][:nd], block_size,
-                plan["max_decode_len"], None, window, 1.0, 1.0, cap)
+                plan["max_decode_len"], None, window, 1.0, 1.0, *cap)
         if varlen is not None:
             cu_q, cu_kv, max_q, max_kv, first, lo, hi = varlen
             self._ops.flash_attn_varlen_func(
                 out[lo:hi], query[lo:hi], kc, vc, cu_q, cu_kv, max_q, max_kv, float(scale), True,
-                plan["block_tables"][first:n], None, left, -1, "auto", 1.0, 1.0, cap)
+                plan["block_tables"][first:n], None, left, -1, "auto", 1.0, 1.0, *cap)
         if fp8 and v_scale != 1.0:
             out.mul_(v_scale)
         return out

@@ -62,6 +62,21 @@ def test_torch_paths_match_the_reference(monkeypatch):
         check_attention_backend(CPUAttentionBackend(), kv_cache_dtype=kv_dtype)
 
 
+def test_soft_capped_prefill_in_row_chunks_matches_the_reference(monkeypatch):
+    """The soft-capped prefill goes by chunks of query rows: chunks of 4
+    rows (uneven against the chunk lengths) give the reference's result."""
+    import functools
+
+    from pllm.testing.conformance import DEFAULT_CASES, check_attention_case
+
+    monkeypatch.setattr(cpu_attention, "_soft_capped_prefill",
+                        functools.partial(cpu_attention._soft_capped_prefill, rows=4))
+    for case in DEFAULT_CASES:
+        if case.soft_cap is not None:
+            check_attention_case(CPUAttentionBackend(), case)
+            check_attention_case(CPUAttentionBackend(), case, dtype=torch.bfloat16)
+
+
 @needs_compiler
 @pytest.mark.parametrize("kv_dtype", FP8_FORMATS, ids=str)
 @pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (20, None), (None, 2.0), (20, 5.0)])

@@ -38,6 +38,19 @@ inline void score_tokens(const float* q, int64_t group, int64_t d, const float* 
   if (group - g == 1) dot_tile<1, NB, false>(q + g * d, d, k, d, d, scores + g * span, span);
 }
 
+// ``cap * tanh(scale * s / cap)`` in place, as ``cap * (1 - 2 / (e^{2x} + 1))``
+// (``v8_exp`` clamps its argument, so the ends come out as +-cap, not NaN).
+inline void soft_cap_scores(float* s, int64_t n, float scale, float cap) {
+  const V8 k = v8_set1(2.0f * scale / cap), one = v8_set1(1.0f), two = v8_set1(2.0f);
+  const V8 vcap = v8_set1(cap);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const V8 e = v8_exp(v8_mul(v8_load(s + t), k));
+    v8_store(s + t, v8_mul(vcap, v8_sub(one, v8_div(two, v8_add(e, one)))));
+  }
+  for (; t < n; ++t) s[t] = cap * std::tanh(s[t] * scale / cap);
+}
+
 // Softmax of ``n`` scores in place (after scaling); returns 1 / sum.
 inline float softmax_unnormalised(float* s, int64_t n, float scale) {
   float mx = -std::numeric_limits<float>::infinity();
@@ -284,10 +297,8 @@ torch::Tensor paged_decode(torch::Tensor query,         // [n, Hq, D] fp32
       } else {
         score_span(sv, k_base + head, d, qs, group, scores, span);
       }
-      if (cap > 0.0f) {  // the scale goes into the cap's argument; the softmax takes 1
-        for (int64_t t = 0; t < group * span; ++t)
-          scores[t] = cap * std::tanh(scores[t] * fscale / cap);
-      }
+      // The scale goes into the cap's argument; the softmax then takes 1.
+      if (cap > 0.0f) soft_cap_scores(scores, group * span, fscale, cap);
       const float softmax_scale = cap > 0.0f ? 1.0f : fscale;
       for (int64_t g = 0; g < group; ++g)
         inv[g] = softmax_unnormalised(scores + g * span, span, softmax_scale);
