@@ -61,7 +61,7 @@ def portable_op():
     if shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the experts run in torch")
     return cpu_moe.build("pllm_cpu_moe_portable", ("vec.h", "moe.cpp"), ["moe_experts"],
-                         defines=["PLLM_MOE_PORTABLE_BF16"]).moe_experts
+                         defines=["PLLM_PORTABLE_BF16"]).moe_experts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -21,52 +21,9 @@
 
 namespace {
 
-// Eight weights as fp32 lanes: fp32 as they are, bf16 widened (its bits are
-// the top half of an fp32's). ``PLLM_MOE_PORTABLE_BF16`` forces the plain
-// loop, which hosts without AVX2 use.
-inline V8 load8(const float* p) { return v8_load(p); }
-inline V8 load8(const c10::BFloat16* p) {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(PLLM_MOE_PORTABLE_BF16)
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
-#else
-  float f[8];
-  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
-  return v8_load(f);
-#endif
-}
-
-// out[i * ldo + j] = dot(x row i, w row j) over K for an MB x NB tile, as
-// vec.h's ``dot_tile`` but over fp32 or bf16 weights: each weight vector is
-// loaded once for all MB rows of x.
-template <int MB, int NB, typename W>
-inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K, float* out,
-                 int64_t ldo) {
-  V8 acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = v8_zero();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    V8 wv[NB];
-    for (int j = 0; j < NB; ++j) {
-      prefetch(w + j * ldw + k + NB * ldw);  // the next tile's rows
-      wv[j] = load8(w + j * ldw + k);
-    }
-    for (int i = 0; i < MB; ++i) {
-      const V8 xv = v8_load(x + i * ldx + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] = v8_fma(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      float s = v8_hsum(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * static_cast<float>(w[j * ldw + kk]);
-      out[i * ldo + j] = s;
-    }
-}
-
 // out[m, n] = x[m] . w[n] for M rows of x and N rows of w (both K long):
-// NB weight rows at a time, each streamed once for all M rows. 4 x 3 tiles
+// NB weight rows at a time (vec.h's ``dot_tile``, fp32 or bf16 weights),
+// each streamed once for all M rows. 4 x 3 tiles
 // fill the 16 AVX2 registers (12 sums, 3 weight vectors, 1 of x) and ran
 // as fast as 3 x 4 in fp32 and up to 20% faster in bf16 (4-32 rows).
 template <typename W>
@@ -76,15 +33,15 @@ void rows_times(const float* x, int64_t M, int64_t ldx, const W* w, int64_t N, i
   int64_t n = 0;
   for (; n + NB <= N; n += NB) {
     int64_t m = 0;
-    for (; m + MB <= M; m += MB) tile<MB, NB>(x + m * ldx, ldx, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
+    for (; m + MB <= M; m += MB) dot_tile<MB, NB, true>(x + m * ldx, ldx, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
     const float* xm = x + m * ldx;
     float* om = out + m * ldo + n;
-    if (M - m == 3) tile<3, NB>(xm, ldx, w + n * ldw, ldw, K, om, ldo);
-    if (M - m == 2) tile<2, NB>(xm, ldx, w + n * ldw, ldw, K, om, ldo);
-    if (M - m == 1) tile<1, NB>(xm, ldx, w + n * ldw, ldw, K, om, ldo);
+    if (M - m == 3) dot_tile<3, NB, true>(xm, ldx, w + n * ldw, ldw, K, om, ldo);
+    if (M - m == 2) dot_tile<2, NB, true>(xm, ldx, w + n * ldw, ldw, K, om, ldo);
+    if (M - m == 1) dot_tile<1, NB, true>(xm, ldx, w + n * ldw, ldw, K, om, ldo);
   }
   for (; n < N; ++n)
-    for (int64_t m = 0; m < M; ++m) tile<1, 1>(x + m * ldx, ldx, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
+    for (int64_t m = 0; m < M; ++m) dot_tile<1, 1, true>(x + m * ldx, ldx, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
 }
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }

@@ -89,12 +89,28 @@ static inline void prefetch(const void* p) { __builtin_prefetch(p); }
 
 #endif
 
-// out[i * ldo + j] = dot(x row i, w row j) over k < K, for an MB x NB tile:
-// each weight vector is loaded once for all MB rows of x. Rows are contiguous
-// (x rows ``ldx`` apart, w rows ``ldw`` apart). With ``PF``, the weight rows
-// ``NB * ldw`` further on (the next tile) are prefetched as these stream.
-template <int MB, int NB, bool PF>
-static inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+// Eight weights as fp32 lanes: fp32 as they are, bf16 widened (its bits are
+// the top half of an fp32's). ``PLLM_PORTABLE_BF16`` forces the plain loop,
+// which hosts without AVX2 use.
+static inline V8 load8(const float* p) { return v8_load(p); }
+static inline V8 load8(const c10::BFloat16* p) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(PLLM_PORTABLE_BF16)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+#else
+  float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
+  return v8_load(f);
+#endif
+}
+
+// out[i * ldo + j] = dot(x row i, w row j) over k < K, for an MB x NB tile
+// of fp32 or bf16 weights (``load8``): each weight vector is loaded once for
+// all MB rows of x. Rows are contiguous (x rows ``ldx`` apart, w rows ``ldw``
+// apart). With ``PF``, the weight rows ``NB * ldw`` further on (the next
+// tile) are prefetched as these stream.
+template <int MB, int NB, bool PF, typename W = float>
+static inline void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                             float* out, int64_t ldo) {
   V8 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
@@ -104,7 +120,7 @@ static inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t
     V8 wv[NB];
     for (int j = 0; j < NB; ++j) {
       if (PF) prefetch(w + j * ldw + k + NB * ldw);
-      wv[j] = v8_load(w + j * ldw + k);
+      wv[j] = load8(w + j * ldw + k);
     }
     for (int i = 0; i < MB; ++i) {
       const V8 xv = v8_load(x + i * ldx + k);
@@ -114,7 +130,7 @@ static inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) {
       float s = v8_hsum(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * w[j * ldw + kk];
+      for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * static_cast<float>(w[j * ldw + kk]);
       out[i * ldo + j] = s;
     }
 }
