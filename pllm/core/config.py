@@ -26,6 +26,11 @@ _CACHE_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e4m3
 # KV-cache storage (vLLM's names): "auto" keeps the model dtype; "fp8" is the
 # platform's e4m3 flavour (OCP e4m3fn on NVIDIA, e4m3fnuz on MI300).
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# Weight formats (--quantization): "gguf" keeps a .gguf file's quantized
+# tensors in their block formats, multiplied by the platform's kernels;
+# "none" dequantizes them at load; "auto" is "gguf" for a .gguf file on a
+# platform that multiplies its formats, unless --dtype is given.
+QUANTIZATIONS = ("auto", "none", "gguf")
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,14 @@ class ModelConfig:
     seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None  # a Jinja template, or a path to one
+    quantization: str = "auto"  # one of QUANTIZATIONS; resolved to "none" or "gguf"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} is not one of "
+                             f"{', '.join(QUANTIZATIONS)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

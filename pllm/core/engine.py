@@ -75,7 +75,8 @@ class LLMEngine:
         mc = config.model
         self.loaded = loaded or load_model(mc.model, tokenizer=mc.tokenizer, chat_template=mc.chat_template)
         # Every "decide for me" value decided once, against platform and model.
-        info = describe_model(self.loaded.hf_config, config.parallel.tensor_parallel_size)
+        info = describe_model(self.loaded.hf_config, config.parallel.tensor_parallel_size,
+                              self.loaded.weight_formats.values())
         if config.speculative is not None and config.speculative.method == "draft_model":
             from pllm.core.draft import check_draft_model
 

@@ -63,6 +63,12 @@ class PlatformCapabilities:
     # 8-bit float formats the attention backend can store K/V in (scaled,
     # besides the model dtype): ``--kv-cache-dtype fp8`` picks from these.
     kv_cache_dtypes: tuple[torch.dtype, ...] = ()
+    # GGUF block formats (type names: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) the
+    # platform multiplies as they are, with float32 activations:
+    # ``--quantization gguf`` keeps a .gguf file's tensors in these formats
+    # (``pllm.models.quant``), and the platform's ``prepare_model`` attaches
+    # its kernels to them; tensors in other formats are dequantized at load.
+    weight_formats: tuple[str, ...] = ()
     # Whether ``Platform.make_decode_runner`` is worth asking (graph capture).
     supports_graphs: bool = False
     # Run one forward pass of a full token budget before sizing the KV cache,

@@ -7,6 +7,10 @@ capabilities imply, before anything is built::
     block_size None         -> the platform's default_block_size
     kv_cache_dtype          -> cache_dtype: the model dtype, or the platform's
                                8-bit format of that name
+    quantization "auto"     -> "gguf" for a model stored in GGUF block formats
+                               the platform multiplies (weight_formats), with
+                               dtype float32; "none" otherwise, or when a
+                               dtype is given
     static shapes (buckets) -> max_num_batched_tokens and max_num_seqs at most
                                the largest token and sequence bucket (logged)
 
@@ -53,13 +57,55 @@ def check_model_fits(model, platform: Platform) -> None:
                          "compilation does not support yet")
 
 
+def resolve_quantization(quantization: str, dtype: str, model, platform: Platform) -> str:
+    """"gguf" or "none" for the user's ``quantization`` and ``dtype`` and a
+    model (``ModelInfo``) stored in ``model.weight_formats``; a ``ValueError``
+    for "gguf" where nothing could stay quantized."""
+    caps, name = platform.capabilities, platform.name
+    formats = set(getattr(model, "weight_formats", ()))
+    runs = sorted(formats & set(caps.weight_formats))
+    others = sorted(formats - set(caps.weight_formats))
+    multiplies = ", ".join(caps.weight_formats) or "none"
+    if quantization == "auto":
+        if not formats:
+            return "none"
+        if dtype != "auto":
+            logger.info("dtype=%s given: the GGUF weights (%s) are dequantized to it at load",
+                        dtype, ", ".join(sorted(formats)))
+            return "none"
+        if not runs:
+            logger.warning("%s multiplies none of this model's GGUF formats (%s; it multiplies: "
+                           "%s): the weights are dequantized at load", name,
+                           ", ".join(sorted(formats)), multiplies)
+            return "none"
+        quantization = "gguf"
+    if quantization == "none":
+        return "none"
+    if not formats:
+        raise ValueError("quantization='gguf' keeps a .gguf file's quantized tensors in their "
+                         "formats; this model has none (an HF folder, or a file of float tensors)")
+    if not runs:
+        raise ValueError(f"quantization='gguf': {name} multiplies none of this model's GGUF "
+                         f"formats ({', '.join(sorted(formats))}); it multiplies: {multiplies} "
+                         f"(quantization='none' dequantizes them at load)")
+    if dtype not in ("auto", "float32"):
+        raise ValueError(f"quantization='gguf' multiplies with float32 activations; dtype={dtype} "
+                         f"needs quantization='none' (the weights dequantized to {dtype})")
+    if others:
+        logger.warning("%s does not multiply GGUF %s (it does: %s): those tensors are "
+                       "dequantized at load", name, ", ".join(others), multiplies)
+    return "gguf"
+
+
 def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineConfig:
     """``config`` with every value decided; ``model`` is the
     ``pllm.models.ModelInfo`` of the model to run (one rank's share)."""
     caps, name = platform.capabilities, platform.name
     mc, cc = config.model, config.cache
 
-    dtype = caps.default_dtype if mc.dtype == "auto" else getattr(torch, mc.dtype)
+    quantization = resolve_quantization(mc.quantization, mc.dtype, model, platform)
+    dtype = (torch.float32 if quantization == "gguf" else
+             caps.default_dtype if mc.dtype == "auto" else getattr(torch, mc.dtype))
     if not caps.supports_dtype(dtype):
         raise ValueError(f"dtype={mc.dtype!r} is not supported on {name}; "
                          f"supported: {_names(caps.dtypes)}")
@@ -92,7 +138,7 @@ def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineCon
         config,
         scheduler=sched,
         model=dataclasses.replace(mc, dtype=str(dtype).removeprefix("torch."),
-                                  max_model_len=max_model_len),
+                                  max_model_len=max_model_len, quantization=quantization),
         cache=dataclasses.replace(cc, block_size=block_size,
                                   cache_dtype=str(cache_dtype).removeprefix("torch.")),
     )

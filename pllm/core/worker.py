@@ -43,6 +43,7 @@ class Worker:
             dtype=config.model.torch_dtype, device=self.device, tp=self.tp,
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
+            quantized=self._kept_quantized(loaded),
         )
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, config.model.dtype,
@@ -69,9 +70,19 @@ class Worker:
             dtype=config.model.torch_dtype, device=self.device, tp=self.tp,
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
+            quantized=self._kept_quantized(loaded),
         )
         if self.tp.rank == 0:
             logger.info("loaded draft model %s in %.1fs", loaded.name, time.perf_counter() - t0)
+
+    def _kept_quantized(self, loaded) -> dict[str, str]:
+        """{HF name: format} of ``loaded``'s tensors that stay in their GGUF
+        blocks: with --quantization gguf, those in a format the platform
+        multiplies (``weight_formats``)."""
+        if self.config.model.quantization != "gguf":
+            return {}
+        keep = set(self.platform.capabilities.weight_formats)
+        return {name: fmt for name, fmt in loaded.weight_formats.items() if fmt in keep}
 
     def bytes_per_block(self) -> int:
         """A block's bytes on this rank: the target's K/V of its tokens, and

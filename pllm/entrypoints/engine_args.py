@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from pllm.core.config import (
     KV_CACHE_DTYPES,
+    QUANTIZATIONS,
     CacheConfig,
     DeviceConfig,
     EngineConfig,
@@ -68,6 +69,7 @@ class EngineArgs:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "auto"
     max_model_len: int | None = None
     block_size: int | None = None  # None: the platform's default
     kv_cache_memory: int | str | None = None
@@ -97,6 +99,7 @@ class EngineArgs:
                 model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
                 max_model_len=self.max_model_len, seed=self.seed,
                 served_model_name=self.served_model_name, chat_template=self.chat_template,
+                quantization=self.quantization,
             ),
             cache=CacheConfig(
                 block_size=self.block_size, kv_cache_memory=parse_memory(self.kv_cache_memory),
@@ -130,6 +133,11 @@ class EngineArgs:
                             "`pllm platforms` lists them")
         g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weight and activation dtype (auto: the platform's default)")
+        g.add_argument("--quantization", "-q", default="auto", choices=list(QUANTIZATIONS),
+                       help="weights of a .gguf file: gguf keeps its quantized tensors in "
+                            "their formats (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) where the "
+                            "platform multiplies them (`pllm platforms` lists which), none "
+                            "dequantizes them at load; auto: gguf unless --dtype is given")
         g.add_argument("--max-model-len", type=positive_int, default=None,
                        help="context length (prompt + output); default: the model's")
         g.add_argument("--block-size", type=positive_int, default=None,

@@ -93,8 +93,10 @@ def _describe(caps) -> str:
         return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
     kv = names(caps.kv_cache_dtypes) or "none"
+    formats = ", ".join(caps.weight_formats) or "none"
     return (f"dtypes: {names(caps.dtypes)} (default {names([caps.default_dtype])}); "
-            f"8-bit KV cache (--kv-cache-dtype): {kv}; block sizes: "
+            f"8-bit KV cache (--kv-cache-dtype): {kv}; GGUF weights kept quantized "
+            f"(--quantization gguf): {formats}; block sizes: "
             f"{', '.join(map(str, caps.block_sizes))}")
 
 

@@ -9,12 +9,17 @@ Conversion (the config: gguf_config.py):
                      the way llama.cpp reads it (expert sizes, Gemma's window, soft-caps,
                      layer pattern, query scale and rope); a key that cannot be derived
                      and is missing is a ModelLoadError naming it
-  tensors            gguf.GGUFReader + gguf.quants.dequantize -> float32, renamed to HF names
-                     with gguf's tensor-name map; Q/K rows un-permuted for llama (Mixtral
-                     too); Gemma's norms minus the 1 llama.cpp adds; stacked experts
+  tensors            gguf.GGUFReader, renamed to HF names with gguf's tensor-name map:
+                     matrices in the formats pllm multiplies as they are (GGUF_FORMATS) kept
+                     as their raw blocks, uint8 [rows, row_bytes], their formats listed in
+                     the safetensors metadata (QUANT_FORMATS_KEY); the rest dequantized to
+                     float32 with gguf.quants. Q/K rows un-permuted for llama (Mixtral
+                     too; whole rows of blocks move, so raw blocks un-permute as well);
+                     Gemma's norms minus the 1 llama.cpp adds; stacked experts
                      ([num_experts, ...]) split into HF's per-expert tensors
   result             <cache>/gguf/<stem>-<fingerprint>-v<N>-transformers<major>/ with
                      config.json, tokenizer files, generation_config.json and model.safetensors
+                     (98 MB for SmolLM2-135M's Q4_1 file, as the file's own tensors)
 
 The cached folder is written under a temporary name and renamed into place, so
 a crash mid-conversion never leaves a folder that looks complete.
@@ -22,6 +27,7 @@ a crash mid-conversion never leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -37,6 +43,7 @@ from pllm.loader.gguf_config import architecture, field, fixed_config
 from pllm.loader.hf_folder import SINGLE_WEIGHTS_FILE, check_architecture
 from pllm.loader.loaded_model import ModelLoadError
 from pllm.loader.tokenizer import as_token_ids
+from pllm.models.quant import GGUF_FORMATS
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -45,7 +52,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the converted folder's content changes, so stale caches are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
+# The safetensors metadata key listing the tensors kept in a GGUF block
+# format: a JSON object {hf_name: format name}.
+QUANT_FORMATS_KEY = "pllm.gguf_formats"
 
 # GGUF architecture names of the supported model types (mistral and mixtral
 # are written as "llama").
@@ -141,22 +151,28 @@ def _convert(gguf_path: str, reader: GGUFReader, out_dir: str) -> None:
     config = fixed_config(reader, config)
     check_architecture(config.model_type, gguf_path)
 
-    tensors = {
-        hf_name: torch.from_numpy(weights) for hf_name, weights in dequantized_tensors(reader, config)
-    }
+    tensors, formats = {}, {}
+    for hf_name, weights, fmt in file_tensors(reader, config):
+        tensors[hf_name] = torch.from_numpy(np.array(weights, order="C"))  # off the memmap
+        if fmt is not None:
+            formats[hf_name] = fmt
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=_end_of_generation_ids(reader, config)
     ).save_pretrained(out_dir)
     # Written last: its presence marks the folder complete.
-    save_file(tensors, os.path.join(out_dir, SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(out_dir, SINGLE_WEIGHTS_FILE),
+              metadata={"format": "pt", QUANT_FORMATS_KEY: json.dumps(formats)})
 
 
-def dequantized_tensors(
+def file_tensors(
     reader: GGUFReader, config: PretrainedConfig
-) -> Iterator[tuple[str, np.ndarray]]:
-    """(hf_name, float32 array in HF layout) for every tensor the HF model has."""
+) -> Iterator[tuple[str, np.ndarray, str | None]]:
+    """(hf_name, array, format) for every tensor the HF model has, in HF
+    layout: a matrix in one of GGUF_FORMATS as its raw blocks (uint8
+    ``[rows, row_bytes]``) with its format's name, anything else as float32
+    with None."""
     from gguf.quants import dequantize
 
     arch = architecture(reader)
@@ -168,12 +184,20 @@ def dequantized_tensors(
                 logger.warning("Ignoring GGUF tensor %s: no matching HF parameter", tensor.name)
             continue
         hf_name, shape = expected[tensor.name]
-        weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        if tuple(weights.shape) != shape and _squeezed(weights.shape) == _squeezed(shape):
+        fmt = tensor.tensor_type.name
+        if fmt in GGUF_FORMATS and len(shape) >= 2 and shape[-2] > 1:
+            weights = np.asarray(tensor.data)  # raw blocks: [..., rows, row_bytes]
+            logical = (*weights.shape[:-1], _row_values(fmt, weights.shape[-1]))
+        else:
+            fmt = None
+            weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            logical = weights.shape
+        if tuple(logical) != shape and _squeezed(logical) == _squeezed(shape):
             weights = weights.reshape(shape)  # Qwen2-MoE's shared-expert gate: [hidden]
-        if tuple(weights.shape) != shape:
+            logical = shape
+        if tuple(logical) != shape:
             raise ModelLoadError(
-                f"{reader.data.filename}: tensor {tensor.name} has shape {tuple(weights.shape)}, "
+                f"{reader.data.filename}: tensor {tensor.name} has shape {tuple(logical)}, "
                 f"the config implies {shape} for {hf_name}"
             )
         if arch in _PERMUTED_ARCHITECTURES:
@@ -182,13 +206,13 @@ def dequantized_tensors(
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 weights = unpermute_rows(weights, config.num_key_value_heads)
         if arch in _NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
-            weights = weights - 1
+            weights = weights - 1  # norms are never kept in blocks (1-D)
         seen.add(tensor.name)
         if "{expert}" in hf_name:  # stacked experts: one HF tensor each
             for expert, expert_weights in enumerate(weights):
-                yield hf_name.format(expert=expert), expert_weights
+                yield hf_name.format(expert=expert), expert_weights, fmt
         else:
-            yield hf_name, weights
+            yield hf_name, weights, fmt
     missing = sorted((gguf_name, hf.format(expert="*")) for gguf_name, (hf, _) in expected.items()
                      if gguf_name not in seen)
     if config.tie_word_embeddings:  # tied: the model reuses the embedding
@@ -198,6 +222,13 @@ def dequantized_tensors(
             f"{reader.data.filename} lacks {len(missing)} tensor(s) the model needs, "
             f"e.g. {missing[0][0]} (for {missing[0][1]})"
         )
+
+
+def _row_values(fmt: str, row_bytes: int) -> int:
+    from pllm.models.quant import block_size
+
+    values, nbytes = block_size(fmt)
+    return row_bytes // nbytes * values
 
 
 def _squeezed(shape: tuple) -> tuple:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
+    from pllm.models.quant import GGUFWeight
+
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -108,14 +110,44 @@ def _tensor_names(path: str) -> set[str]:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from e
 
 
-def iter_safetensors(paths: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors file by file, so at most one shard is resident at a time."""
+def iter_safetensors(paths: list[str], formats: dict[str, str] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
+    """Tensors file by file, so at most one shard is resident at a time; the
+    ones ``formats`` names (``quantized_formats``) as ``GGUFWeight``."""
     from safetensors import SafetensorError, safe_open
 
+    from pllm.models.quant import GGUFWeight
+
+    formats = formats or {}
     for path in paths:
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    if name in formats:
+                        try:
+                            tensor = GGUFWeight.from_blocks(tensor, formats[name])
+                        except (ValueError, KeyError) as e:
+                            raise ModelLoadError(f"{path}: tensor {name}: {e}") from e
+                    yield name, tensor
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{path}: cannot read tensors: {e}") from e
+
+
+def quantized_formats(paths: list[str]) -> dict[str, str]:
+    """{tensor name: GGUF format} of the tensors kept in block formats (a
+    converted GGUF file's), from the files' metadata; empty for a plain checkpoint."""
+    from safetensors import safe_open
+
+    from pllm.loader.gguf_file import QUANT_FORMATS_KEY
+
+    formats: dict[str, str] = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            listed = (f.metadata() or {}).get(QUANT_FORMATS_KEY)
+        if listed:
+            try:
+                formats.update(json.loads(listed))
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{path}: metadata {QUANT_FORMATS_KEY} is not JSON: {e}") from e
+    return formats

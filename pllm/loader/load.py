@@ -8,7 +8,12 @@ import os
 import re
 
 from pllm.loader.gguf_file import converted_folder
-from pllm.loader.hf_folder import find_weight_files, iter_safetensors, read_config
+from pllm.loader.hf_folder import (
+    find_weight_files,
+    iter_safetensors,
+    quantized_formats,
+    read_config,
+)
 from pllm.loader.loaded_model import DEFAULT_MODEL, LoadedModel, ModelLoadError
 from pllm.loader.tokenizer import (
     collect_eos_ids,
@@ -59,6 +64,7 @@ def load_model(
 
     hf_config = read_config(folder)
     weight_files = find_weight_files(folder)
+    formats = quantized_formats(weight_files)
     tok = load_tokenizer(tokenizer if tokenizer is not None else folder)
     template = resolve_chat_template(tok, folder, chat_template)
     if template is not None:
@@ -72,7 +78,8 @@ def load_model(
         chat_template=template,
         eos_token_ids=collect_eos_ids(hf_config, generation_eos_ids(folder), tok),
         bos_token_id=bos if isinstance(bos, int) else None,
-        _weight_source=functools.partial(iter_safetensors, weight_files),
+        weight_formats=formats,
+        _weight_source=functools.partial(iter_safetensors, weight_files, formats),
     )
 
 

@@ -30,13 +30,18 @@ class LoadedModel:
     chat_template: str | None
     eos_token_ids: list[int]  # every id that ends generation, deduplicated
     bos_token_id: int | None
+    # {HF name: GGUF format} of the tensors stored in a block format (a .gguf
+    # file's); ``weights()`` yields those as ``pllm.models.quant.GGUFWeight``.
+    weight_formats: dict[str, str] = field(default_factory=dict)
     # Yields (hf_name, tensor) on each call; kept out of repr and comparisons.
     _weight_source: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(
         default=lambda: iter(()), repr=False, compare=False
     )
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF parameter names and tensors in their stored dtype, one shard at a time.
+        """HF parameter names and tensors in their stored dtype, one shard at a
+        time; a tensor in a GGUF block format as a ``GGUFWeight``
+        (``weight_formats``; its ``dequantize()`` gives the values).
 
         A tied ``lm_head.weight`` that the checkpoint does not store is not yielded.
         """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe",
@@ -156,7 +157,7 @@ def make_tiny_gguf(
     folder: str | os.PathLike,
     arch: str = "llama",
     *,
-    quant: str = "F32",
+    quant: str | Callable[[str], str] = "F32",
     seed: int = 0,
     omit: tuple[str, ...] = (),
     **config_overrides,
@@ -168,15 +169,22 @@ def make_tiny_gguf(
     weights stored plus one (llama.cpp's RMSNorm scales by the weight, HF
     Gemma's by 1 + weight) and Gemma 2's lm_head left out; each layer's
     experts stacked into one [num_experts, ...] tensor per projection.
-    ``quant`` ("F32", "F16", "Q8_0") applies to 2-D and 3-D weights; norms and
-    routers stay F32. A Gemma whose layer pattern or query scale llama.cpp
+    ``quant`` applies to 2-D and 3-D weights; norms and routers stay F32. It is
+    "F32", "F16", or a block format: "Q8_0", "Q4_0", "Q4_1" quantize the
+    weights with ``gguf``; "Q4_K", "Q5_K", "Q6_K", which ``gguf`` cannot
+    quantize to, are random blocks (scales drawn so that values stay near
+    the weights' size), so that the file, not ``folder/hf``, is the reference
+    (transformers' GGUF loading dequantizes it). A callable maps each GGUF
+    tensor name to one of these (files mixing formats, as llama.cpp's Q4_K_M). A Gemma whose layer pattern or query scale llama.cpp
     would not derive from the file is a ValueError (GGUF cannot carry them).
     ``omit`` names GGUF tensors and metadata keys to leave out (a damaged file).
     """
     import gguf
+    import numpy as np
     from safetensors.numpy import load_file
 
     folder = Path(folder)
+    rng = np.random.default_rng(seed)
     config = _tiny_config(arch, config_overrides)
     gguf_arch = GGUF_ARCHITECTURES.get(arch, arch)
     if gguf_arch in ("gemma2", "gemma3"):
@@ -187,7 +195,7 @@ def make_tiny_gguf(
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     writer.add_name(f"tiny {arch}")
     _add_hparams(writer, config, gguf_arch)
-    writer.add_file_type(_file_type(quant))
+    writer.add_file_type(_file_type(quant if isinstance(quant, str) else "mixed"))
     _add_tokenizer(writer, Path(hf_dir) / "tokenizer.json", config.vocab_size)
     for key in omit:
         writer.kv_data[0].pop(key, None)
@@ -202,8 +210,10 @@ def make_tiny_gguf(
         if gguf_name in omit:
             continue
         # llama.cpp keeps routers in F32 whatever the file type.
-        tensor_quant = "F32" if ".ffn_gate_inp" in gguf_name else quant
-        _add_tensor(writer, gguf_name, weights, tensor_quant)
+        tensor_quant = quant if isinstance(quant, str) else quant(gguf_name)
+        if ".ffn_gate_inp" in gguf_name:
+            tensor_quant = "F32"
+        _add_tensor(writer, gguf_name, weights, tensor_quant, rng)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -340,7 +350,11 @@ def llama_cpp_permute(weights, num_heads: int):
     )
 
 
-def _add_tensor(writer, name: str, weights, quant: str) -> None:
+QUANTIZED = ("Q8_0", "Q4_0", "Q4_1")  # gguf quantizes to these
+RANDOM_BLOCKS = ("Q4_K", "Q5_K", "Q6_K")  # written as random blocks
+
+
+def _add_tensor(writer, name: str, weights, quant: str, rng) -> None:
     import gguf
     import numpy as np
 
@@ -348,11 +362,38 @@ def _add_tensor(writer, name: str, weights, quant: str) -> None:
         writer.add_tensor(name, weights.astype(np.float32))
     elif quant == "F16":
         writer.add_tensor(name, weights.astype(np.float16))
-    elif quant == "Q8_0":
-        qtype = gguf.GGMLQuantizationType.Q8_0
+    elif quant in QUANTIZED:
+        qtype = gguf.GGMLQuantizationType[quant]
         writer.add_tensor(name, gguf.quants.quantize(weights, qtype), raw_dtype=qtype)
+    elif quant in RANDOM_BLOCKS:
+        qtype = gguf.GGMLQuantizationType[quant]
+        writer.add_tensor(name, random_blocks(quant, weights.shape, rng), raw_dtype=qtype)
     else:
-        raise ValueError(f"quant={quant!r} is not one of F32, F16, Q8_0")
+        raise ValueError(f"quant={quant!r} is not one of F32, F16, "
+                         f"{', '.join(QUANTIZED + RANDOM_BLOCKS)}")
+
+
+def random_blocks(fmt: str, shape: tuple[int, ...], rng, scale: float = 0.05):
+    """Random uint8 blocks of K-quant ``fmt`` for a ``shape`` tensor (last
+    dimension a multiple of 256), their fp16 scales set so that values stay
+    within about ``scale``: super-block scale ``d`` (and ``dmin``) positive
+    and small, the 6-bit or 8-bit sub-block scales and the quants random."""
+    import gguf
+    import numpy as np
+
+    values, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt]]
+    if shape[-1] % values:
+        raise ValueError(f"{fmt} needs rows that are a multiple of {values}, got {shape}")
+    blocks = rng.integers(0, 256, (*shape[:-1], shape[-1] // values, nbytes), dtype=np.uint8)
+    # Largest |sub-scale * quant|: 63 * 15 (Q4_K), 63 * 31 (Q5_K), 127 * 32 (Q6_K).
+    reach = {"Q4_K": 63 * 15, "Q5_K": 63 * 31, "Q6_K": 127 * 32}[fmt]
+    d = (rng.uniform(0.5, 1.0, (*blocks.shape[:-1], 1)) * scale / reach).astype(np.float16)
+    if fmt == "Q6_K":  # d is the block's last two bytes
+        blocks[..., -2:] = d.view(np.uint8)
+    else:  # d, then dmin
+        blocks[..., 0:2] = d.view(np.uint8)
+        blocks[..., 2:4] = d.view(np.uint8)
+    return blocks.reshape(*shape[:-1], -1)
 
 
 def _file_type(quant: str) -> int:
@@ -362,6 +403,12 @@ def _file_type(quant: str) -> int:
         "F32": gguf.LlamaFileType.ALL_F32,
         "F16": gguf.LlamaFileType.MOSTLY_F16,
         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+        "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+        "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
+        "mixed": gguf.LlamaFileType.MOSTLY_Q4_K_M,
     }[quant]
 
 

@@ -19,6 +19,7 @@ from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8
 from pllm.models.gemma import GemmaForCausalLM
 from pllm.models.llama import LlamaForCausalLM
 from pllm.models.parallel import TensorParallel
+from pllm.models.quant import GGUFWeight, quantize_modules
 
 logger = logging.getLogger("pllm")
 
@@ -61,11 +62,14 @@ class ModelInfo:
     dynamic_routing: bool = False
     # Attention logit soft-cap (Gemma 2): the attention backend must take ``soft_cap``.
     attn_soft_cap: float | None = None
+    # The GGUF block formats its weights are stored in (a .gguf file's), sorted.
+    weight_formats: tuple[str, ...] = ()
 
 
-def describe_model(hf_config, tp_size: int = 1) -> ModelInfo:
+def describe_model(hf_config, tp_size: int = 1, weight_formats: Iterable[str] = ()) -> ModelInfo:
     """Raises ``ValueError`` for an unsupported architecture, or a model whose
-    heads do not split over ``tp_size`` ranks."""
+    heads do not split over ``tp_size`` ranks. ``weight_formats``: the
+    formats of its quantized tensors (``LoadedModel.weight_formats``' values)."""
     spec = get_model_class(hf_config.model_type).spec_class(hf_config, tp_size)
     return ModelInfo(
         model_type=hf_config.model_type, num_layers=hf_config.num_hidden_layers,
@@ -74,30 +78,61 @@ def describe_model(hf_config, tp_size: int = 1) -> ModelInfo:
         max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 0) or 0),
         dynamic_routing=getattr(spec, "moe", None) is not None,
         attn_soft_cap=getattr(spec, "attn_soft_cap", None),
+        weight_formats=tuple(sorted(set(weight_formats))),
     )
 
 
 def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_model_len: int,
                 dtype: torch.dtype, device: torch.device, tp: TensorParallel,
                 kv_cache_dtype: torch.dtype,
-                prepare: Callable[[Model], Model] | None = None) -> Model:
+                prepare: Callable[[Model], Model] | None = None,
+                quantized: dict[str, str] | None = None) -> Model:
     """This rank's shard of the model on ``device``, weights loaded, in eval
-    mode; ``prepare`` (the platform's ``prepare_model``) runs last."""
+    mode; ``prepare`` (the platform's ``prepare_model``) runs last.
+
+    ``quantized``: {HF name: GGUF format} of the tensors to keep in their
+    block formats (``pllm.models.quant``); every other ``GGUFWeight`` among
+    ``weights`` is dequantized as it loads (logged)."""
     cls = get_model_class(hf_config.model_type)
     with torch.device("meta"):
         model = cls(hf_config, max_positions=max_model_len, tp=tp)
+    kept: dict[str, str] = {}
+    if quantized:
+        kept = model.quant_targets(quantized)
+        quantize_modules(model, kept.values(), dtype)
     # Parameters take the model dtype before they take memory: the
     # checkpoint's tensors convert as they are copied in, so loading never
     # holds a second, wider copy of the weights.
     model = model.to(dtype).to_empty(device=device)
     model.rotary.reset_tables()  # fp32, as in transformers
-    model.load_weights(weights)
+    model.load_weights(_dequantize_others(weights, kept, log=tp.rank == 0))
     _adapt_kv_scales(model, kv_cache_dtype)
     model = model.eval().requires_grad_(False)
     model.tie_weights()
     if tp.rank == 0 and is_fp8(kv_cache_dtype):
         _log_kv_scales(model, kv_cache_dtype)
     return prepare(model) if prepare is not None else model
+
+
+def _dequantize_others(weights: Iterable[tuple[str, torch.Tensor | GGUFWeight]], kept: dict,
+                       log: bool):
+    """``weights`` with every ``GGUFWeight`` not in ``kept`` dequantized,
+    and one log line saying which were."""
+    dequantized: dict[str, list[str]] = {}
+    for name, tensor in weights:
+        if isinstance(tensor, GGUFWeight) and name not in kept:
+            dequantized.setdefault(tensor.format, []).append(name)
+            tensor = tensor.dequantize()
+        yield name, tensor
+    if dequantized and log:
+        counts = ", ".join(f"{len(v)} {f}" for f, v in dequantized.items())
+        first = next(iter(dequantized.values()))[0]
+        if kept:
+            logger.info("GGUF tensors dequantized at load, as no kernel here takes them in "
+                        "their blocks (a format the platform does not multiply, experts, or "
+                        "a split off block boundaries): %s, e.g. %s", counts, first)
+        else:
+            logger.info("GGUF tensors dequantized at load: %s", counts)
 
 
 def _adapt_kv_scales(model: Model, kv_cache_dtype: torch.dtype) -> None:

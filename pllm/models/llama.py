@@ -22,6 +22,7 @@ from pllm.models.layers import (
 )
 from pllm.models.moe import MoEBlock, MoESpec
 from pllm.models.parallel import SINGLE, TensorParallel, divide, kv_head_split
+from pllm.models.quant import QuantEmbedding, QuantLinear, block_size, cat_rows
 
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -153,6 +154,9 @@ class DecoderLayer(nn.Module):
         attn, mlp, spec = self.self_attn, self.mlp, self.self_attn.spec
         if spec.qk_norm or attn.rotary.rotary_dim != spec.head_dim or isinstance(mlp, MoEBlock):
             return None
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(isinstance(linear, QuantLinear) for linear in linears):
+            return None  # weights in block formats: the platform's quantized kernels
         return DenseDecoderWeights(
             input_norm=self.input_layernorm.weight,
             post_attention_norm=self.post_attention_layernorm.weight, eps=self.input_layernorm.eps,
@@ -215,6 +219,11 @@ class LlamaForCausalLM(nn.Module):
         rank's rows of it)."""
         if not self.spec.tie:
             return
+        if isinstance(self.embed_tokens, QuantEmbedding):  # the head multiplies the blocks
+            table = self.embed_tokens.table
+            self.lm_head.load(table if self.tp.size == 1 else
+                              table.narrow(0, self.vocab_lo, self.vocab_hi - self.vocab_lo))
+            return
         if self.tp.size == 1:
             self.lm_head.weight = self.embed_tokens.weight
         else:
@@ -226,10 +235,36 @@ class LlamaForCausalLM(nn.Module):
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     _ROW_PARALLEL = ("o_proj", "down_proj")  # sharded along their input (dim 1)
 
+    def quant_targets(self, formats: dict[str, str]) -> dict[str, str]:
+        """{HF name: module path} of the tensors among ``formats`` ({HF name:
+        GGUF format}) that can stay in their blocks: those of a linear layer
+        or the embedding (not experts), whose rank's share of the input
+        falls on block boundaries. A tied LM head follows the embedding."""
+        targets = {}
+        for name, fmt in formats.items():
+            parts = name.removeprefix("model.").split(".")
+            if parts[-1] != "weight" or len(parts) < 2:
+                continue
+            if parts[-2] in self._FUSED:
+                parts[-2] = self._FUSED[parts[-2]][0]
+            path = ".".join(parts[:-1])
+            try:
+                module = self.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.Embedding) or (
+                    isinstance(module, nn.Linear) and module.in_features % block_size(fmt)[0] == 0):
+                targets[name] = path
+        if self.spec.tie and "embed_tokens" in targets.values():
+            targets["lm_head.weight"] = "lm_head"
+        return targets
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Every parameter
         must be covered; an unknown name is an error, not silently dropped."""
         params = dict(self.named_parameters())
+        self._quantized = {f"{path}.weight": module for path, module in self.named_modules()
+                           if isinstance(module, (QuantLinear, QuantEmbedding))}
         if self.spec.tie:
             params.pop("lm_head.weight", None)
         loaded: set[str] = set()
@@ -255,10 +290,10 @@ class LlamaForCausalLM(nn.Module):
             if len(parts) >= 2 and parts[-2] in self._FUSED:
                 self._load_piece(params, parts, tensor, pending, loaded)
                 continue
-            if name not in params:
+            if name not in params and name not in self._quantized:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.spec.model_type}")
             if name == "lm_head.weight":
-                tensor = tensor[self.vocab_lo: self.vocab_hi]
+                tensor = tensor.narrow(0, self.vocab_lo, self.vocab_hi - self.vocab_lo)
             elif len(parts) >= 2 and parts[-2] in self._ROW_PARALLEL:
                 if parts[-1] == "weight":
                     tensor = self.tp.shard(tensor, 1)
@@ -268,7 +303,10 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(name)
         if pending:
             raise ValueError(f"checkpoint lacks parts of: {', '.join(sorted(pending)[:8])}")
-        missing = sorted(set(params) - loaded)
+        expected = set(params) | set(self._quantized)
+        if self.spec.tie:
+            expected.discard("lm_head.weight")
+        missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
         self.tie_weights()
@@ -357,7 +395,7 @@ class LlamaForCausalLM(nn.Module):
         pending.setdefault(target, {})[slot] = self._column_shard(fused, slot, tensor)
         if len(pending[target]) == (3 if fused == "qkv_proj" else 2):
             chunks = pending.pop(target)
-            self._copy(params, target, torch.cat([chunks[i] for i in sorted(chunks)]))
+            self._copy(params, target, cat_rows([chunks[i] for i in sorted(chunks)]))
             loaded.add(target)
 
     def _column_shard(self, fused: str, slot: int, tensor: torch.Tensor) -> torch.Tensor:
@@ -399,8 +437,14 @@ class LlamaForCausalLM(nn.Module):
         attn.scales_from_checkpoint = True
         return True
 
-    @staticmethod
-    def _copy(params, name: str, tensor: torch.Tensor) -> None:
+    def _copy(self, params, name: str, tensor) -> None:
+        quantized = getattr(self, "_quantized", {}).get(name)
+        if quantized is not None:
+            try:
+                quantized.load(tensor)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            return
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in this model")

@@ -31,6 +31,7 @@ from pllm.loader.testing import (
     make_tiny_gguf,
     make_tiny_model,
 )
+from pllm.models.quant import GGUFWeight
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,12 @@ def assert_same_weights(loaded: LoadedModel, reference: dict[str, torch.Tensor],
     expected_names = set(reference) - ({"lm_head.weight"} if tied else set())
     assert set(got) == expected_names
     for name, tensor in got.items():
+        if isinstance(tensor, GGUFWeight):  # kept in its blocks: the same values
+            assert loaded.weight_formats[name] == tensor.format, name
+            assert tensor.shape == tuple(reference[name].shape), name
+            tensor = tensor.dequantize()
+        else:
+            assert name not in loaded.weight_formats, name
         assert tensor.dtype == torch.float32, name
         assert torch.equal(tensor, reference[name]), name
 
@@ -191,7 +198,11 @@ def test_gguf_q8_0_matches_transformers_gguf_loading(tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).state_dict()
-    assert_same_weights(load_model(path), reference, tied=False)
+    loaded = load_model(path)
+    # Every matrix stays in its Q8_0 blocks (1-D norms are stored in F32).
+    matrices = {name for name, t in reference.items() if t.dim() == 2}
+    assert loaded.weight_formats == dict.fromkeys(matrices, "Q8_0")
+    assert_same_weights(loaded, reference, tied=False)
 
 
 def test_gguf_conversion_is_cached_and_logged(tmp_path, monkeypatch, caplog):
@@ -349,9 +360,12 @@ def test_default_model_weights_match_transformers(default_model):
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).state_dict()
     assert_same_weights(loaded, reference, tied=True)
+    # The file's own formats: Q4_1 layers and a Q8_0 embedding, kept as they are.
+    assert loaded.weight_formats["model.embed_tokens.weight"] == "Q8_0"
+    assert set(loaded.weight_formats.values()) == {"Q4_1", "Q8_0"}
     cached = dict(again.weights())
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(cached[q], reference[q])
+    assert torch.equal(cached[q].dequantize(), reference[q])
 
 
 @pytest.mark.slow

@@ -143,3 +143,61 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype, in_features: int,
         out = module.gguf_linear(rows, qweight.contiguous(), int(qtype), in_features,
                                  activations == "q8", isa_id, FEW_ROWS[activations], 0)
     return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+# ---- the model's quantized layers (pllm.models.quant) on this kernel --------
+
+_QTYPES = {t.name: int(t) for t in SUPPORTED_TYPES}
+
+
+def _matmul(module, activations: str):
+    q8, few_rows = activations == "q8", FEW_ROWS[activations]
+
+    op = module.gguf_linear
+
+    def matmul(x: torch.Tensor, weight) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32:  # the model's case: flat token rows
+            return op(x, weight.data, _QTYPES[weight.format], weight.shape[1], q8, 0, few_rows, 0)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        out = op(rows, weight.data, _QTYPES[weight.format], weight.shape[1], q8, 0, few_rows, 0)
+        return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+    return matmul
+
+
+def _rows(module):
+    def rows(table, ids: torch.Tensor) -> torch.Tensor:
+        picked = table.data.index_select(0, ids.reshape(-1))
+        out = module.gguf_dequantize(picked, _QTYPES[table.format], table.shape[1], 0)
+        return out.reshape(*ids.shape, table.shape[1])
+
+    return rows
+
+
+def use_gguf_kernels(model: torch.nn.Module, activations: str = os.environ.get("PLLM_GGUF_ACT", "fp32")) -> torch.nn.Module:
+    """Attach the compiled kernel to ``model``'s quantized linears and
+    embedding. Without the kernel (no compiler), their weights are
+    dequantized once here instead (logged), never per call."""
+    from pllm.models.quant import QuantEmbedding, QuantLinear, quant_modules
+
+    layers = list(quant_modules(model))
+    if not layers:
+        return model
+    module = _module()
+    for layer in layers:
+        formats = layer.formats if isinstance(layer, QuantLinear) else {layer.table.format}
+        unknown = formats - set(_QTYPES)
+        if unknown:
+            raise ValueError(f"the CPU GGUF kernel does not take {', '.join(sorted(unknown))}")
+        if module is None:
+            if isinstance(layer, QuantLinear):
+                layer.segments = [s.dequantize() if not isinstance(s, torch.Tensor) else s
+                                  for s in layer.segments]
+        elif isinstance(layer, QuantLinear):
+            layer.matmul = _matmul(module, activations)
+        elif isinstance(layer, QuantEmbedding):
+            layer.rows = _rows(module)
+    if module is None:
+        logger.warning("GGUF linear layers dequantized to float32 at load: the CPU kernel is "
+                       "unavailable (see the warning above)")
+    return model

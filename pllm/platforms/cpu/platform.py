@@ -16,6 +16,7 @@ _CAPABILITIES = PlatformCapabilities(
     default_dtype=torch.float32,
     kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
     supports_soft_cap=True,
+    weight_formats=("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"),  # gguf_linear.py
     ranks_share_device=True,  # tensor-parallel ranks split the cores
 )
 
@@ -48,6 +49,7 @@ class CPUPlatform(HostPlatform):
 
     def prepare_model(self, model, config):
         from pllm.platforms.common.malloc import tune_malloc
+        from pllm.platforms.cpu.gguf_linear import use_gguf_kernels
         from pllm.platforms.cpu.layers import use_cpu_layers
         from pllm.platforms.cpu.linear import use_cpu_linears
         from pllm.platforms.cpu.moe import use_cpu_moe
@@ -56,4 +58,5 @@ class CPUPlatform(HostPlatform):
         # --enforce-eager: every layer runs module by module, as the model's
         # code reads (the CPU's counterpart of not capturing CUDA graphs).
         fuse = not config.device.enforce_eager
+        model = use_gguf_kernels(model)
         return use_cpu_moe(use_cpu_layers(use_cpu_linears(model), fuse_decode_layers=fuse))

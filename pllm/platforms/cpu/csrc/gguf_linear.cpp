@@ -577,8 +577,12 @@ template <class F>
 void tiled(int64_t isa, const torch::Tensor& x, const uint8_t* w, int64_t N, int64_t K, int64_t row_bytes,
            int64_t tile, torch::Tensor& out) {
   const int64_t num_tiles = (N + tile - 1) / tile;
+  // ATen calls in OpenMP threads: each thread takes the caller's inference
+  // mode (thread-local), so writing into an inference tensor is allowed.
+  const bool inference = c10::InferenceMode::is_enabled();
 #pragma omp parallel
   {
+    c10::InferenceMode guard(inference);
     auto scratch = torch::empty({tile, K}, x.options());
     float* s = scratch.data_ptr<float>();
 #pragma omp for schedule(dynamic, 1)
