@@ -6,7 +6,7 @@
 # installed into .venv.
 #
 #   ci/bench/llama_server.sh            build (first run: several minutes), then print
-#   eval "$(ci/bench/llama_server.sh)"  LLAMA_SERVER=..., LLAMA_BENCH=..., GGUF_F32=...
+#   eval "$(ci/bench/llama_server.sh)"  LLAMA_SERVER=..., LLAMA_BENCH=..., GGUF_F32=..., GGUF_Q4_1=...
 #
 # What it does, each step skipped when its result is already cached:
 #   1. pip-downloads the llama-cpp-python source package (its vendor/llama.cpp
@@ -16,12 +16,14 @@
 #      -DGGML_NATIVE=ON, static, no HTTPS, no web UI (both would download);
 #      the build folder is keyed by the CPU's feature flags, since a native
 #      build from an AVX-512 host dies with SIGILL on an AVX2-only one;
-#   3. takes pllm's own fp32 conversion of the default model (the HF folder
-#      pllm loads, so both engines run the very same weights) and writes it as
-#      an F32 GGUF with the vendored convert_hf_to_gguf.py, run from a small
+#   3. takes pllm's own conversion of the default model (the HF folder pllm
+#      loads), dequantizes its weights to fp32 (so both engines run the very
+#      same values) and writes them as an F32 GGUF with the vendored
+#      convert_hf_to_gguf.py, run from a small
 #      venv in the cache that sees .venv's packages (torch, transformers) and
 #      adds only sentencepiece, which the converter imports.
-# Only the three NAME=VALUE lines go to stdout; progress goes to stderr.
+# Only the four NAME=VALUE lines go to stdout (GGUF_Q4_1: the default model's
+# own file, which llama.cpp runs as it is); progress goes to stderr.
 #
 # Environment:
 #   PLLM_BENCH_CACHE        cache root (default ~/.cache/pllm-bench); all lands in
@@ -154,21 +156,33 @@ if [ ! -s "$GGUF" ]; then
         touch "$CVENV/.ready"
     fi
     say "converting $HF_DIR to an F32 GGUF"
-    # A folder of links to pllm's files, named after the model (the GGUF's
-    # general.name comes from it), whose config.json also names the
+    # A folder named after the model (the GGUF's general.name comes from it)
+    # with pllm's tokenizer files, the weights dequantized to fp32 (pllm's
+    # folder keeps the file's blocks) and a config.json that names the
     # architecture: the converter needs "architectures", which pllm's
     # conversion from GGUF does not write.
     STAGE="$OUT_DIR/SmolLM2-135M-Instruct"
     rm -rf "$STAGE"
     mkdir -p "$STAGE"
     for f in "$HF_DIR"/*; do
-        [ "$(basename "$f")" = config.json ] || ln -s "$f" "$STAGE/"
+        case "$(basename "$f")" in
+            config.json|model.safetensors) ;;
+            *) ln -s "$f" "$STAGE/" ;;
+        esac
     done
-    "$PY" - "$HF_DIR/config.json" "$STAGE/config.json" <<'PY'
-import json, sys
-config = json.load(open(sys.argv[1]))
+    "$PY" - "$HF_DIR" "$STAGE" <<'PY'
+import json, logging, sys
+logging.disable(logging.CRITICAL)
+from safetensors.torch import save_file
+from pllm.loader import load_model
+from pllm.models.quant import GGUFWeight
+src, out = sys.argv[1:3]
+config = json.load(open(f"{src}/config.json"))
 config.setdefault("architectures", ["LlamaForCausalLM"])
-json.dump(config, open(sys.argv[2], "w"), indent=2)
+json.dump(config, open(f"{out}/config.json", "w"), indent=2)
+tensors = {name: (t.dequantize() if isinstance(t, GGUFWeight) else t).contiguous()
+           for name, t in load_model(src).weights()}
+save_file(tensors, f"{out}/model.safetensors", metadata={"format": "pt"})
 PY
     run_logged convert "$CVENV/bin/python" "$SRC/convert_hf_to_gguf.py" "$STAGE" \
         --outtype f32 --outfile "$GGUF.tmp"
@@ -177,4 +191,5 @@ PY
 fi
 
 say "ready in $((SECONDS - START)) s (cache: $CACHE)"
-printf 'LLAMA_SERVER=%q\nLLAMA_BENCH=%q\nGGUF_F32=%q\n' "$SERVER" "$BENCH" "$GGUF"
+GGUF_Q4_1="$("$PY" -c 'from pllm.loader import default_model_path; print(default_model_path())')"
+printf 'LLAMA_SERVER=%q\nLLAMA_BENCH=%q\nGGUF_F32=%q\nGGUF_Q4_1=%q\n' "$SERVER" "$BENCH" "$GGUF" "$GGUF_Q4_1"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The serving table of the README: `pllm serve` against llama.cpp's
-# llama-server on the same weights (fp32; llama-server keeps its default f16
+# llama-server on the same weights (fp32: pllm with --quantization none, as
+# the default model is otherwise kept in its Q4_1 blocks; llama-server keeps its default f16
 # KV cache), the throughput workload's 64 mixed requests streamed with
 # ignore_eos under Poisson arrivals at each rate, a fresh server for every
 # (server, rate). pllm runs with its serving default (--target-itl-ms 800) and
@@ -25,8 +26,8 @@ PY="$ROOT/.venv/bin/python"
 
 "$PLLM" bench serve --request-rate "${RATES[@]}" --num-prompts 64 \
     --max-seconds 200 --drain-seconds 120 \
-    --launch pllm --pllm-args "--kv-cache-memory 2GiB --target-itl-ms 800" \
-    --launch-command "pllm-fixed-budget=$PY -m pllm.entrypoints.cli serve --kv-cache-memory 2GiB --target-itl-ms 0 --host {host} --port {port}" \
+    --launch pllm --pllm-args "--quantization none --kv-cache-memory 2GiB --target-itl-ms 800" \
+    --launch-command "pllm-fixed-budget=$PY -m pllm.entrypoints.cli serve --quantization none --kv-cache-memory 2GiB --target-itl-ms 0 --host {host} --port {port}" \
     --launch-command "llama-server=$LLAMA_SERVER -m $GGUF_F32 --alias SmolLM2-135M-Instruct --host {host} --port {port} -np 16 -c 16384 -t 2 -tb 2" \
     --output-json "$OUT" --no-plot
 

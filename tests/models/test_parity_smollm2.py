@@ -98,3 +98,25 @@ def test_fp8_kv_cache_stays_close_to_transformers(hf_and_prompts, kv_cache_dtype
     assert sum(gaps) / len(gaps) < 0.1 and max(gaps) < 3.0, gaps
     text = llm.get_tokenizer().decode(got[0])
     assert text.startswith(" Paris"), text
+
+
+@pytest.mark.parametrize("activations", ["fp32", "q8"])
+def test_q4_1_blocks_against_transformers_on_their_values(hf_and_prompts, activations, monkeypatch):
+    """The default model kept in its Q4_1 / Q8_0 blocks (the CPU kernels);
+    transformers runs the same file dequantized to fp32. With fp32
+    activations the tokens are transformers' own (the settings above prove
+    it in every engine setting); with 8-bit activations (integer dot
+    products, as llama.cpp) transformers scores each token pllm picked, fed
+    its own prefix, as for the 8-bit KV cache."""
+    monkeypatch.setenv("PLLM_GGUF_ACTIVATIONS", activations)
+    hf, prompts = hf_and_prompts
+    llm = LLM(None, device="cpu", kv_cache_memory="64MB")
+    assert llm.llm_engine.config.model.quantization == "gguf"
+    got = pllm_greedy(llm, prompts, MAX_NEW)
+    agree, gaps = hf_scores(hf, prompts, got)
+    print(f"gguf {activations} activations: {agree:.1%} of {len(gaps)} tokens are transformers' "
+          f"greedy choice, mean gap {sum(gaps) / len(gaps):.4f} nats, max {max(gaps):.3f}")
+    if activations == "fp32":
+        assert got == hf_greedy(hf, prompts, MAX_NEW)
+    assert agree >= 0.85, f"{agree:.1%} of {len(gaps)} tokens are transformers' greedy choice"
+    assert sum(gaps) / len(gaps) < 0.1 and max(gaps) < 3.0, gaps

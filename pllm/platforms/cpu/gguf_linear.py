@@ -38,6 +38,7 @@ SUPPORTED_TYPES = (
     GGMLQuantizationType.Q6_K,
 )
 ACTIVATIONS = ("fp32", "q8")
+ACTIVATIONS_ENV = "PLLM_GGUF_ACTIVATIONS"
 # ISA paths by name, as the kernel numbers them; which run here: available_isas().
 ISAS = {"scalar": 1, "avx2": 2, "avx512": 3}
 # The most rows of x that take the few-row product, per activation mode:
@@ -174,10 +175,23 @@ def _rows(module):
     return rows
 
 
-def use_gguf_kernels(model: torch.nn.Module, activations: str = os.environ.get("PLLM_GGUF_ACT", "fp32")) -> torch.nn.Module:
+def activations_from_env() -> str:
+    """``PLLM_GGUF_ACTIVATIONS``: how the engine's quantized linears take
+    their activations, "fp32" (the default: exact but for the order of the
+    sums) or "q8" (8-bit per 32 values and integer dot products, as
+    llama.cpp does: faster, and lossy)."""
+    value = os.environ.get(ACTIVATIONS_ENV, "fp32")
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{ACTIVATIONS_ENV}={value!r} is not one of {', '.join(ACTIVATIONS)}")
+    return value
+
+
+def use_gguf_kernels(model: torch.nn.Module, activations: str | None = None) -> torch.nn.Module:
     """Attach the compiled kernel to ``model``'s quantized linears and
-    embedding. Without the kernel (no compiler), their weights are
-    dequantized once here instead (logged), never per call."""
+    embedding, with ``activations`` (default: :func:`activations_from_env`).
+    Without the kernel (no compiler), their weights are dequantized once
+    here instead (logged), never per call."""
+    activations = activations or activations_from_env()
     from pllm.models.quant import QuantEmbedding, QuantLinear, quant_modules
 
     layers = list(quant_modules(model))
