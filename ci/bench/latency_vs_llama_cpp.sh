@@ -7,7 +7,8 @@
 #   pllm        `pllm bench latency` (a 128-token prompt, then 128 tokens) with
 #               the Q4_1 blocks kept (--quantization gguf; fp32 activations,
 #               then 8-bit ones with PLLM_GGUF_ACTIVATIONS=q8) and dequantized
-#               (--quantization none)
+#               (--quantization none), and rounded to per-channel int8 at load
+#               (--quantization int8; compared with llama.cpp's F32 run)
 #
 # and prints each figure with its ratio to llama.cpp's on the same weights.
 #
@@ -45,6 +46,7 @@ run_pllm() {  # NAME ENV... -- ARGS...
 run_pllm gguf-fp32 PLLM_GGUF_ACTIVATIONS=fp32 -- --quantization gguf
 run_pllm gguf-q8 PLLM_GGUF_ACTIVATIONS=q8 -- --quantization gguf
 run_pllm none PLLM_GGUF_ACTIVATIONS=fp32 -- --quantization none
+run_pllm int8 PLLM_GGUF_ACTIVATIONS=fp32 -- --quantization int8
 
 "$PY" - "$WORK" "$OUT" <<'PY'
 import json, os, platform, sys
@@ -57,7 +59,8 @@ for row in json.load(open(f"{work}/llama.json")):
                    "model_type": row["model_type"], "model_size_bytes": row["model_size"],
                    "cpu_info": row.get("cpu_info"), "build": row.get("build_commit")}
 rows, pllm = [], {}
-for name, weights in (("gguf-fp32", "Q4_1"), ("gguf-q8", "Q4_1"), ("none", "F32")):
+for name, weights in (("gguf-fp32", "Q4_1"), ("gguf-q8", "Q4_1"), ("none", "F32"),
+                      ("int8", "F32")):
     result = json.load(open(f"{work}/pllm-{name}.json"))
     figures = result.get("pllm", result)
     tps = figures["decode_tokens_per_s"] if "decode_tokens_per_s" in figures else \

@@ -10,7 +10,7 @@ capabilities imply, before anything is built::
     quantization "auto"     -> "gguf" for a model stored in GGUF block formats
                                the platform multiplies (weight_formats), with
                                dtype float32; "none" otherwise, or when a
-                               dtype is given
+                               dtype is given ("int8" takes dtype float32 too)
     static shapes (buckets) -> max_num_batched_tokens and max_num_seqs at most
                                the largest token and sequence bucket (logged)
 
@@ -31,7 +31,10 @@ from pllm.core.kv_cache.fp8 import resolve_kv_cache_dtype
 
 logger = logging.getLogger("pllm")
 
-DEFAULT_CONTEXT = 2048  # for a model config that states none
+DEFAULT_CONTEXT = 2048
+# --quantization int8: per-channel int8 weights stored as Q8_0 blocks (one
+# scale repeated along each row), so that the Q8_0 kernels run them.
+INT8_FORMAT = "Q8_0"  # for a model config that states none
 
 
 def _names(dtypes) -> str:
@@ -58,9 +61,10 @@ def check_model_fits(model, platform: Platform) -> None:
 
 
 def resolve_quantization(quantization: str, dtype: str, model, platform: Platform) -> str:
-    """"gguf" or "none" for the user's ``quantization`` and ``dtype`` and a
-    model (``ModelInfo``) stored in ``model.weight_formats``; a ``ValueError``
-    for "gguf" where nothing could stay quantized."""
+    """"gguf", "int8" or "none" for the user's ``quantization`` and ``dtype``
+    and a model (``ModelInfo``) stored in ``model.weight_formats``; a
+    ``ValueError`` for "gguf" where nothing could stay quantized, or a
+    choice the platform cannot multiply."""
     caps, name = platform.capabilities, platform.name
     formats = set(getattr(model, "weight_formats", ()))
     runs = sorted(formats & set(caps.weight_formats))
@@ -81,6 +85,15 @@ def resolve_quantization(quantization: str, dtype: str, model, platform: Platfor
         quantization = "gguf"
     if quantization == "none":
         return "none"
+    if quantization == "int8":
+        if INT8_FORMAT not in caps.weight_formats:
+            raise ValueError(f"quantization='int8' stores weights as {INT8_FORMAT} blocks with one "
+                             f"scale per output channel, which {name} does not multiply (it "
+                             f"multiplies: {multiplies})")
+        if dtype not in ("auto", "float32"):
+            raise ValueError(f"quantization='int8' multiplies with float32 activations; "
+                             f"dtype={dtype} needs quantization='none'")
+        return "int8"
     if not formats:
         raise ValueError("quantization='gguf' keeps a .gguf file's quantized tensors in their "
                          "formats; this model has none (an HF folder, or a file of float tensors)")
@@ -104,7 +117,7 @@ def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineCon
     mc, cc = config.model, config.cache
 
     quantization = resolve_quantization(mc.quantization, mc.dtype, model, platform)
-    dtype = (torch.float32 if quantization == "gguf" else
+    dtype = (torch.float32 if quantization in ("gguf", "int8") else
              caps.default_dtype if mc.dtype == "auto" else getattr(torch, mc.dtype))
     if not caps.supports_dtype(dtype):
         raise ValueError(f"dtype={mc.dtype!r} is not supported on {name}; "

@@ -20,6 +20,12 @@ from pllm.core.scheduler import SchedulerOutput
 logger = logging.getLogger("pllm")
 
 
+# Mixture-of-experts routers (and Qwen2-MoE's shared-expert gate) stay in
+# full precision under --quantization int8: rounding them moves tokens
+# between experts.
+_ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight")
+
+
 class KVCacheSizeError(ValueError):
     """The KV-cache budget holds no block."""
 
@@ -44,6 +50,7 @@ class Worker:
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
             quantized=self._kept_quantized(loaded),
+            int8=config.model.quantization == "int8",
         )
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, config.model.dtype,
@@ -71,6 +78,7 @@ class Worker:
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
             quantized=self._kept_quantized(loaded),
+            int8=config.model.quantization == "int8",
         )
         if self.tp.rank == 0:
             logger.info("loaded draft model %s in %.1fs", loaded.name, time.perf_counter() - t0)
@@ -79,7 +87,13 @@ class Worker:
         """{HF name: format} of ``loaded``'s tensors that stay in their GGUF
         blocks: with --quantization gguf, those in a format the platform
         multiplies (``weight_formats``)."""
-        if self.config.model.quantization != "gguf":
+        quantization = self.config.model.quantization
+        if quantization == "int8":  # every matrix but the routers, rounded at load
+            from pllm.core.resolve import INT8_FORMAT
+
+            return {name: INT8_FORMAT for name in loaded.weight_names
+                    if name.endswith(".weight") and not name.endswith(_ROUTERS)}
+        if quantization != "gguf":
             return {}
         keep = set(self.platform.capabilities.weight_formats)
         return {name: fmt for name, fmt in loaded.weight_formats.items() if fmt in keep}

@@ -134,10 +134,12 @@ class EngineArgs:
         g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weight and activation dtype (auto: the platform's default)")
         g.add_argument("--quantization", "-q", default="auto", choices=list(QUANTIZATIONS),
-                       help="weights of a .gguf file: gguf keeps its quantized tensors in "
-                            "their formats (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) where the "
-                            "platform multiplies them (`pllm platforms` lists which), none "
-                            "dequantizes them at load; auto: gguf unless --dtype is given")
+                       help="gguf keeps a .gguf file's quantized tensors in their formats "
+                            "(Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) where the platform "
+                            "multiplies them (`pllm platforms` lists which); none dequantizes "
+                            "them at load; int8 rounds every linear weight and the embedding "
+                            "to int8 at load, one scale per output channel (weight-only); "
+                            "auto: gguf for a .gguf file unless --dtype is given, else none")
         g.add_argument("--max-model-len", type=positive_int, default=None,
                        help="context length (prompt + output); default: the model's")
         g.add_argument("--block-size", type=positive_int, default=None,

@@ -99,6 +99,11 @@ def _shards_from_index(folder: str, index_path: str) -> list[str]:
     return shard_paths
 
 
+def tensor_names(paths: list[str]) -> list[str]:
+    """Every tensor name in the files, from their headers."""
+    return sorted(set().union(*(_tensor_names(path) for path in paths)))
+
+
 def _tensor_names(path: str) -> set[str]:
     """Opens the file's header; safetensors rejects truncated or corrupt files here."""
     from safetensors import SafetensorError, safe_open

@@ -13,6 +13,7 @@ from pllm.loader.hf_folder import (
     iter_safetensors,
     quantized_formats,
     read_config,
+    tensor_names,
 )
 from pllm.loader.loaded_model import DEFAULT_MODEL, LoadedModel, ModelLoadError
 from pllm.loader.tokenizer import (
@@ -79,6 +80,7 @@ def load_model(
         eos_token_ids=collect_eos_ids(hf_config, generation_eos_ids(folder), tok),
         bos_token_id=bos if isinstance(bos, int) else None,
         weight_formats=formats,
+        weight_names=tuple(tensor_names(weight_files)),
         _weight_source=functools.partial(iter_safetensors, weight_files, formats),
     )
 

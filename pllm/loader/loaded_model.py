@@ -33,6 +33,7 @@ class LoadedModel:
     # {HF name: GGUF format} of the tensors stored in a block format (a .gguf
     # file's); ``weights()`` yields those as ``pllm.models.quant.GGUFWeight``.
     weight_formats: dict[str, str] = field(default_factory=dict)
+    weight_names: tuple[str, ...] = ()  # every tensor ``weights()`` yields
     # Yields (hf_name, tensor) on each call; kept out of repr and comparisons.
     _weight_source: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(
         default=lambda: iter(()), repr=False, compare=False

@@ -19,7 +19,7 @@ from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8
 from pllm.models.gemma import GemmaForCausalLM
 from pllm.models.llama import LlamaForCausalLM
 from pllm.models.parallel import TensorParallel
-from pllm.models.quant import GGUFWeight, quantize_modules
+from pllm.models.quant import GGUFWeight, int8_per_channel, quantize_modules
 
 logger = logging.getLogger("pllm")
 
@@ -86,13 +86,15 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
                 dtype: torch.dtype, device: torch.device, tp: TensorParallel,
                 kv_cache_dtype: torch.dtype,
                 prepare: Callable[[Model], Model] | None = None,
-                quantized: dict[str, str] | None = None) -> Model:
+                quantized: dict[str, str] | None = None, int8: bool = False) -> Model:
     """This rank's shard of the model on ``device``, weights loaded, in eval
     mode; ``prepare`` (the platform's ``prepare_model``) runs last.
 
     ``quantized``: {HF name: GGUF format} of the tensors to keep in their
     block formats (``pllm.models.quant``); every other ``GGUFWeight`` among
-    ``weights`` is dequantized as it loads (logged)."""
+    ``weights`` is dequantized as it loads (logged). ``int8``: the tensors
+    named in ``quantized`` are rounded to per-channel int8 as they load
+    (``int8_per_channel``), every GGUF block dequantized first."""
     cls = get_model_class(hf_config.model_type)
     with torch.device("meta"):
         model = cls(hf_config, max_positions=max_model_len, tp=tp)
@@ -105,13 +107,22 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
     # holds a second, wider copy of the weights.
     model = model.to(dtype).to_empty(device=device)
     model.rotary.reset_tables()  # fp32, as in transformers
-    model.load_weights(_dequantize_others(weights, kept, log=tp.rank == 0))
+    if int8:
+        weights = _int8(_dequantize_others(weights, {}, log=tp.rank == 0), kept)
+    else:
+        weights = _dequantize_others(weights, kept, log=tp.rank == 0)
+    model.load_weights(weights)
     _adapt_kv_scales(model, kv_cache_dtype)
     model = model.eval().requires_grad_(False)
     model.tie_weights()
     if tp.rank == 0 and is_fp8(kv_cache_dtype):
         _log_kv_scales(model, kv_cache_dtype)
     return prepare(model) if prepare is not None else model
+
+
+def _int8(weights, kept: dict):
+    for name, tensor in weights:
+        yield name, int8_per_channel(tensor) if name in kept else tensor
 
 
 def _dequantize_others(weights: Iterable[tuple[str, torch.Tensor | GGUFWeight]], kept: dict,

@@ -252,8 +252,9 @@ class LlamaForCausalLM(nn.Module):
                 module = self.get_submodule(path)
             except AttributeError:
                 continue
-            if isinstance(module, nn.Embedding) or (
-                    isinstance(module, nn.Linear) and module.in_features % block_size(fmt)[0] == 0):
+            width = (module.embedding_dim if isinstance(module, nn.Embedding) else
+                     module.in_features if isinstance(module, nn.Linear) else None)
+            if width is not None and width % block_size(fmt)[0] == 0:
                 targets[name] = path
         if self.spec.tie and "embed_tokens" in targets.values():
             targets["lm_head.weight"] = "lm_head"

@@ -129,6 +129,25 @@ def cat_rows(pieces: list) -> GGUFWeight | torch.Tensor | list:
     return segments[0] if len(segments) == 1 else segments
 
 
+def int8_per_channel(weight: torch.Tensor) -> GGUFWeight:
+    """``weight`` ``[rows, cols]`` rounded to int8 with one scale per row
+    (output channel): ``scale = fp16(max |row| / 127)``, ``q = round(w /
+    scale)``. Stored as Q8_0 blocks, the row's scale repeated in each, so
+    the Q8_0 kernels multiply it (6% more bytes than int8 alone)."""
+    rows, cols = weight.shape
+    values, nbytes = block_size("Q8_0")
+    if cols % values:
+        raise ValueError(f"int8 blocks need rows of a multiple of {values} values, got {cols}")
+    w = weight.detach().float().cpu()
+    scale = (w.abs().amax(dim=1) / 127).clamp(max=65504.0).to(torch.float16)
+    inverse = torch.where(scale > 0, 1 / scale.float(), torch.zeros((), dtype=torch.float32))
+    q = torch.clamp(torch.round(w * inverse[:, None]), -127, 127).to(torch.int8)
+    blocks = torch.empty(rows, cols // values, nbytes, dtype=torch.uint8)
+    blocks[:, :, :2] = scale.view(torch.uint8).reshape(rows, 1, 2)
+    blocks[:, :, 2:] = q.view(torch.uint8).reshape(rows, cols // values, values)
+    return GGUFWeight(blocks.reshape(rows, -1), "Q8_0", (rows, cols))
+
+
 def reference_matmul(x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
     """``x @ W.T``, dequantizing ``W`` on every call: the oracle, and the
     path of a platform that attaches no kernel."""

@@ -277,3 +277,51 @@ def test_without_the_kernel_the_blocks_are_dequantized_once(monkeypatch, caplog)
     assert "dequantized to float32 at load" in caplog.text
     x = torch.randn(3, 96)
     torch.testing.assert_close(linear(x), x @ w.dequantize().T)
+
+
+# ---- int8 weight-only -------------------------------------------------------
+
+
+def test_int8_per_channel_rounds_each_row_on_its_own_scale():
+    from pllm.models.quant import int8_per_channel
+
+    w = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 2.0])[:, None]
+    q = int8_per_channel(w)
+    assert q.format == "Q8_0" and q.shape == (5, 64)
+    back = q.dequantize()
+    scale = (w.abs().amax(dim=1) / 127).half().float()
+    assert torch.all((back - w).abs() <= scale[:, None] / 2 * 1.001 + 1e-12)
+    assert torch.equal(back[3], torch.zeros(64))
+    # One scale per row: every block of a row carries the same two bytes.
+    blocks = q.data.reshape(5, 2, 34)
+    assert torch.equal(blocks[:, 0, :2], blocks[:, 1, :2])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_matches_transformers_on_the_rounded_weights(tmp_path, arch):
+    """An HF folder rounded to per-channel int8 at load: transformers given
+    the same rounded values (every matrix; the embedding and a tied head too)."""
+    from transformers import AutoModelForCausalLM
+
+    from pllm.models.quant import int8_per_channel
+
+    folder = make_tiny_model(tmp_path / arch, arch, **CONFIG)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.dim() == 2:
+                param.copy_(int8_per_channel(param).dequantize())
+    expected = hf_greedy(hf, prompts(), MAX_NEW)
+    llm = LLM(folder, device="cpu", kv_cache_memory="16MB", quantization="int8")
+    assert llm.llm_engine.config.model.quantization == "int8"
+    model = engine_model(llm)
+    assert {"Q8_0"} == set().union(*(m.formats for m in quant_modules(model)
+                                     if isinstance(m, QuantLinear)))
+    assert isinstance(model.embed_tokens, QuantEmbedding)
+    assert greedy(llm) == expected
+
+
+def test_int8_is_refused_where_q8_0_is_not_multiplied():
+    with pytest.raises(ValueError, match="quantization='int8' stores weights as Q8_0 blocks"):
+        resolve_quantization("int8", "auto", _info([]), _platform(("Q4_K",)))
+    assert resolve_quantization("int8", "auto", _info(["Q4_1"]), _platform(("Q8_0",))) == "int8"

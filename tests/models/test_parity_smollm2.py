@@ -120,3 +120,17 @@ def test_q4_1_blocks_against_transformers_on_their_values(hf_and_prompts, activa
         assert got == hf_greedy(hf, prompts, MAX_NEW)
     assert agree >= 0.85, f"{agree:.1%} of {len(gaps)} tokens are transformers' greedy choice"
     assert sum(gaps) / len(gaps) < 0.1 and max(gaps) < 3.0, gaps
+
+
+def test_int8_weights_stay_close_to_transformers(hf_and_prompts):
+    """--quantization int8: SmolLM2's weights (the file's Q4_1 values)
+    rounded again to int8 with one scale per output channel; transformers on
+    the file's values scores each token pllm picked, fed its own prefix."""
+    hf, prompts = hf_and_prompts
+    llm = LLM(None, device="cpu", kv_cache_memory="64MB", quantization="int8")
+    got = pllm_greedy(llm, prompts, MAX_NEW)
+    agree, gaps = hf_scores(hf, prompts, got)
+    print(f"int8 weights: {agree:.1%} of {len(gaps)} tokens are transformers' greedy choice, "
+          f"mean gap {sum(gaps) / len(gaps):.4f} nats, max {max(gaps):.3f}")
+    assert agree >= 0.85, f"{agree:.1%} of {len(gaps)} tokens are transformers' greedy choice"
+    assert sum(gaps) / len(gaps) < 0.1 and max(gaps) < 3.0, gaps
