@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pllm.loader.gguf_file import converted_folder
+from pllm.loader.gguf_file import dequantized_folder
 from pllm.loader.load import default_model_path
 from pllm.loader.testing import make_tiny_model
 
@@ -50,7 +50,7 @@ def main(out: Path) -> None:
         _first_layers(target, out / "draft", 2)
     cut = out / "smollm2-first-8-layers"
     if not (cut / "config.json").exists():
-        _first_layers(converted_folder(default_model_path()), cut, 8)
+        _first_layers(dequantized_folder(default_model_path()), cut, 8)
     for folder in (target, out / "draft", cut):
         print(folder)
 

@@ -77,11 +77,12 @@ def _finish(result: dict, args, plot) -> None:
 
 
 def _hf_folder(engine) -> str:
-    """The HF folder transformers loads: the model folder, or a GGUF's cached conversion."""
-    from pllm.loader.gguf_file import converted_folder
+    """The HF folder transformers loads: the model folder, or a float32 copy
+    of a GGUF's conversion (which keeps the file's blocks)."""
+    from pllm.loader.gguf_file import dequantized_folder
 
     path = engine.loaded.path
-    return converted_folder(path) if path.endswith(".gguf") else path
+    return dequantized_folder(path) if path.endswith(".gguf") else path
 
 
 def _baseline_spec(engine, mode: str, requests) -> dict:

@@ -60,6 +60,12 @@ def check_model_fits(model, platform: Platform) -> None:
                          "compilation does not support yet")
 
 
+def _check_float32_activations(quantization: str, dtype: str, instead: str) -> None:
+    if dtype not in ("auto", "float32"):
+        raise ValueError(f"quantization={quantization!r} multiplies with float32 activations; "
+                         f"dtype={dtype} needs {instead}")
+
+
 def resolve_quantization(quantization: str, dtype: str, model, platform: Platform) -> str:
     """"gguf", "int8" or "none" for the user's ``quantization`` and ``dtype``
     and a model (``ModelInfo``) stored in ``model.weight_formats``; a
@@ -90,9 +96,7 @@ def resolve_quantization(quantization: str, dtype: str, model, platform: Platfor
             raise ValueError(f"quantization='int8' stores weights as {INT8_FORMAT} blocks with one "
                              f"scale per output channel, which {name} does not multiply (it "
                              f"multiplies: {multiplies})")
-        if dtype not in ("auto", "float32"):
-            raise ValueError(f"quantization='int8' multiplies with float32 activations; "
-                             f"dtype={dtype} needs quantization='none'")
+        _check_float32_activations("int8", dtype, "quantization='none'")
         return "int8"
     if not formats:
         raise ValueError("quantization='gguf' keeps a .gguf file's quantized tensors in their "
@@ -101,9 +105,8 @@ def resolve_quantization(quantization: str, dtype: str, model, platform: Platfor
         raise ValueError(f"quantization='gguf': {name} multiplies none of this model's GGUF "
                          f"formats ({', '.join(sorted(formats))}); it multiplies: {multiplies} "
                          f"(quantization='none' dequantizes them at load)")
-    if dtype not in ("auto", "float32"):
-        raise ValueError(f"quantization='gguf' multiplies with float32 activations; dtype={dtype} "
-                         f"needs quantization='none' (the weights dequantized to {dtype})")
+    _check_float32_activations("gguf", dtype,
+                               f"quantization='none' (the weights dequantized to {dtype})")
     if others:
         logger.warning("%s does not multiply GGUF %s (it does: %s): those tensors are "
                        "dequantized at load", name, ", ".join(others), multiplies)

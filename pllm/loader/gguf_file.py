@@ -34,6 +34,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -116,6 +117,42 @@ def converted_folder(gguf_path: str) -> str:
         "Converted %s to safetensors in %.1f s (cached at %s)",
         gguf_path, time.perf_counter() - started, target,
     )
+    return str(target)
+
+
+def dequantized_folder(gguf_path: str) -> str:
+    """An HF folder of ``gguf_path`` with every tensor in float32, for tools
+    that read plain checkpoints (transformers baselines, llama.cpp's
+    converter); made once from the cached conversion and kept beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pllm.loader.hf_folder import find_weight_files, iter_safetensors, quantized_formats
+    from pllm.models.quant import GGUFWeight
+
+    source = Path(converted_folder(gguf_path))
+    target = source.with_name(f"{source.name}-float32")
+    if (target / SINGLE_WEIGHTS_FILE).is_file():
+        return str(target)
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        for item in source.iterdir():
+            if item.name != SINGLE_WEIGHTS_FILE:
+                shutil.copy2(item, staging / item.name)
+        files = find_weight_files(str(source))
+        tensors = {name: (t.dequantize() if isinstance(t, GGUFWeight) else t).to(torch.float32)
+                   for name, t in iter_safetensors(files, quantized_formats(files))}
+        save_file(tensors, str(staging / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / SINGLE_WEIGHTS_FILE).is_file():
+                raise
+    except OSError as e:
+        raise ModelLoadError(f"{gguf_path}: cannot write a float32 copy to {target}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return str(target)
 
 

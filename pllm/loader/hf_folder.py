@@ -131,7 +131,8 @@ def iter_safetensors(paths: list[str], formats: dict[str, str] | None = None
                     tensor = f.get_tensor(name)
                     if name in formats:
                         try:
-                            tensor = GGUFWeight.from_blocks(tensor, formats[name])
+                            # Off the file's mapping: kept blocks are the model's memory.
+                            tensor = GGUFWeight.from_blocks(tensor.clone(), formats[name])
                         except (ValueError, KeyError) as e:
                             raise ModelLoadError(f"{path}: tensor {name}: {e}") from e
                     yield name, tensor

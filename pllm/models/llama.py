@@ -6,6 +6,7 @@ where the checkpoint has them apart)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -23,6 +24,8 @@ from pllm.models.layers import (
 from pllm.models.moe import MoEBlock, MoESpec
 from pllm.models.parallel import SINGLE, TensorParallel, divide, kv_head_split
 from pllm.models.quant import QuantEmbedding, QuantLinear, block_size, cat_rows
+
+logger = logging.getLogger("pllm")
 
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -221,8 +224,8 @@ class LlamaForCausalLM(nn.Module):
             return
         if isinstance(self.embed_tokens, QuantEmbedding):  # the head multiplies the blocks
             table = self.embed_tokens.table
-            self.lm_head.load(table if self.tp.size == 1 else
-                              table.narrow(0, self.vocab_lo, self.vocab_hi - self.vocab_lo))
+            self.lm_head.load(table.narrow(0, self.vocab_lo, self.vocab_hi - self.vocab_lo),
+                              share=True)
             return
         if self.tp.size == 1:
             self.lm_head.weight = self.embed_tokens.weight
@@ -240,7 +243,7 @@ class LlamaForCausalLM(nn.Module):
         GGUF format}) that can stay in their blocks: those of a linear layer
         or the embedding (not experts), whose rank's share of the input
         falls on block boundaries. A tied LM head follows the embedding."""
-        targets = {}
+        targets, uneven = {}, []
         for name, fmt in formats.items():
             parts = name.removeprefix("model.").split(".")
             if parts[-1] != "weight" or len(parts) < 2:
@@ -256,6 +259,11 @@ class LlamaForCausalLM(nn.Module):
                      module.in_features if isinstance(module, nn.Linear) else None)
             if width is not None and width % block_size(fmt)[0] == 0:
                 targets[name] = path
+            elif width is not None:
+                uneven.append(name)
+        if uneven and self.tp.rank == 0:
+            logger.info("%d weight(s) kept in full precision: this rank's rows of them do not "
+                        "fill whole blocks (e.g. %s)", len(uneven), uneven[0])
         if self.spec.tie and "embed_tokens" in targets.values():
             targets["lm_head.weight"] = "lm_head"
         return targets

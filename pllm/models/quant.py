@@ -174,14 +174,17 @@ class QuantLinear(nn.Module):
         # ``matmul(x, GGUFWeight) -> x @ W.T``: a platform's kernel replaces it.
         self.matmul: Callable[[torch.Tensor, GGUFWeight], torch.Tensor] = reference_matmul
 
-    def load(self, weight: GGUFWeight | torch.Tensor | list) -> None:
+    def load(self, weight: GGUFWeight | torch.Tensor | list, *, share: bool = False) -> None:
+        """``share``: keep a slice as it is, a view of another module's
+        blocks (a tied LM head's rows of the embedding), not a copy."""
         segments = weight if isinstance(weight, list) else [weight]
         rows = sum(s.shape[0] for s in segments)
         if rows != self.out_features or any(s.shape[1] != self.in_features for s in segments):
             shapes = [tuple(s.shape) for s in segments]
             raise ValueError(f"weight of shape(s) {shapes} does not fit a linear "
                              f"{self.in_features} -> {self.out_features}")
-        self.segments = [s.owned() if isinstance(s, GGUFWeight) else s for s in segments]
+        self.segments = [s.owned() if isinstance(s, GGUFWeight) and not share else s
+                         for s in segments]
 
     def weights(self) -> Iterator[GGUFWeight]:
         return (s for s in self.segments if isinstance(s, GGUFWeight))
@@ -254,14 +257,3 @@ def quantize_modules(model: nn.Module, targets: Iterable[str], dtype: torch.dtyp
 def quant_modules(model: nn.Module) -> Iterator[QuantLinear | QuantEmbedding]:
     return (m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
 
-
-def quantized_bytes(model: nn.Module) -> int:
-    """The bytes of ``model``'s weights held in block formats (a tied LM
-    head's share of the embedding counted once)."""
-    seen: dict[int, int] = {}
-    for module in quant_modules(model):
-        weights = [module.table] if isinstance(module, QuantEmbedding) else list(module.weights())
-        for w in weights:
-            if w is not None:
-                seen[w.data.untyped_storage().data_ptr()] = w.data.untyped_storage().nbytes()
-    return sum(seen.values())

@@ -401,3 +401,23 @@ def test_a_family_run_from_folders_only_is_refused_as_gguf(tmp_path):
     with pytest.raises(ModelLoadError, match=r"'phi3' is supported from an HF folder, not from "
                                              r"GGUF; GGUF files: llama, qwen2, qwen3"):
         load_model(path)
+
+
+def test_gguf_float32_copy_for_plain_checkpoint_readers(tmp_path, monkeypatch):
+    """transformers baselines and llama.cpp's converter read a float32 copy
+    of the conversion, whose own folder keeps the file's blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from pllm.loader.gguf_file import dequantized_folder
+
+    monkeypatch.setenv("PLLM_CACHE_DIR", str(tmp_path / "cache"))
+    path = make_tiny_gguf(tmp_path, "llama", quant="Q8_0")
+    folder = dequantized_folder(path)
+    assert dequantized_folder(path) == folder  # made once
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).state_dict()
+    assert plain.keys() == reference.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(tensor, reference[name]), name

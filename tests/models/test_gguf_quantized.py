@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +29,11 @@ from pllm.models.quant import (
     reference_matmul,
 )
 from pllm.testing.e2e import hf_greedy
+
+# The engine's layers on the compiled kernel (the fallback is tested on its own).
+needs_kernel = pytest.mark.skipif(
+    shutil.which("g++") is None or os.environ.get("PLLM_CPU_KERNELS") == "0",
+    reason="the CPU GGUF kernel needs g++ (and PLLM_CPU_KERNELS not 0)")
 
 # Rows of 256 values (the K formats' blocks), 64-wide heads.
 CONFIG = dict(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4,
@@ -74,6 +80,7 @@ def engine_model(llm: LLM):
     return llm.llm_engine.executor.worker.model
 
 
+@needs_kernel
 @pytest.mark.parametrize("fmt", GGUF_FORMATS)
 def test_each_format_matches_transformers_on_the_dequantized_file(tmp_path, fmt):
     path = make_tiny_gguf(tmp_path, "llama", quant=fmt, **CONFIG)
@@ -103,10 +110,11 @@ def test_mixed_formats_keep_one_segment_each(tmp_path):
 
 
 def test_tensor_parallel_splits_blocks_and_dequantizes_what_does_not_split(tmp_path, caplog):
-    """Two ranks: q/k/v and gate/up split by rows (any), down_proj by its
-    input on a block boundary (512 / 2 = 256: one Q6_K block); o_proj's half
-    input (128) would cut its Q4_K blocks, so it is dequantized, and says so."""
-    path = make_tiny_gguf(tmp_path, "llama", quant=q4_k_m, **CONFIG)
+    """Two ranks: q and gate/up split by rows (any), the one KV head's rows
+    replicated on both, down_proj split by its input on a block boundary
+    (512 / 2 = 256: one Q6_K block); o_proj's half input (128) would cut its
+    Q4_K blocks, so it is dequantized, and says so."""
+    path = make_tiny_gguf(tmp_path, "llama", quant=q4_k_m, **{**CONFIG, "num_key_value_heads": 1})
     expected = file_greedy(path)
     with caplog.at_level(logging.INFO, logger="pllm"):
         llm = LLM(path, device="cpu", kv_cache_memory="16MB", tensor_parallel_size=2)
@@ -117,6 +125,8 @@ def test_tensor_parallel_splits_blocks_and_dequantizes_what_does_not_split(tmp_p
         assert isinstance(layer.mlp.down_proj, QuantLinear)
         assert not isinstance(layer.self_attn.o_proj, QuantLinear)
         assert any("dequantized at load" in r.getMessage() and "Q4_K" in r.getMessage()
+                   for r in caplog.records)
+        assert any("kept in full precision" in r.getMessage() and "o_proj" in r.getMessage()
                    for r in caplog.records)
     finally:
         llm.shutdown()
@@ -239,6 +249,7 @@ def test_rows_and_columns_of_blocks():
         GGUFWeight.from_blocks(w.data, "Q8_0")
 
 
+@needs_kernel
 def test_a_linear_of_mixed_segments_and_the_embedding_match_the_reference():
     from pllm.platforms.cpu.gguf_linear import use_gguf_kernels
 
@@ -277,6 +288,11 @@ def test_without_the_kernel_the_blocks_are_dequantized_once(monkeypatch, caplog)
     assert "dequantized to float32 at load" in caplog.text
     x = torch.randn(3, 96)
     torch.testing.assert_close(linear(x), x @ w.dequantize().T)
+    embedding = QuantEmbedding(6, 96)
+    embedding.load(w)
+    gguf_linear.use_gguf_kernels(torch.nn.Sequential(embedding))
+    ids = torch.tensor([5, 0, 5])
+    assert torch.equal(embedding(ids), w.dequantize()[ids])
 
 
 # ---- int8 weight-only -------------------------------------------------------
@@ -319,6 +335,32 @@ def test_int8_matches_transformers_on_the_rounded_weights(tmp_path, arch):
                                      if isinstance(m, QuantLinear)))
     assert isinstance(model.embed_tokens, QuantEmbedding)
     assert greedy(llm) == expected
+
+
+def test_int8_on_two_ranks_with_a_tied_head(tmp_path):
+    """The tied LM head reads each rank's vocabulary rows of the int8
+    embedding (a view, not a copy); one KV head replicated."""
+    from transformers import AutoModelForCausalLM
+
+    from pllm.models.quant import int8_per_channel
+
+    folder = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True,
+                             **{**CONFIG, "num_key_value_heads": 1})
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.dim() == 2:
+                param.copy_(int8_per_channel(param).dequantize())
+    expected = hf_greedy(hf, prompts(), MAX_NEW)
+    llm = LLM(folder, device="cpu", kv_cache_memory="16MB", quantization="int8",
+              tensor_parallel_size=2)
+    try:
+        model = engine_model(llm)
+        head, table = model.lm_head.segments[0], model.embed_tokens.table
+        assert head.data.untyped_storage().data_ptr() == table.data.untyped_storage().data_ptr()
+        assert greedy(llm) == expected
+    finally:
+        llm.shutdown()
 
 
 def test_int8_is_refused_where_q8_0_is_not_multiplied():

@@ -186,17 +186,24 @@ def activations_from_env() -> str:
     return value
 
 
+def _dense_rows(table: torch.Tensor):
+    def rows(_, ids: torch.Tensor) -> torch.Tensor:
+        return table[ids]
+
+    return rows
+
+
 def use_gguf_kernels(model: torch.nn.Module, activations: str | None = None) -> torch.nn.Module:
     """Attach the compiled kernel to ``model``'s quantized linears and
     embedding, with ``activations`` (default: :func:`activations_from_env`).
     Without the kernel (no compiler), their weights are dequantized once
     here instead (logged), never per call."""
-    activations = activations or activations_from_env()
     from pllm.models.quant import QuantEmbedding, QuantLinear, quant_modules
 
     layers = list(quant_modules(model))
     if not layers:
         return model
+    activations = activations or activations_from_env()
     module = _module()
     for layer in layers:
         formats = layer.formats if isinstance(layer, QuantLinear) else {layer.table.format}
@@ -207,11 +214,13 @@ def use_gguf_kernels(model: torch.nn.Module, activations: str | None = None) -> 
             if isinstance(layer, QuantLinear):
                 layer.segments = [s.dequantize() if not isinstance(s, torch.Tensor) else s
                                   for s in layer.segments]
+            else:
+                layer.rows = _dense_rows(layer.table.dequantize())
         elif isinstance(layer, QuantLinear):
             layer.matmul = _matmul(module, activations)
         elif isinstance(layer, QuantEmbedding):
             layer.rows = _rows(module)
     if module is None:
-        logger.warning("GGUF linear layers dequantized to float32 at load: the CPU kernel is "
-                       "unavailable (see the warning above)")
+        logger.warning("GGUF linear layers and embedding dequantized to float32 at load: the "
+                       "CPU kernel is unavailable (see the warning above)")
     return model
