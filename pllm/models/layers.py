@@ -15,7 +15,7 @@ Nothing else of a model's classes is part of what platforms may rely on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pllm.core.interfaces import ForwardContext
 from pllm.core.kv_cache.fp8 import scale_kwargs
+
+if TYPE_CHECKING:
+    from pllm.models.quant import GGUFWeight
 
 __all__ = ["DenseDecoderWeights", "ForwardContext", "FusedDecoderLayer", "PagedAttention",
            "RMSNorm", "RotaryEmbedding", "SiluAndMul"]
@@ -185,18 +188,21 @@ class DenseDecoderWeights:
 
     Under tensor parallelism ``a`` and ``out`` are partial sums that
     ``all_reduce`` completes. ``attention`` is the layer's PagedAttention
-    (its cache index, scale, window and KV scales)."""
+    (its cache index, scale, window and KV scales). A projection whose
+    weight stays in a GGUF block format (``pllm.models.quant``) gives its
+    one ``GGUFWeight``; a layer whose projections mix several segments in
+    one weight gives no ``DenseDecoderWeights`` at all."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
     eps: float
-    qkv_weight: torch.Tensor
+    qkv_weight: torch.Tensor | GGUFWeight
     qkv_bias: torch.Tensor | None
-    o_weight: torch.Tensor
+    o_weight: torch.Tensor | GGUFWeight
     o_bias: torch.Tensor | None
-    gate_up_weight: torch.Tensor
+    gate_up_weight: torch.Tensor | GGUFWeight
     gate_up_bias: torch.Tensor | None
-    down_weight: torch.Tensor
+    down_weight: torch.Tensor | GGUFWeight
     down_bias: torch.Tensor | None
     num_heads: int
     num_kv_heads: int

@@ -158,15 +158,18 @@ class DecoderLayer(nn.Module):
         if spec.qk_norm or attn.rotary.rotary_dim != spec.head_dim or isinstance(mlp, MoEBlock):
             return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(isinstance(linear, QuantLinear) for linear in linears):
-            return None  # weights in block formats: the platform's quantized kernels
+        weights = [linear.weight if not isinstance(linear, QuantLinear) else
+                   linear.segments[0] if len(linear.segments) == 1 else None for linear in linears]
+        if any(w is None for w in weights):
+            return None  # a projection of several segments (formats)
+        qkv_weight, o_weight, gate_up_weight, down_weight = weights
         return DenseDecoderWeights(
             input_norm=self.input_layernorm.weight,
             post_attention_norm=self.post_attention_layernorm.weight, eps=self.input_layernorm.eps,
-            qkv_weight=attn.qkv_proj.weight, qkv_bias=attn.qkv_proj.bias,
-            o_weight=attn.o_proj.weight, o_bias=attn.o_proj.bias,
-            gate_up_weight=mlp.gate_up_proj.weight, gate_up_bias=mlp.gate_up_proj.bias,
-            down_weight=mlp.down_proj.weight, down_bias=mlp.down_proj.bias,
+            qkv_weight=qkv_weight, qkv_bias=attn.qkv_proj.bias,
+            o_weight=o_weight, o_bias=attn.o_proj.bias,
+            gate_up_weight=gate_up_weight, gate_up_bias=mlp.gate_up_proj.bias,
+            down_weight=down_weight, down_bias=mlp.down_proj.bias,
             num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
             rotary_cos=attn.rotary.cos, rotary_sin=attn.rotary.sin, attention=attn.attn,
             all_reduce=attn.tp.all_reduce, tp_size=attn.tp.size,

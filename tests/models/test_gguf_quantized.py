@@ -93,6 +93,8 @@ def test_each_format_matches_transformers_on_the_dequantized_file(tmp_path, fmt)
     assert {fmt} == set().union(*(m.formats for m in layers if isinstance(m, QuantLinear)))
     assert all(m.matmul is not reference_matmul for m in layers if isinstance(m, QuantLinear))
     assert isinstance(model.embed_tokens, QuantEmbedding)
+    # Decode steps run each layer in one compiled call over the blocks.
+    assert all(layer.fused is not None and layer.fused.blocks for layer in model.layers)
     # Prefill chunks of up to 32 tokens take the few-row and the tiled product.
     assert greedy(llm) == file_greedy(path)
 
@@ -106,6 +108,7 @@ def test_mixed_formats_keep_one_segment_each(tmp_path):
     assert [s.format for s in attn.qkv_proj.segments] == ["Q4_K", "Q6_K"]
     assert attn.qkv_proj.bias is not None
     assert [s.format for s in engine_model(llm).layers[0].mlp.down_proj.segments] == ["Q6_K"]
+    assert engine_model(llm).layers[0].fused is None  # two segments: module by module
     assert greedy(llm) == file_greedy(path)
 
 

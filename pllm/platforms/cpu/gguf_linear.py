@@ -9,14 +9,13 @@ the fp32 sums) or with the activations quantized to 8 bits per 32 elements
 ``sum |w| * amax(x block) / 254`` per output). More rows (a prefill) multiply
 dequantized tiles of ``W`` in fp32, whatever the activation mode.
 
-Built on its own (not in ``kernels.py``'s extension) the first time it is
-used; where it cannot be built, :func:`gguf_linear` dequantizes with the
-``gguf`` package and multiplies in torch, and the reason is logged once.
+Part of the platform's compiled kernels (``kernels.py``); where they cannot
+be built, :func:`gguf_linear` dequantizes with the ``gguf`` package and
+multiplies in torch (``kernels.py`` logs the reason once).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -25,7 +24,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from pllm.platforms.cpu.kernels import DISABLE_ENV, build
+from pllm.platforms.cpu.kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +45,8 @@ ISAS = {"scalar": 1, "avx2": 2, "avx512": 3}
 FEW_ROWS = {"fp32": 32, "q8": 24}
 
 
-@functools.cache
 def _module():
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        logger.info("%s=0: GGUF linears dequantize in torch", DISABLE_ENV)
-        return None
-    try:
-        return build("pllm_cpu_gguf_linear", ("gguf_linear.cpp",),
-                     ["gguf_linear", "gguf_dequantize", "gguf_isas"])
-    except Exception as exc:  # no compiler, no ninja, ...: fall back, but say so
-        logger.warning("CPU GGUF linear kernel unavailable (%s); weights are dequantized in torch", exc)
-        return None
+    return cpu_ops()
 
 
 def gguf_ops():
@@ -149,6 +139,11 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype, in_features: int,
 # ---- the model's quantized layers (pllm.models.quant) on this kernel --------
 
 _QTYPES = {t.name: int(t) for t in SUPPORTED_TYPES}
+
+
+def qtype_id(fmt: str) -> int:
+    """The kernel's id of GGUF format ``fmt`` (ggml's type number)."""
+    return _QTYPES[fmt]
 
 
 def _matmul(module, activations: str):

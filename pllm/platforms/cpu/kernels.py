@@ -1,5 +1,6 @@
 """The CPU platform's compiled kernels (paged decode attention, the few-row
-linear, fused RMSNorm / SiLU-and-mul / rotary, the one-call decoder layer),
+linear, fused RMSNorm / SiLU-and-mul / rotary, the one-call decoder layer,
+products with GGUF blocks and the one-call layer over them),
 built (``pllm.platforms.common.cpp``) or loaded from the cache when the
 platform sets up a process, before the engine serves: never in a request.
 Where they cannot be built, the platform uses its pure-torch path and logs
@@ -23,9 +24,12 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "PLLM_CPU_KERNELS"  # "0" forces the pure-torch path
 
 
-_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp")
+_SOURCES = ("vec.h", "paged_decode.cpp", "linear.cpp", "fused.cpp", "decode_layer.cpp",
+            "gguf_linear.cpp", "gguf_decode_layer.cpp")
 _FUNCTIONS = ["paged_decode", "linear_small", "rms_norm", "add_rms_norm_", "silu_and_mul", "rotary_",
-              "write_kv_", "decode_layer", "decode_layer_attn", "decode_layer_mlp"]
+              "write_kv_", "decode_layer", "decode_layer_attn", "decode_layer_mlp",
+              "gguf_linear", "gguf_dequantize", "gguf_isas", "gguf_decode_layer",
+              "gguf_decode_layer_attn", "gguf_decode_layer_mlp"]
 
 
 def build(name: str, sources, functions, defines=()):

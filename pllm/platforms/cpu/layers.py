@@ -68,27 +68,48 @@ class CPUFusedDecodeLayer:
     """A decoder layer's hook (``pllm.models.layers.FusedDecoderLayer``): a
     decode-only step of up to ``_SMALL_BATCH`` sequences runs the layer in
     one compiled call (two under tensor parallelism, an all-reduce after
-    each), with the products CPULinear would pick, over an fp32 or 8-bit
-    (e4m3fn, e5m2) cache. Anything else (prefill chunks, larger batches,
-    other dtypes or backends) it declines, and the layer's modules run."""
+    each), with the products CPULinear would pick, or with ``gguf_linear``'s
+    when the four projections keep their weights in GGUF blocks, over an
+    fp32 or 8-bit (e4m3fn, e5m2) cache. Anything else (prefill chunks,
+    larger batches, other dtypes or backends) it declines, and the layer's
+    modules run."""
 
     def __init__(self, weights: DenseDecoderWeights) -> None:
         w = weights
         self.attention, self.all_reduce, self.tp_size = w.attention, w.all_reduce, w.tp_size
+        self.blocks = _in_blocks(w)
         # decode_layer's constant arguments, gathered once.
-        self.args = (w.input_norm, w.post_attention_norm, w.eps, w.qkv_weight, w.qkv_bias,
-                     w.o_weight, w.o_bias, w.gate_up_weight, w.gate_up_bias, w.down_weight,
-                     w.down_bias, w.num_heads, w.num_kv_heads, w.head_dim, w.rotary_cos,
-                     w.rotary_sin)
+        if self.blocks:
+            from pllm.platforms.cpu.gguf_linear import FEW_ROWS, activations_from_env, qtype_id
+
+            activations = activations_from_env()
+            self.few_rows = FEW_ROWS[activations]
+            self.tail = (activations == "q8", self.few_rows)
+            projections = []
+            for weight, bias in ((w.qkv_weight, w.qkv_bias), (w.o_weight, w.o_bias),
+                                 (w.gate_up_weight, w.gate_up_bias), (w.down_weight, w.down_bias)):
+                projections.append((weight.data, qtype_id(weight.format), bias))
+            self.qkv, self.o, self.gate_up, self.down = projections
+            self.args = (w.input_norm, w.post_attention_norm, w.eps, *self.qkv, *self.o,
+                         *self.gate_up, *self.down, w.down_weight.shape[1], w.num_heads,
+                         w.num_kv_heads, w.head_dim, w.rotary_cos, w.rotary_sin)
+        else:
+            self.few_rows, self.tail = _FEW_ROWS, (_FEW_ROWS,)
+            self.args = (w.input_norm, w.post_attention_norm, w.eps, w.qkv_weight, w.qkv_bias,
+                         w.o_weight, w.o_bias, w.gate_up_weight, w.gate_up_bias, w.down_weight,
+                         w.down_bias, w.num_heads, w.num_kv_heads, w.head_dim, w.rotary_cos,
+                         w.rotary_sin)
 
     @staticmethod
     def applies_to(weights: DenseDecoderWeights) -> bool:
-        """fp32 weights, a head_dim the kernel's vector loop takes and no
-        attention soft-cap."""
+        """fp32 weights, or all four projections in GGUF blocks; a head_dim
+        the kernel's vector loop takes and no attention soft-cap."""
         w = weights
+        projections = (w.qkv_weight, w.o_weight, w.gate_up_weight, w.down_weight)
         return (w.head_dim % 8 == 0 and w.attention.soft_cap is None
-                and _fp32(w.qkv_weight, w.o_weight, w.gate_up_weight, w.down_weight,
-                          w.input_norm, w.rotary_cos))
+                and _fp32(w.input_norm, w.rotary_cos)
+                and (_in_blocks(w) or all(isinstance(p, torch.Tensor) and _fp32(p)
+                                          for p in projections)))
 
     def __call__(self, positions, x, residual, ctx):
         md = ctx.metadata
@@ -103,6 +124,8 @@ class CPUFusedDecodeLayer:
         window = attn.sliding_window or 0
         # k_scale / v_scale: what an 8-bit cache holds K, V divided by (unused with fp32).
         kv = (cache, attn.k_scale, attn.v_scale, md.slot_mapping, md.block_tables, md.seq_lens)
+        if self.blocks:
+            return self._blocks_call(ops, positions, x, residual, kv, attn.scale, window)
         if self.tp_size == 1:
             return ops.decode_layer(x, residual, positions, *self.args, *kv, attn.scale, window,
                                     _FEW_ROWS)
@@ -115,6 +138,28 @@ class CPUFusedDecodeLayer:
         down, residual = ops.decode_layer_mlp(self.all_reduce(o), residual, post_norm, eps,
                                               gate_up_w, gate_up_b, down_w, down_b, _FEW_ROWS)
         return self.all_reduce(down), residual
+
+    def _blocks_call(self, ops, positions, x, residual, kv, scale, window):
+        if self.tp_size == 1:
+            return ops.gguf_decode_layer(x, residual, positions, *self.args, *kv, scale, window,
+                                         *self.tail)
+        in_norm, post_norm, eps = self.args[:3]
+        intermediate, heads, kv_heads, head_dim, cos, sin = self.args[-6:]
+        o, residual = ops.gguf_decode_layer_attn(
+            x, residual, positions, in_norm, eps, *self.qkv, *self.o, heads, kv_heads, head_dim,
+            cos, sin, *kv, scale, window, *self.tail)
+        down, residual = ops.gguf_decode_layer_mlp(
+            self.all_reduce(o), residual, post_norm, eps, *self.gate_up, *self.down, intermediate,
+            *self.tail)
+        return self.all_reduce(down), residual
+
+
+def _in_blocks(w: DenseDecoderWeights) -> bool:
+    """Whether all four projections keep their weights in GGUF blocks."""
+    from pllm.models.quant import GGUFWeight
+
+    return all(isinstance(p, GGUFWeight)
+               for p in (w.qkv_weight, w.o_weight, w.gate_up_weight, w.down_weight))
 
 
 _SWAPS = {RMSNorm: CPURMSNorm, SiluAndMul: CPUSiluAndMul, RotaryEmbedding: CPURotaryEmbedding}

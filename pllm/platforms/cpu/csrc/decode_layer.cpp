@@ -27,6 +27,54 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& w,
   return b.has_value() ? out + b.value() : out;
 }
 
+// A projection with fp32 weights, as the layer's CPULinear runs it.
+struct DenseProjection {
+  const torch::Tensor& w;
+  const c10::optional<torch::Tensor>& b;
+  int64_t few_rows;
+  torch::Tensor operator()(const torch::Tensor& x) const { return decode_linear(x, w, b, few_rows); }
+};
+
+// The attention half over any projection type (``Proj(x) -> x @ W^T + b``).
+template <class Proj>
+std::tuple<torch::Tensor, torch::Tensor> layer_attn(
+    torch::Tensor x, const c10::optional<torch::Tensor>& residual, const torch::Tensor& positions,
+    const torch::Tensor& input_norm, double eps, const Proj& qkv_proj, const Proj& o_proj,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, const torch::Tensor& cos,
+    const torch::Tensor& sin, torch::Tensor kv_cache, double k_scale, double v_scale,
+    const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+    double scale, int64_t sliding_window) {
+  const int64_t m = x.size(0);
+  torch::Tensor res, h;
+  if (residual.has_value()) {
+    res = residual.value().contiguous();
+    h = add_rms_norm_(x, res, input_norm, eps);
+  } else {
+    res = x.contiguous();
+    h = rms_norm(res, input_norm, eps);
+  }
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  torch::Tensor qkv = qkv_proj(h);
+  torch::Tensor q = qkv_heads(qkv, 0, num_heads, head_dim);
+  torch::Tensor k = qkv_heads(qkv, q_size, num_kv_heads, head_dim);
+  torch::Tensor v = qkv_heads(qkv, q_size + kv_size, num_kv_heads, head_dim);
+  rotary_(q, k, positions, cos, sin);
+  write_kv_(k, v, kv_cache, slots, k_scale, v_scale);
+  torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window,
+                                    k_scale, v_scale, 0.0);  // no soft-cap in a fused layer
+  return {o_proj(attn.view({m, q_size})), res};
+}
+
+// The MLP half over any projection type.
+template <class Proj>
+std::tuple<torch::Tensor, torch::Tensor> layer_mlp(torch::Tensor o, torch::Tensor res,
+                                                   const torch::Tensor& post_norm, double eps,
+                                                   const Proj& gate_up_proj, const Proj& down_proj) {
+  torch::Tensor h = add_rms_norm_(o, res, post_norm, eps);
+  torch::Tensor act = silu_and_mul(gate_up_proj(h));
+  return {down_proj(act), res};
+}
+
 }  // namespace
 
 // The attention half: the input norm (with the residual add), QKV, rotary, the
@@ -41,25 +89,9 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_attn(
     torch::Tensor kv_cache, double k_scale, double v_scale, torch::Tensor slots,
     torch::Tensor block_tables, torch::Tensor seq_lens,
     double scale, int64_t sliding_window, int64_t few_rows) {
-  const int64_t m = x.size(0);
-  torch::Tensor res, h;
-  if (residual.has_value()) {
-    res = residual.value().contiguous();
-    h = add_rms_norm_(x, res, input_norm, eps);
-  } else {
-    res = x.contiguous();
-    h = rms_norm(res, input_norm, eps);
-  }
-  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  torch::Tensor qkv = decode_linear(h, qkv_w, qkv_b, few_rows);
-  torch::Tensor q = qkv_heads(qkv, 0, num_heads, head_dim);
-  torch::Tensor k = qkv_heads(qkv, q_size, num_kv_heads, head_dim);
-  torch::Tensor v = qkv_heads(qkv, q_size + kv_size, num_kv_heads, head_dim);
-  rotary_(q, k, positions, cos, sin);
-  write_kv_(k, v, kv_cache, slots, k_scale, v_scale);
-  torch::Tensor attn = paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window,
-                                    k_scale, v_scale, 0.0);  // no soft-cap in a fused layer
-  return {decode_linear(attn.view({m, q_size}), o_w, o_b, few_rows), res};
+  return layer_attn(x, residual, positions, input_norm, eps, DenseProjection{qkv_w, qkv_b, few_rows},
+                    DenseProjection{o_w, o_b, few_rows}, num_heads, num_kv_heads, head_dim, cos, sin,
+                    kv_cache, k_scale, v_scale, slots, block_tables, seq_lens, scale, sliding_window);
 }
 
 // The MLP half: the post-attention norm (adding ``o`` into the residual in
@@ -68,9 +100,8 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_mlp(
     torch::Tensor o, torch::Tensor res, torch::Tensor post_norm, double eps,
     torch::Tensor gate_up_w, c10::optional<torch::Tensor> gate_up_b,
     torch::Tensor down_w, c10::optional<torch::Tensor> down_b, int64_t few_rows) {
-  torch::Tensor h = add_rms_norm_(o, res, post_norm, eps);
-  torch::Tensor act = silu_and_mul(decode_linear(h, gate_up_w, gate_up_b, few_rows));
-  return {decode_linear(act, down_w, down_b, few_rows), res};
+  return layer_mlp(o, res, post_norm, eps, DenseProjection{gate_up_w, gate_up_b, few_rows},
+                   DenseProjection{down_w, down_b, few_rows});
 }
 
 // The whole layer in one call (one rank); under tensor parallelism the two

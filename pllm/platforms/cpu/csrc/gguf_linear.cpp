@@ -25,8 +25,9 @@
 //   fp32 scratch and multiplied by at::mm; W is never dequantized whole.
 //
 // ISA paths: portable scalar (always), AVX2 + FMA + F16C, and AVX-512 (BW +
-// VL, 512-bit integer dot products, VNNI where the compiler targets it) for
-// the q8 product; the rest of the AVX-512 path is the AVX2 code.
+// VL): the few-row products on 16 lanes (fp32, and 512-bit integer dot
+// products, VNNI where the compiler targets it, for q8); the rest of the
+// AVX-512 path (dequantizing tiles, sub-block decoding) is the AVX2 code.
 
 #include <algorithm>
 #include <cmath>
@@ -45,6 +46,7 @@ namespace gguf {
 
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 constexpr int kMaxRows = 8;  // rows of x sharing one decoded sub-block
+constexpr int64_t kPrefetchRows = 16;  // weight rows read ahead in the few-row product
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -480,6 +482,47 @@ void row_q8_avx512(const QuantizedRows& xq, int64_t r0, const uint8_t* w, float*
   for (int r = 0; r < MB; ++r) out[r * ldo] = _mm512_reduce_add_ps(acc[r]) + macc[r];
 }
 
+// fp32 activations on 16 lanes: a sub-block's 32 quants as two vectors of
+// d * q + m (the same fused multiply-add per value as ``widen``, so the same
+// weights as the AVX2 path), each against 16 of x.
+template <class F>
+inline void widen512(__m256i q, const float d[2], float m, __m512 wv[2]) {
+  const __m128i part[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+  for (int c = 0; c < 2; ++c) {
+    const __m512i v = F::kSigned ? _mm512_cvtepi8_epi32(part[c]) : _mm512_cvtepu8_epi32(part[c]);
+    const __m512 f = _mm512_cvtepi32_ps(v);
+    wv[c] = F::kMin ? _mm512_fmadd_ps(f, _mm512_set1_ps(d[c]), _mm512_set1_ps(m))
+                    : _mm512_mul_ps(f, _mm512_set1_ps(d[c]));
+  }
+}
+
+template <class F, int MB>
+void row_f32_avx512(const float* x, int64_t ldx, const uint8_t* w, int64_t K, float* out, int64_t ldo) {
+  constexpr int NA = MB <= 2 ? 4 : 2;  // accumulators per row: FMAs in flight
+  __m512 acc[MB][NA];
+  for (int r = 0; r < MB; ++r)
+    for (int a = 0; a < NA; ++a) acc[r][a] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (int64_t b = 0; b < K / F::kElems; ++b)
+    for (int j = 0; j < F::kElems / 32; ++j, ++g) {
+      const uint8_t* blk = w + b * F::kBytes;
+      float d[2], m;
+      F::scales(blk, j, d, m);
+      __m512 wv[2];
+      widen512<F>(F::quants8(blk, j), d, m, wv);
+      const float* xs = x + b * F::kElems + j * 32;
+      const int a0 = NA == 4 ? static_cast<int>(g & 1) * 2 : 0;
+      for (int r = 0; r < MB; ++r)
+        for (int c = 0; c < 2; ++c)
+          acc[r][a0 + c] = _mm512_fmadd_ps(wv[c], _mm512_loadu_ps(xs + r * ldx + 16 * c), acc[r][a0 + c]);
+    }
+  for (int r = 0; r < MB; ++r) {
+    __m512 s = acc[r][0];
+    for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[r][a]);
+    out[r * ldo] = _mm512_reduce_add_ps(s);
+  }
+}
+
 #endif  // PLLM_GGUF_AVX512
 
 // ---- dispatch -----------------------------------------------------------------
@@ -547,6 +590,13 @@ void few_rows(int64_t isa, const float* x, int64_t M, int64_t K, const uint8_t* 
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* wr = w + n * row_bytes;
+#ifdef PLLM_GGUF_AVX2
+    // A layer's weights are read once per step, cold: ask for the row
+    // kPrefetchRows ahead while this one is decoded.
+    if (n + kPrefetchRows < N)
+      for (int64_t at = 0; at < row_bytes; at += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * row_bytes + at), _MM_HINT_T0);
+#endif
     for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
       const int mb = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
       float* o = out + r0 * N + n;
@@ -560,10 +610,13 @@ void few_rows(int64_t isa, const float* x, int64_t M, int64_t K, const uint8_t* 
 #ifdef PLLM_GGUF_AVX2
       with_rows(mb, [&](auto rows) {
         constexpr int MB = decltype(rows)::value;
-        if (!q8) return row_f32_avx2<F, MB>(x + r0 * K, K, wr, K, o, N);
 #ifdef PLLM_GGUF_AVX512
-        if (isa == kAvx512) return row_q8_avx512<F, MB>(xq, r0, wr, o, N);
+        if (isa == kAvx512) {
+          if (!q8) return row_f32_avx512<F, MB>(x + r0 * K, K, wr, K, o, N);
+          return row_q8_avx512<F, MB>(xq, r0, wr, o, N);
+        }
 #endif
+        if (!q8) return row_f32_avx2<F, MB>(x + r0 * K, K, wr, K, o, N);
         row_q8_avx2<F, MB>(xq, r0, wr, o, N);
       });
 #endif
