@@ -291,7 +291,12 @@ def _hf_names_by_gguf_name(arch: str, config: PretrainedConfig) -> dict[str, tup
     import gguf
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    # The model's module imported before the meta device is entered: importing
+    # it under the device (a torch function mode) can import torch._dynamo
+    # there, which fails half-way on torch 2.8.
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
