@@ -316,21 +316,27 @@ def test_int8_per_channel_rounds_each_row_on_its_own_scale():
     assert torch.equal(blocks[:, 0, :2], blocks[:, 1, :2])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_int8_matches_transformers_on_the_rounded_weights(tmp_path, arch):
-    """An HF folder rounded to per-channel int8 at load: transformers given
-    the same rounded values (every matrix; the embedding and a tied head too)."""
+def int8_greedy(folder: str) -> list[list[int]]:
+    """transformers' greedy tokens with every matrix of ``folder`` rounded
+    as ``--quantization int8`` rounds it."""
     from transformers import AutoModelForCausalLM
 
     from pllm.models.quant import int8_per_channel
 
-    folder = make_tiny_model(tmp_path / arch, arch, **CONFIG)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, param in hf.named_parameters():
+        for param in hf.parameters():
             if param.dim() == 2:
                 param.copy_(int8_per_channel(param).dequantize())
-    expected = hf_greedy(hf, prompts(), MAX_NEW)
+    return hf_greedy(hf, prompts(), MAX_NEW)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_matches_transformers_on_the_rounded_weights(tmp_path, arch):
+    """An HF folder rounded to per-channel int8 at load: transformers given
+    the same rounded values (every matrix; the embedding and a tied head too)."""
+    folder = make_tiny_model(tmp_path / arch, arch, **CONFIG)
+    expected = int8_greedy(folder)
     llm = LLM(folder, device="cpu", kv_cache_memory="16MB", quantization="int8")
     assert llm.llm_engine.config.model.quantization == "int8"
     model = engine_model(llm)
@@ -343,18 +349,9 @@ def test_int8_matches_transformers_on_the_rounded_weights(tmp_path, arch):
 def test_int8_on_two_ranks_with_a_tied_head(tmp_path):
     """The tied LM head reads each rank's vocabulary rows of the int8
     embedding (a view, not a copy); one KV head replicated."""
-    from transformers import AutoModelForCausalLM
-
-    from pllm.models.quant import int8_per_channel
-
     folder = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True,
                              **{**CONFIG, "num_key_value_heads": 1})
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if param.dim() == 2:
-                param.copy_(int8_per_channel(param).dequantize())
-    expected = hf_greedy(hf, prompts(), MAX_NEW)
+    expected = int8_greedy(folder)
     llm = LLM(folder, device="cpu", kv_cache_memory="16MB", quantization="int8",
               tensor_parallel_size=2)
     try:
