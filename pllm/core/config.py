@@ -32,7 +32,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # platform that multiplies its formats, unless --dtype is given. "int8":
 # every linear weight and the embedding rounded to int8 at load with one
 # scale per output channel (weight-only; GGUF blocks dequantized first).
-QUANTIZATIONS = ("auto", "none", "gguf", "int8")
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class ModelConfig:
     seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None  # a Jinja template, or a path to one
-    quantization: str = "auto"  # one of QUANTIZATIONS; resolved to "none", "gguf" or "int8"
+    quantization: str = "auto"  # one of QUANTIZATIONS; resolved to one of them but "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

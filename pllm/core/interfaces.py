@@ -63,12 +63,16 @@ class PlatformCapabilities:
     # 8-bit float formats the attention backend can store K/V in (scaled,
     # besides the model dtype): ``--kv-cache-dtype fp8`` picks from these.
     kv_cache_dtypes: tuple[torch.dtype, ...] = ()
-    # GGUF block formats (type names: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) the
-    # platform multiplies as they are, with float32 activations:
-    # ``--quantization gguf`` keeps a .gguf file's tensors in these formats
-    # (``pllm.models.quant``), and the platform's ``prepare_model`` attaches
-    # its kernels to them; tensors in other formats are dequantized at load.
+    # Weight formats the platform multiplies as they are: GGUF block formats
+    # (type names: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and F8_E4M3 (fp8
+    # with one scale per output channel). ``--quantization gguf`` keeps a
+    # .gguf file's tensors in these formats, ``int8`` needs Q8_0, ``fp8``
+    # F8_E4M3 (``pllm.models.quant``); the platform's ``prepare_model``
+    # attaches its kernels to them. Tensors in other formats are dequantized.
     weight_formats: tuple[str, ...] = ()
+    # The activation dtypes those kernels multiply with (a quantized model
+    # runs in default_dtype when it is one of them, else in the first).
+    weight_format_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
     # Whether ``Platform.make_decode_runner`` is worth asking (graph capture).
     supports_graphs: bool = False
     # Run one forward pass of a full token budget before sizing the KV cache,

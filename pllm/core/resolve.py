@@ -8,9 +8,10 @@ capabilities imply, before anything is built::
     kv_cache_dtype          -> cache_dtype: the model dtype, or the platform's
                                8-bit format of that name
     quantization "auto"     -> "gguf" for a model stored in GGUF block formats
-                               the platform multiplies (weight_formats), with
-                               dtype float32; "none" otherwise, or when a
-                               dtype is given ("int8" takes dtype float32 too)
+                               the platform multiplies (weight_formats); "none"
+                               otherwise, or when a dtype is given. A kept or
+                               rounded model ("gguf", "int8", "fp8") runs in an
+                               activation dtype of weight_format_dtypes
     static shapes (buckets) -> max_num_batched_tokens and max_num_seqs at most
                                the largest token and sequence bucket (logged)
 
@@ -60,17 +61,31 @@ def check_model_fits(model, platform: Platform) -> None:
                          "compilation does not support yet")
 
 
-def _check_float32_activations(quantization: str, dtype: str, instead: str) -> None:
-    if dtype not in ("auto", "float32"):
-        raise ValueError(f"quantization={quantization!r} multiplies with float32 activations; "
-                         f"dtype={dtype} needs {instead}")
+def _check_activations(quantization: str, dtype: str, platform: Platform, instead: str) -> None:
+    allowed = platform.capabilities.weight_format_dtypes
+    if dtype != "auto" and getattr(torch, dtype) not in allowed:
+        raise ValueError(f"quantization={quantization!r}: {platform.name}'s kernels multiply "
+                         f"with {_names(allowed)} activations; dtype={dtype} needs {instead}")
+
+
+def quantized_dtype(dtype: str, platform: Platform) -> torch.dtype:
+    """The activation dtype of a model whose weights stay quantized: the
+    given one, else the platform's default when its kernels take it, else
+    the first they take."""
+    caps = platform.capabilities
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    allowed = caps.weight_format_dtypes
+    return caps.default_dtype if caps.default_dtype in allowed else allowed[0]
 
 
 def resolve_quantization(quantization: str, dtype: str, model, platform: Platform) -> str:
-    """"gguf", "int8" or "none" for the user's ``quantization`` and ``dtype``
-    and a model (``ModelInfo``) stored in ``model.weight_formats``; a
-    ``ValueError`` for "gguf" where nothing could stay quantized, or a
+    """"gguf", "int8", "fp8" or "none" for the user's ``quantization`` and
+    ``dtype`` and a model (``ModelInfo``) stored in ``model.weight_formats``;
+    a ``ValueError`` for "gguf" where nothing could stay quantized, or a
     choice the platform cannot multiply."""
+    from pllm.models.quant import FP8_FORMAT
+
     caps, name = platform.capabilities, platform.name
     formats = set(getattr(model, "weight_formats", ()))
     runs = sorted(formats & set(caps.weight_formats))
@@ -91,13 +106,16 @@ def resolve_quantization(quantization: str, dtype: str, model, platform: Platfor
         quantization = "gguf"
     if quantization == "none":
         return "none"
-    if quantization == "int8":
-        if INT8_FORMAT not in caps.weight_formats:
-            raise ValueError(f"quantization='int8' stores weights as {INT8_FORMAT} blocks with one "
-                             f"scale per output channel, which {name} does not multiply (it "
-                             f"multiplies: {multiplies})")
-        _check_float32_activations("int8", dtype, "quantization='none'")
-        return "int8"
+    if quantization in ("int8", "fp8"):
+        needs, how = {"int8": (INT8_FORMAT, f"as {INT8_FORMAT} blocks with one scale per output "
+                               "channel"),
+                      "fp8": (FP8_FORMAT, "as fp8 e4m3 with one scale per output channel, and "
+                              "multiplies them with fp8 activations")}[quantization]
+        if needs not in caps.weight_formats:
+            raise ValueError(f"quantization={quantization!r} stores weights {how}, which {name} "
+                             f"does not multiply (it multiplies: {multiplies})")
+        _check_activations(quantization, dtype, platform, "quantization='none'")
+        return quantization
     if not formats:
         raise ValueError("quantization='gguf' keeps a .gguf file's quantized tensors in their "
                          "formats; this model has none (an HF folder, or a file of float tensors)")
@@ -105,8 +123,8 @@ def resolve_quantization(quantization: str, dtype: str, model, platform: Platfor
         raise ValueError(f"quantization='gguf': {name} multiplies none of this model's GGUF "
                          f"formats ({', '.join(sorted(formats))}); it multiplies: {multiplies} "
                          f"(quantization='none' dequantizes them at load)")
-    _check_float32_activations("gguf", dtype,
-                               f"quantization='none' (the weights dequantized to {dtype})")
+    _check_activations("gguf", dtype, platform,
+                       f"quantization='none' (the weights dequantized to {dtype})")
     if others:
         logger.warning("%s does not multiply GGUF %s (it does: %s): those tensors are "
                        "dequantized at load", name, ", ".join(others), multiplies)
@@ -120,7 +138,7 @@ def resolve_config(config: EngineConfig, platform: Platform, model) -> EngineCon
     mc, cc = config.model, config.cache
 
     quantization = resolve_quantization(mc.quantization, mc.dtype, model, platform)
-    dtype = (torch.float32 if quantization in ("gguf", "int8") else
+    dtype = (quantized_dtype(mc.dtype, platform) if quantization != "none" else
              caps.default_dtype if mc.dtype == "auto" else getattr(torch, mc.dtype))
     if not caps.supports_dtype(dtype):
         raise ValueError(f"dtype={mc.dtype!r} is not supported on {name}; "

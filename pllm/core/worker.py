@@ -21,9 +21,15 @@ logger = logging.getLogger("pllm")
 
 
 # Mixture-of-experts routers (and Qwen2-MoE's shared-expert gate) stay in
-# full precision under --quantization int8: rounding them moves tokens
-# between experts.
+# full precision under --quantization int8 and fp8: rounding them moves
+# tokens between experts.
 _ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight")
+# fp8 leaves the embedding and the LM head in the model dtype too (as fp8
+# checkpoints do): they are lookups and one product, and the head's logits
+# decide the tokens.
+_FP8_DENSE = (*_ROUTERS, "embed_tokens.weight", "lm_head.weight")
+# --quantization values whose weights are rounded at load, and how.
+_ROUND_TO = {"int8": "int8", "fp8": "fp8"}
 
 
 class KVCacheSizeError(ValueError):
@@ -50,7 +56,7 @@ class Worker:
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
             quantized=self._kept_quantized(loaded),
-            int8=config.model.quantization == "int8",
+            round_to=_ROUND_TO.get(config.model.quantization),
         )
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, config.model.dtype,
@@ -78,7 +84,7 @@ class Worker:
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
             quantized=self._kept_quantized(loaded),
-            int8=config.model.quantization == "int8",
+            round_to=_ROUND_TO.get(config.model.quantization),
         )
         if self.tp.rank == 0:
             logger.info("loaded draft model %s in %.1fs", loaded.name, time.perf_counter() - t0)
@@ -93,6 +99,11 @@ class Worker:
 
             return {name: INT8_FORMAT for name in loaded.weight_names
                     if name.endswith(".weight") and not name.endswith(_ROUTERS)}
+        if quantization == "fp8":  # every linear layer's matrix but the routers and the head
+            from pllm.models.quant import FP8_FORMAT
+
+            return {name: FP8_FORMAT for name in loaded.weight_names
+                    if name.endswith(".weight") and not name.endswith(_FP8_DENSE)}
         if quantization != "gguf":
             return {}
         keep = set(self.platform.capabilities.weight_formats)

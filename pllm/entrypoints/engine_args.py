@@ -139,6 +139,9 @@ class EngineArgs:
                             "multiplies them (`pllm platforms` lists which); none dequantizes "
                             "them at load; int8 rounds every linear weight and the embedding "
                             "to int8 at load, one scale per output channel (weight-only); "
+                            "fp8 rounds every linear weight but the LM head to fp8 e4m3, one "
+                            "scale per output channel, and quantizes activations per token "
+                            "as they go (GPUs); "
                             "auto: gguf for a .gguf file unless --dtype is given, else none")
         g.add_argument("--max-model-len", type=positive_int, default=None,
                        help="context length (prompt + output); default: the model's")

@@ -19,7 +19,7 @@ from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8
 from pllm.models.gemma import GemmaForCausalLM
 from pllm.models.llama import LlamaForCausalLM
 from pllm.models.parallel import TensorParallel
-from pllm.models.quant import GGUFWeight, int8_per_channel, quantize_modules
+from pllm.models.quant import GGUFWeight, fp8_per_channel, int8_per_channel, quantize_modules
 
 logger = logging.getLogger("pllm")
 
@@ -86,15 +86,17 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
                 dtype: torch.dtype, device: torch.device, tp: TensorParallel,
                 kv_cache_dtype: torch.dtype,
                 prepare: Callable[[Model], Model] | None = None,
-                quantized: dict[str, str] | None = None, int8: bool = False) -> Model:
+                quantized: dict[str, str] | None = None, round_to: str | None = None) -> Model:
     """This rank's shard of the model on ``device``, weights loaded, in eval
     mode; ``prepare`` (the platform's ``prepare_model``) runs last.
 
     ``quantized``: {HF name: GGUF format} of the tensors to keep in their
     block formats (``pllm.models.quant``); every other ``GGUFWeight`` among
-    ``weights`` is dequantized as it loads (logged). ``int8``: the tensors
-    named in ``quantized`` are rounded to per-channel int8 as they load
-    (``int8_per_channel``), every GGUF block dequantized first."""
+    ``weights`` is dequantized as it loads (logged). ``round_to``
+    (``"int8"`` or ``"fp8"``): the tensors named in ``quantized`` are
+    rounded with one scale per output channel as they load
+    (``int8_per_channel``, ``fp8_per_channel``), every GGUF block
+    dequantized first."""
     cls = get_model_class(hf_config.model_type)
     with torch.device("meta"):
         model = cls(hf_config, max_positions=max_model_len, tp=tp)
@@ -107,8 +109,8 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
     # holds a second, wider copy of the weights.
     model = model.to(dtype).to_empty(device=device)
     model.rotary.reset_tables()  # fp32, as in transformers
-    if int8:
-        weights = _int8(_dequantize_others(weights, {}, log=tp.rank == 0), kept)
+    if round_to is not None:
+        weights = _round(_dequantize_others(weights, {}, log=tp.rank == 0), kept, round_to)
     else:
         weights = _dequantize_others(weights, kept, log=tp.rank == 0)
     model.load_weights(weights)
@@ -120,9 +122,13 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
     return prepare(model) if prepare is not None else model
 
 
-def _int8(weights, kept: dict):
+_ROUNDINGS = {"int8": int8_per_channel, "fp8": fp8_per_channel}
+
+
+def _round(weights, kept: dict, round_to: str):
+    rounding = _ROUNDINGS[round_to]
     for name, tensor in weights:
-        yield name, int8_per_channel(tensor) if name in kept else tensor
+        yield name, rounding(tensor) if name in kept else tensor
 
 
 def _dequantize_others(weights: Iterable[tuple[str, torch.Tensor | GGUFWeight]], kept: dict,

@@ -16,6 +16,12 @@ reference (dequantize with the ``gguf`` package, then multiply), which is
 correct anywhere and slow; a platform that declares a format in
 ``PlatformCapabilities.weight_formats`` attaches its kernel in
 ``prepare_model``.
+
+:class:`FP8Weight` is the other kind of kept weight: float8 e4m3fn values
+with one float32 scale per row (``--quantization fp8``, rounded at load by
+:func:`fp8_per_channel`). Its products quantize the activations too,
+dynamically (:func:`quantize_fp8_activations`), so that both operands are
+8-bit, as fp8 tensor cores take them.
 """
 
 from __future__ import annotations
@@ -34,10 +40,16 @@ logger = logging.getLogger("pllm")
 # The GGUF formats pllm keeps quantized where a platform multiplies them;
 # tensors in any other format are dequantized when they load.
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# --quantization fp8: e4m3fn values, one float32 scale per output channel
+# (safetensors' name for the element type).
+FP8_FORMAT = "F8_E4M3"
+FP8_MAX = 448.0  # e4m3fn's largest finite value
 
 
 def block_size(fmt: str) -> tuple[int, int]:
-    """(values, bytes) of one block of GGUF format ``fmt``."""
+    """(values, bytes) of one block of format ``fmt`` (fp8 values stand alone)."""
+    if fmt == FP8_FORMAT:
+        return 1, 1
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     return GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
@@ -92,6 +104,18 @@ class GGUFWeight:
         starts = np.cumsum([0, *sizes[:-1]])
         return tuple(self.narrow(dim, int(s), n) for s, n in zip(starts, sizes))
 
+    @staticmethod
+    def cat(pieces: list[GGUFWeight]) -> GGUFWeight:
+        """``pieces`` (one format, one width) stacked by rows."""
+        if len(pieces) == 1:
+            return pieces[0]
+        rows = sum(p.shape[0] for p in pieces)
+        return GGUFWeight(torch.cat([p.data for p in pieces]), pieces[0].format,
+                          (rows, pieces[0].shape[1]))
+
+    def to(self, device: torch.device | str) -> GGUFWeight:
+        return GGUFWeight(self.data.to(device), self.format, self.shape)
+
     def owned(self) -> GGUFWeight:
         """This tensor with its own contiguous bytes (a slice keeps its whole
         source alive otherwise)."""
@@ -115,7 +139,7 @@ def cat_rows(pieces: list) -> GGUFWeight | torch.Tensor | list:
     import itertools
 
     def kind(piece):
-        return piece.format if isinstance(piece, GGUFWeight) else "dense"
+        return "dense" if isinstance(piece, torch.Tensor) else piece.format
 
     segments = []
     for _, run in itertools.groupby(pieces, key=kind):
@@ -123,9 +147,7 @@ def cat_rows(pieces: list) -> GGUFWeight | torch.Tensor | list:
         if isinstance(run[0], torch.Tensor):
             segments.append(torch.cat(run))
         else:
-            rows = sum(p.shape[0] for p in run)
-            segments.append(run[0] if len(run) == 1 else GGUFWeight(
-                torch.cat([p.data for p in run]), run[0].format, (rows, run[0].shape[1])))
+            segments.append(type(run[0]).cat(run))
     return segments[0] if len(segments) == 1 else segments
 
 
@@ -148,9 +170,119 @@ def int8_per_channel(weight: torch.Tensor) -> GGUFWeight:
     return GGUFWeight(blocks.reshape(rows, -1), "Q8_0", (rows, cols))
 
 
-def reference_matmul(x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
-    """``x @ W.T``, dequantizing ``W`` on every call: the oracle, and the
-    path of a platform that attaches no kernel."""
+@dataclass(frozen=True)
+class FP8Weight:
+    """A 2-D weight in float8 e4m3fn with one float32 scale per row (output
+    channel): ``W[r] = data[r] * scale[r]``."""
+
+    data: torch.Tensor  # float8_e4m3fn [rows, cols]
+    scale: torch.Tensor  # float32 [rows]
+    format = FP8_FORMAT
+
+    def __post_init__(self) -> None:
+        if self.data.dtype != torch.float8_e4m3fn or self.data.dim() != 2:
+            raise ValueError(f"fp8 weights are a float8_e4m3fn matrix, got {self.data.dtype} "
+                             f"{tuple(self.data.shape)}")
+        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (self.data.shape[0],):
+            raise ValueError(f"an fp8 weight of {self.data.shape[0]} rows needs float32 scales "
+                             f"[{self.data.shape[0]}], got {self.scale.dtype} "
+                             f"{tuple(self.scale.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() + 4 * self.scale.numel()
+
+    def narrow(self, dim: int, start: int, length: int) -> FP8Weight:
+        """Rows (dim 0) with their scales, or columns (dim 1), anywhere."""
+        if dim == 0:
+            return FP8Weight(self.data.narrow(0, start, length), self.scale.narrow(0, start, length))
+        return FP8Weight(self.data.narrow(1, start, length), self.scale)
+
+    def split(self, sizes: list[int], dim: int = 0) -> tuple[FP8Weight, ...]:
+        starts = np.cumsum([0, *sizes[:-1]])
+        return tuple(self.narrow(dim, int(s), n) for s, n in zip(starts, sizes))
+
+    @staticmethod
+    def cat(pieces: list[FP8Weight]) -> FP8Weight:
+        if len(pieces) == 1:
+            return pieces[0]
+        return FP8Weight(torch.cat([p.data for p in pieces]), torch.cat([p.scale for p in pieces]))
+
+    def to(self, device: torch.device | str) -> FP8Weight:
+        return FP8Weight(self.data.to(device), self.scale.to(device))
+
+    def owned(self) -> FP8Weight:
+        if (self.data.is_contiguous()
+                and self.data.untyped_storage().nbytes() == self.data.numel()
+                and self.scale.untyped_storage().nbytes() == 4 * self.scale.numel()):
+            return self
+        return FP8Weight(self.data.contiguous().clone(), self.scale.contiguous().clone())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.data.float() * self.scale[:, None]).to(dtype)
+
+
+def fp8_per_channel(weight: torch.Tensor) -> FP8Weight:
+    """``weight`` ``[rows, cols]`` rounded to e4m3fn with one float32 scale
+    per row: ``scale = max |row| / 448`` (1 for a row of zeros), ``q =
+    fp8(w / scale)`` rounded to nearest even."""
+    w = weight.detach().float().cpu()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return FP8Weight(q, scale)
+
+
+FP8_ACTIVATION_SCALINGS = ("token", "tensor")
+
+
+def fp8_activation_scaling() -> str:
+    """How activations are scaled for fp8 products, from
+    ``PLLM_FP8_ACTIVATIONS``: ``token`` (one scale per row, the default) or
+    ``tensor`` (one for the whole step)."""
+    import os
+
+    value = os.environ.get("PLLM_FP8_ACTIVATIONS", "token")
+    if value not in FP8_ACTIVATION_SCALINGS:
+        raise ValueError(f"PLLM_FP8_ACTIVATIONS={value!r}; expected one of "
+                         f"{', '.join(FP8_ACTIVATION_SCALINGS)}")
+    return value
+
+
+def quantize_fp8_activations(x: torch.Tensor, per_token: bool = True,
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[M, K]`` as e4m3fn values and float32 scales, ``[M, 1]`` per
+    token or ``[1, 1]`` per tensor, so that ``x ~ q * scale``. Dynamic: the
+    scales are each call's absolute maxima / 448. Device ops only (no read
+    back to the host), so a CUDA graph can hold it."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True) if per_token else x32.abs().amax().reshape(1, 1)
+    scale = torch.clamp(amax / FP8_MAX, min=torch.finfo(torch.float32).tiny)
+    q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def reference_fp8_matmul(x: torch.Tensor, weight: FP8Weight, per_token: bool = True,
+                         ) -> torch.Tensor:
+    """``x @ W.T`` as fp8 kernels compute it: ``x`` quantized (``per_token``
+    or per tensor), the 8-bit products summed in float32, then scaled by
+    both operands' scales."""
+    q, sx = quantize_fp8_activations(x.reshape(-1, x.shape[-1]), per_token)
+    w = weight.to(x.device)
+    y = (q.float() @ w.data.float().T) * sx * w.scale
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def reference_matmul(x: torch.Tensor, weight: GGUFWeight | FP8Weight) -> torch.Tensor:
+    """``x @ W.T``, dequantizing ``W`` on every call (an fp8 weight's
+    product quantizes ``x`` too): the oracle, and the path of a platform
+    that attaches no kernel."""
+    if isinstance(weight, FP8Weight):
+        return reference_fp8_matmul(x, weight, fp8_activation_scaling() == "token")
     return F.linear(x, weight.dequantize(x.dtype).to(x.device))
 
 
@@ -163,16 +295,17 @@ def reference_rows(weight: GGUFWeight, ids: torch.Tensor) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` over a weight of one or more row segments, each a
-    :class:`GGUFWeight` or a dense tensor (q/k/v fused from tensors stored in
+    kept weight (:class:`GGUFWeight`, :class:`FP8Weight`, or a platform's
+    repacking of one) or a dense tensor (q/k/v fused from tensors stored in
     different formats keep one segment each)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.segments: list[GGUFWeight | torch.Tensor] = []
-        # ``matmul(x, GGUFWeight) -> x @ W.T``: a platform's kernel replaces it.
-        self.matmul: Callable[[torch.Tensor, GGUFWeight], torch.Tensor] = reference_matmul
+        self.segments: list = []
+        # ``matmul(x, kept weight) -> x @ W.T``: a platform's kernel replaces it.
+        self.matmul: Callable[[torch.Tensor, object], torch.Tensor] = reference_matmul
 
     def load(self, weight: GGUFWeight | torch.Tensor | list, *, share: bool = False) -> None:
         """``share``: keep a slice as it is, a view of another module's
@@ -183,11 +316,12 @@ class QuantLinear(nn.Module):
             shapes = [tuple(s.shape) for s in segments]
             raise ValueError(f"weight of shape(s) {shapes} does not fit a linear "
                              f"{self.in_features} -> {self.out_features}")
-        self.segments = [s.owned() if isinstance(s, GGUFWeight) and not share else s
+        self.segments = [s if isinstance(s, torch.Tensor) or share else s.owned()
                          for s in segments]
 
-    def weights(self) -> Iterator[GGUFWeight]:
-        return (s for s in self.segments if isinstance(s, GGUFWeight))
+    def weights(self) -> Iterator:
+        """The kept (not dense) segments."""
+        return (s for s in self.segments if not isinstance(s, torch.Tensor))
 
     @property
     def formats(self) -> set[str]:
@@ -195,15 +329,15 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         segments = self.segments
-        if len(segments) == 1 and isinstance(segments[0], GGUFWeight):
+        if len(segments) == 1 and not isinstance(segments[0], torch.Tensor):
             out = self.matmul(x, segments[0])
         else:
-            out = torch.cat([self.matmul(x, s) if isinstance(s, GGUFWeight)
-                             else F.linear(x, s.to(x.dtype)) for s in segments], dim=-1)
+            out = torch.cat([F.linear(x, s.to(x.dtype)) if isinstance(s, torch.Tensor)
+                             else self.matmul(x, s) for s in segments], dim=-1)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self) -> str:
-        kinds = ", ".join(s.format if isinstance(s, GGUFWeight) else str(s.dtype)
+        kinds = ", ".join(str(s.dtype) if isinstance(s, torch.Tensor) else s.format
                           for s in self.segments)
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=[{kinds}]"
 

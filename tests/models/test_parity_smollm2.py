@@ -134,3 +134,33 @@ def test_int8_weights_stay_close_to_transformers(hf_and_prompts):
           f"mean gap {sum(gaps) / len(gaps):.4f} nats, max {max(gaps):.3f}")
     assert agree >= 0.85, f"{agree:.1%} of {len(gaps)} tokens are transformers' greedy choice"
     assert sum(gaps) / len(gaps) < 0.1 and max(gaps) < 3.0, gaps
+
+
+def test_fp8_weights_and_activations_stay_close_to_transformers(hf_and_prompts, monkeypatch):
+    """--quantization fp8's numbers on SmolLM2: every linear weight but the
+    head rounded to e4m3 with one scale per output channel, activations to
+    e4m3 per token. The GPU platforms run it (their kernels are checked
+    against this same torch reference in tests/platforms/triton); here the
+    cpu platform is made to take F8_E4M3 and leave the products on the
+    reference, to measure the quality on this machine."""
+    import dataclasses
+
+    from pllm.models.quant import FP8Weight, QuantLinear, reference_matmul
+    from pllm.platforms.cpu import platform as cpu_platform
+
+    caps = cpu_platform._CAPABILITIES
+    monkeypatch.setattr(cpu_platform, "_CAPABILITIES", dataclasses.replace(
+        caps, weight_formats=(*caps.weight_formats, "F8_E4M3")))
+    monkeypatch.setattr(cpu_platform.CPUPlatform, "prepare_model", lambda self, model, config: model)
+    hf, prompts = hf_and_prompts
+    llm = LLM(None, device="cpu", kv_cache_memory="64MB", quantization="fp8")
+    model = llm.llm_engine.executor.worker.model
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 30 * 4 and all(isinstance(s, FP8Weight) and m.matmul is reference_matmul
+                                          for m in linears for s in m.segments)
+    got = pllm_greedy(llm, prompts, MAX_NEW)
+    agree, gaps = hf_scores(hf, prompts, got)
+    print(f"fp8 weights and activations: {agree:.1%} of {len(gaps)} tokens are transformers' "
+          f"greedy choice, mean gap {sum(gaps) / len(gaps):.4f} nats, max {max(gaps):.3f}")
+    assert agree >= 0.85, f"{agree:.1%} of {len(gaps)} tokens are transformers' greedy choice"
+    assert sum(gaps) / len(gaps) < 0.1 and max(gaps) < 3.0, gaps

@@ -6,6 +6,7 @@
 #
 # 1. the GPU tests (pytest -m "$PLLM_GPU_MARKERS", default cuda): the Triton
 #    kernels compiled against the reference in fp32/fp16/bf16 and fp8 caches,
+#    the MoE grouped GEMM, the quantized-weight GEMMs (GGUF, int8, fp8),
 #    CUDA graphs against the eager engine, the fp8 KV cache against
 #    transformers with the same rounding;
 # 2. ci/legs/cuda/gpu_e2e.py: greedy parity with transformers on the GPU,
@@ -47,10 +48,11 @@ cat "$out/platforms.txt"
 
 status=0
 log "GPU tests (-m $MARKERS)"
-timeout 360 "$PYTHON" -m pytest -q -m "$MARKERS" -p no:cacheprovider \
+timeout 480 "$PYTHON" -m pytest -q -m "$MARKERS" -p no:cacheprovider \
     --junitxml "$out/gpu_tests.xml" \
     tests/platforms/triton/test_triton_attention.py tests/core/test_graphs.py \
-    tests/core/test_kv_cache_fp8.py \
+    tests/core/test_kv_cache_fp8.py tests/platforms/triton/test_triton_moe.py \
+    tests/platforms/triton/test_triton_quant.py \
     > "$out/gpu_tests.log" 2>&1 || status=1
 tail -25 "$out/gpu_tests.log"
 

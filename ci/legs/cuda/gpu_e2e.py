@@ -4,10 +4,13 @@
    Mistral (sliding window), Qwen2 and Qwen3, each in one mixed batch, with
    chunked prefill and with the decode steps replayed from CUDA graphs; and a
    random model with SmolLM2-135M's exact shapes (eager and graphs).
+   GGUF Q4_0, Q4_1 and Q8_0 files kept in their blocks, and int8 weights,
+   on the Triton dequantizing GEMM (against transformers on the same values).
 2. Throughput on the standard workload (BENCHMARKS.md), bf16, pllm (CUDA
    graphs and eager) vs HF transformers `generate` with static batches of 16
    and left padding, on the same GPU in the same run, with the
-   SmolLM2-135M-shaped model, with an fp8 KV cache too on sm89+; and
+   SmolLM2-135M-shaped model, with an fp8 KV cache too on sm89+, with int8
+   and fp8 weights; and
    batch-1 decode speed, graphs vs eager.
 
 Usage: python ci/legs/cuda/gpu_e2e.py OUT.json  (needs a GPU build of torch and pllm installed).
@@ -50,9 +53,11 @@ def pllm_greedy(llm, prompts, max_new):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
 
 
-def parity(folder, prompts, max_new, settings):
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEV).eval()
-    expected = hf_greedy(hf, prompts, max_new)
+def parity(folder, prompts, max_new, settings, hf=None):
+    """``settings``: {name: LLM kwargs}; ``hf``: the transformers model to
+    match (default: ``folder``'s, in fp32)."""
+    hf = hf or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    expected = hf_greedy(hf.to(DEV).eval(), prompts, max_new)
     del hf
     sync()
     result = {}
@@ -77,9 +82,10 @@ def workload(n, vocab, seed=0):
     return reqs
 
 
-def bench_pllm(folder, reqs, enforce_eager=False, kv_cache_dtype="auto"):
+def bench_pllm(folder, reqs, enforce_eager=False, kv_cache_dtype="auto", quantization="auto"):
     llm = LLM(folder, device=DEV, dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
-              enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype)
+              enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype,
+              quantization=quantization)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
     llm.generate([p for p, _ in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
     sync()
@@ -168,6 +174,7 @@ def main(out_path: str) -> int:
                 {"batch": {}, "chunked_prefill": {"max_num_batched_tokens": 16},
                  "cuda_graphs": {"enforce_eager": False}})
             print(arch, report[f"parity_tiny_{arch}"], flush=True)
+        report.update(quantized_parity(tmp, tiny_prompts))
         smol = make_tiny_model(f"{tmp}/smol", arch="llama", **shape)
         smol_prompts = [[rng.randrange(10, shape["vocab_size"]) for _ in range(n)] for n in (8, 31, 64, 100)]
         report["parity_smollm2_shape_random"] = parity(
@@ -181,6 +188,10 @@ def main(out_path: str) -> int:
         if DEV != "cuda" or torch.cuda.get_device_capability(0) >= (8, 9):  # fp8 needs sm89+
             report["throughput_pllm_bf16_fp8_kv"] = bench_pllm(smol, reqs, kv_cache_dtype="fp8")
             print("pllm fp8 KV cache", report["throughput_pllm_bf16_fp8_kv"], flush=True)
+        for quantization in ("int8", "fp8"):  # weights rounded at load; bf16 activations
+            key = f"throughput_pllm_bf16_{quantization}_weights"
+            report[key] = bench_pllm(smol, reqs, quantization=quantization)
+            print(f"pllm {quantization} weights", report[key], flush=True)
         report["decode_batch1_tokens_per_s"] = {
             "cuda_graphs": decode_speed(smol, enforce_eager=False),
             "eager": decode_speed(smol, enforce_eager=True)}
@@ -197,6 +208,37 @@ def main(out_path: str) -> int:
     for line in unequal:
         print(f"PARITY FAIL {line}", flush=True)
     return 1 if unequal else 0
+
+
+def quantized_parity(tmp, prompts) -> dict:
+    """Greedy parity of the quantized linear layers (Triton's dequantizing
+    GEMM) with fp32 activations: GGUF Q4_0 / Q4_1 / Q8_0 files against
+    transformers on the file's dequantized values, int8 against transformers
+    on the same rounded values (eager and CUDA graphs)."""
+    from pllm.loader.testing import make_tiny_gguf
+    from pllm.models.quant import int8_per_channel
+
+    settings = {"batch": {}, "cuda_graphs": {"enforce_eager": False}}
+    report = {}
+    for fmt in ("Q4_0", "Q4_1", "Q8_0"):
+        path = make_tiny_gguf(f"{tmp}/gguf-{fmt}", "llama", quant=fmt, hidden_size=256, head_dim=64)
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                  gguf_file=os.path.basename(path),
+                                                  dtype=torch.float32)
+        report[f"parity_tiny_gguf_{fmt}"] = parity(
+            path, prompts, 32, {k: {**v, "quantization": "gguf"} for k, v in settings.items()}, hf)
+        print(fmt, report[f"parity_tiny_gguf_{fmt}"], flush=True)
+    folder = make_tiny_model(f"{tmp}/int8", arch="qwen2", hidden_size=256, head_dim=64,
+                             tie_word_embeddings=True)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for param in hf.parameters():
+            if param.dim() == 2:
+                param.copy_(int8_per_channel(param).dequantize())
+    report["parity_tiny_int8"] = parity(
+        folder, prompts, 32, {k: {**v, "quantization": "int8"} for k, v in settings.items()}, hf)
+    print("int8", report["parity_tiny_int8"], flush=True)
+    return report
 
 
 def parity_failures(report: dict) -> list[str]:

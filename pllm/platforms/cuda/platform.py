@@ -16,7 +16,13 @@ import os
 import torch
 
 from pllm.core.interfaces import Detection, KVCacheAllocator, PlatformCapabilities
-from pllm.platforms.triton.platform import BLOCK_SIZES, GPU_SCORE, HEAD_DIMS, TorchGPUPlatform
+from pllm.platforms.triton.platform import (
+    BLOCK_SIZES,
+    GPU_SCORE,
+    HEAD_DIMS,
+    WEIGHT_FORMATS,
+    TorchGPUPlatform,
+)
 
 
 def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCapabilities:
@@ -36,6 +42,8 @@ def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCap
         block_sizes=BLOCK_SIZES,
         head_dims=HEAD_DIMS,
         kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2) if has_fp8 else (),
+        weight_formats=WEIGHT_FORMATS,
+        weight_format_dtypes=dtypes,
         supports_soft_cap=True,
         supports_graphs=True,
         profiles_memory=True,

@@ -16,7 +16,13 @@ import os
 import torch
 
 from pllm.core.interfaces import Detection, KVCacheAllocator, PlatformCapabilities
-from pllm.platforms.triton.platform import BLOCK_SIZES, GPU_SCORE, HEAD_DIMS, TorchGPUPlatform
+from pllm.platforms.triton.platform import (
+    BLOCK_SIZES,
+    GPU_SCORE,
+    HEAD_DIMS,
+    WEIGHT_FORMATS,
+    TorchGPUPlatform,
+)
 
 KFD_PATH = "/dev/kfd"  # the AMD GPU compute driver's device file
 
@@ -37,6 +43,8 @@ def rocm_capabilities(gcn_arch: str | None) -> PlatformCapabilities:
         block_sizes=BLOCK_SIZES,
         head_dims=HEAD_DIMS,
         kv_cache_dtypes=(fp8,) if fp8 is not None else (),
+        weight_formats=WEIGHT_FORMATS,
+        weight_format_dtypes=(torch.bfloat16, torch.float16, torch.float32),
         supports_soft_cap=True,
         supports_graphs=True,  # HIP graphs, through torch.cuda.CUDAGraph
         profiles_memory=True,

@@ -13,6 +13,8 @@ from pllm.core.interfaces import AttentionBackend, Communicator, Platform
 GPU_SCORE = 100
 HEAD_DIMS = (64, 128, 256)  # what the Triton kernels are compiled for
 BLOCK_SIZES = (16, 32)
+# Weight formats triton/quant.py multiplies (in any of the platform's dtypes).
+WEIGHT_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "F8_E4M3")
 
 
 class TorchGPUPlatform(Platform):
@@ -42,10 +44,13 @@ class TorchGPUPlatform(Platform):
 
     def prepare_model(self, model, config):
         """MoE blocks run their experts through the Triton grouped GEMM
-        (``triton/moe.py``); a model without experts is returned as it is."""
+        (``triton/moe.py``), kept quantized weights through the Triton
+        dequantizing GEMM or fp8 (``triton/quant.py``); a model with neither
+        is returned as it is."""
         from pllm.platforms.triton.moe import use_triton_moe
+        from pllm.platforms.triton.quant import use_triton_quant
 
-        return use_triton_moe(model)
+        return use_triton_quant(use_triton_moe(model))
 
     def make_decode_runner(self, model, backend, kv_caches, config):
         """CUDA (HIP) graphs of the decode step at 1, 2, 4, 8, 16, 32, ... up to
