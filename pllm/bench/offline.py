@@ -88,24 +88,26 @@ def run_latency(llm, requests: list[BenchRequest], *, num_warmup: int) -> dict:
 def decode_weight_bytes(engine) -> int:
     """Bytes of weights one decode step reads: every parameter, except an input
     embedding that is not also the LM head (a step reads only a row of it).
-    Weights kept in GGUF blocks count their bytes as stored.
+    Weights kept quantized count their bytes as stored.
     Under tensor parallelism, rank 0's share times the ranks (they hold equal
     shares of the layers and the LM head, and each a copy of the norms)."""
     import torch
 
-    from pllm.models.quant import GGUFWeight, QuantLinear
+    from pllm.models.quant import QuantLinear
 
     model = engine.executor.worker.model
     head = getattr(getattr(model, "lm_head", None), "weight", None)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    read = {id(p): p for p in model.parameters() if id(p) not in embeddings or p is head}
+    read = {id(p): p.numel() * p.element_size() for p in model.parameters()
+            if id(p) not in embeddings or p is head}
     for linear in model.modules():
         if isinstance(linear, QuantLinear):
             for segment in linear.segments:
-                data = segment.data if isinstance(segment, GGUFWeight) else segment
-                read[id(data)] = data
-    total = sum(p.numel() * p.element_size() for p in read.values())
-    return total * engine.config.parallel.tensor_parallel_size
+                if isinstance(segment, torch.Tensor):
+                    read[id(segment)] = segment.numel() * segment.element_size()
+                else:  # a kept weight (blocks, planes, fp8), counted once
+                    read[id(segment)] = segment.nbytes
+    return sum(read.values()) * engine.config.parallel.tensor_parallel_size
 
 
 def engine_dtype_and_device(engine) -> tuple[str, str]:

@@ -95,8 +95,8 @@ def _describe(caps) -> str:
     kv = names(caps.kv_cache_dtypes) or "none"
     formats = ", ".join(caps.weight_formats) or "none"
     return (f"dtypes: {names(caps.dtypes)} (default {names([caps.default_dtype])}); "
-            f"8-bit KV cache (--kv-cache-dtype): {kv}; GGUF weights kept quantized "
-            f"(--quantization gguf): {formats}; block sizes: "
+            f"8-bit KV cache (--kv-cache-dtype): {kv}; weights kept quantized "
+            f"(--quantization gguf, int8 = Q8_0, fp8 = F8_E4M3): {formats}; block sizes: "
             f"{', '.join(map(str, caps.block_sizes))}")
 
 

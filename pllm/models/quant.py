@@ -259,8 +259,10 @@ def quantize_fp8_activations(x: torch.Tensor, per_token: bool = True,
     token or ``[1, 1]`` per tensor, so that ``x ~ q * scale``. Dynamic: the
     scales are each call's absolute maxima / 448. Device ops only (no read
     back to the host), so a CUDA graph can hold it."""
-    x32 = x.float()
-    amax = x32.abs().amax(dim=-1, keepdim=True) if per_token else x32.abs().amax().reshape(1, 1)
+    x32 = x.float().contiguous()
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    if not per_token:  # the rows' maxima, then theirs (an empty step has no rows)
+        amax = amax.amax(dim=0, keepdim=True) if x.shape[0] else amax.new_zeros(1, 1)
     scale = torch.clamp(amax / FP8_MAX, min=torch.finfo(torch.float32).tiny)
     q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale

@@ -163,6 +163,8 @@ def fp8_linear(x: torch.Tensor, weight: FP8Weight, per_token: bool = True) -> to
     shapes suit it (``K`` and ``N`` multiples of 16), the Triton fp8 GEMM
     otherwise. In ``x``'s dtype."""
     flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:  # both GEMMs take rows of K contiguous values
+        flat = flat.contiguous()
     q, scale = quantize_fp8_activations(flat, per_token)
     n, k = weight.shape
     cublas, rowwise = _cublas_fp8(x.device)

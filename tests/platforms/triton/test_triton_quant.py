@@ -137,6 +137,29 @@ def test_the_model_moves_to_planes_and_a_tied_head_shares_them():
     assert head.matmul is proj.matmul is model.fp8.matmul
 
 
+def test_the_bench_counts_the_bytes_of_planes_and_fp8_once():
+    """``pllm bench``'s bytes read per decode step, for a model prepared as
+    the GPU platforms prepare it: planes and fp8 weights by their storage,
+    the tied head's view of the embedding's planes not counted twice with
+    the head's own."""
+    from types import SimpleNamespace
+
+    from pllm.bench.offline import decode_weight_bytes
+
+    model = _Tiny()
+    use_triton_quant(model)
+    engine = SimpleNamespace(executor=SimpleNamespace(worker=SimpleNamespace(model=model)),
+                             config=SimpleNamespace(parallel=SimpleNamespace(
+                                 tensor_parallel_size=1)))
+    proj, fp8 = model.proj.segments, model.fp8.segments[0]
+    expected = (64 * 2  # the norm
+                + model.head.segments[0].nbytes  # the head's 16 rows of the table
+                + proj[0].nbytes + proj[1].numel() * 2  # planes, dense rows
+                + model.proj.bias.numel() * model.proj.bias.element_size()
+                + fp8.data.numel() + 4 * fp8.scale.numel())
+    assert decode_weight_bytes(engine) == expected
+
+
 def _fp8_reference(q: torch.Tensor, scale: torch.Tensor, weight: FP8Weight) -> torch.Tensor:
     return (q.double() @ weight.data.double().T) * scale.double() * weight.scale.double()
 
@@ -183,6 +206,12 @@ def test_activations_quantize_per_token_or_per_tensor():
     assert q.float().abs().amax(dim=1)[[0, 2]].eq(FP8_MAX).all()  # each row uses the full range
     q, scale = quantize_fp8_activations(x, per_token=False)
     assert scale.shape == (1, 1) and scale.item() == pytest.approx(x.abs().max().item() / FP8_MAX)
+    # An empty step, and a column-major x: rows of K contiguous values come out.
+    for per_token in (True, False):
+        q, scale = quantize_fp8_activations(torch.zeros(0, 64), per_token)
+        assert q.shape == (0, 64) and scale.shape[1] == 1
+    q, _ = quantize_fp8_activations(torch.randn(64, 5).T, per_token=True)
+    assert q.stride() == (64, 1)
 
 
 def test_fp8_is_refused_where_the_platform_does_not_multiply_it(tmp_path):
@@ -233,7 +262,7 @@ LARGE_CASES = tuple(
     for fmt in FORMATS
     for m, n, k in ((1, 4096, 4096), (8, 1024, 2048), (300, 2048, 1536), (2, 1000, 544))
 )
-SMALL_NAMES = [c.name for c in SMALL_CASES]
+SMALL_NAMES = [c.name for c in SMALL_CASES] + ["fp8_every_e4m3_code"]
 LARGE_NAMES = [c.name for c in LARGE_CASES]
 ENGINE_CASES = ("engine_Q4_0", "engine_Q4_1", "engine_Q8_0", "engine_int8", "engine_fp8")
 
@@ -268,6 +297,33 @@ def _check_case(case: Case, dtype_name: str, device) -> dict:
     got = _linear(case.fmt, x, weight, device).cpu()
     ref = _reference(case.fmt, x, weight)
     return _compare(case.name, dtype_name, got, ref)
+
+
+def _check_every_e4m3_code(dtype_name: str, device) -> dict:
+    """The kernel's own e4m3 decode, every code but the two NaNs: activations
+    holding each code once (one scale of 1) times the identity in e4m3, so
+    that y is the decoded codes themselves; then every code against every
+    code's column, against torch's decode in float64."""
+    from pllm.platforms.triton.kernels.quant import fp8_matmul
+
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)
+    values = codes.view(torch.float8_e4m3fn)
+    k = codes.numel()
+    eye = torch.eye(k).to(torch.float8_e4m3fn)
+    one = torch.ones(1, 1)
+    got = fp8_matmul(values[None].to(device), one.to(device), eye.to(device),
+                     torch.ones(k, device=device), torch.float32).cpu()
+    exact = bool(torch.equal(got[0], values.float()))  # -0 compares equal to 0
+    shuffled = codes[torch.randperm(k, generator=torch.Generator().manual_seed(0))]
+    a = torch.stack([codes, shuffled]).view(torch.float8_e4m3fn)
+    w = torch.stack([shuffled, codes, codes.flip(0)]).view(torch.float8_e4m3fn)
+    got2 = fp8_matmul(a.to(device), torch.tensor([[0.5], [2.0]], device=device), w.to(device),
+                      torch.tensor([1.0, 0.25, 3.0], device=device), torch.float32).cpu()
+    ref = (a.float().double() @ w.float().double().T) * torch.tensor([[0.5], [2.0]]).double() \
+        * torch.tensor([1.0, 0.25, 3.0]).double()
+    result = _compare("fp8_every_e4m3_code", "fp32", got2, ref)
+    result.update(dtype=dtype_name, ok=result["ok"] and exact, decode_exact=exact)
+    return result
 
 
 def _compare(name: str, dtype_name: str, got: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -410,6 +466,7 @@ def child_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     checks = [(c.name, lambda c=c: _check_case(c, args.dtype, device)) for c in SMALL_CASES]
+    checks += [("fp8_every_e4m3_code", lambda: _check_every_e4m3_code(args.dtype, device))]
     if args.large:
         checks += [(c.name, lambda c=c: _check_case(c, args.dtype, device)) for c in LARGE_CASES]
         checks += [("cuda_graph_replay", lambda: _check_graph_replay(args.dtype, device))]
