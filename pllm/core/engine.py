@@ -124,6 +124,13 @@ class LLMEngine:
     def from_engine_args(cls, args) -> LLMEngine:
         return cls(args.create_engine_config())
 
+    @property
+    def broken(self) -> str | None:
+        """Why the executor cannot run another step (a tensor-parallel rank
+        died or failed), else None: known as soon as it happens, even while
+        no step runs."""
+        return getattr(self.executor, "broken", None)
+
     def shutdown(self) -> None:
         """Stop the executor's worker processes (tensor parallelism) and give
         the process its torch thread count back; the engine cannot step

@@ -89,6 +89,10 @@ class PlatformCapabilities:
     # Tensor-parallel ranks may share one device (the host's cores); otherwise
     # each rank needs a device of its own (``device(rank)``).
     ranks_share_device: bool = False
+    # What a rank reserves in a Ray cluster (--distributed-executor-backend
+    # ray): one of this Ray resource ("GPU", "TPU", "neuron_cores"); None:
+    # one CPU.
+    ray_resource: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_dtype not in self.dtypes:

@@ -40,14 +40,16 @@ class Worker:
     """Holds the model (this rank's shard of it) and the KV cache on one device."""
 
     def __init__(self, config: EngineConfig, platform: Platform, loaded, rank: int = 0,
-                 comm: Communicator | None = None) -> None:
+                 comm: Communicator | None = None, device_index: int | None = None) -> None:
+        """``device_index``: the device this rank runs on (default: ``rank``;
+        a Ray actor sees only its own device, index 0)."""
         from pllm.models import build_model, describe_model  # the core's one seam to the models
         from pllm.models.parallel import TensorParallel
 
         assert config.resolved, "the worker takes a resolved config"
         self.config, self.platform = config, platform
         self.tp = TensorParallel(rank, config.parallel.tensor_parallel_size, comm)
-        self.device = platform.device(rank)
+        self.device = platform.device(rank if device_index is None else device_index)
         self.info = describe_model(loaded.hf_config, self.tp.size)
         t0 = time.perf_counter()
         self.model = build_model(

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from pllm.core.config import (
+    EXECUTOR_BACKENDS,
     KV_CACHE_DTYPES,
     QUANTIZATIONS,
     CacheConfig,
@@ -83,6 +84,8 @@ class EngineArgs:
     # from measured step times); None or 0: off.
     target_itl_ms: float | None = None
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
+    ray_address: str | None = None
     seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None
@@ -112,7 +115,9 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                 target_step_latency_s=self.target_itl_ms / 1000 if self.target_itl_ms else None,
             ),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    distributed_executor_backend=self.distributed_executor_backend,
+                                    ray_address=self.ray_address),
             device=DeviceConfig(
                 device=self.device, enforce_eager=self.enforce_eager, num_threads=self.num_threads,
             ),
@@ -175,6 +180,13 @@ class EngineArgs:
                        help="ranks to shard the model over, one process each (attention heads, "
                             "KV heads and the MLP width must divide by it); on the CPU the ranks "
                             "split the cores and --kv-cache-memory is their total")
+        g.add_argument("--distributed-executor-backend", default="mp", choices=list(EXECUTOR_BACKENDS),
+                       help="how tensor-parallel ranks run: mp, a process each on this machine; "
+                            "ray, a Ray actor each in a Ray cluster, across machines "
+                            "(pip install 'pllm[ray]'; see docs/multi-node.md)")
+        g.add_argument("--ray-address", default=None,
+                       help="the Ray cluster to join with --distributed-executor-backend ray "
+                            "(default: RAY_ADDRESS, else a local cluster is started)")
         g.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
         g.add_argument("--served-model-name", default=None, help="model name the API reports")
         g.add_argument("--chat-template", default=None, help="Jinja chat template, or a path to one")

@@ -4,6 +4,10 @@
     MultiprocExecutor   tensor parallelism over N ranks: rank 0's worker in
                         this process, ranks 1..N-1 each in a process of its
                         own                                    (multiproc.py)
+    RayExecutor         the same over a Ray cluster: ranks 1..N-1 each in a
+                        Ray actor, on any node                 (ray_executor.py)
+
+With one rank there is nothing to distribute: the backend is not used.
 """
 
 from __future__ import annotations
@@ -43,12 +47,19 @@ class Executor(Protocol):
     def shutdown(self) -> None:
         """Stop the ranks and close their communicators; idempotent."""
 
+    # Executors of several ranks also say ``broken: str | None``: why no
+    # step can run any more (a rank died), as soon as they know.
+
 
 def make_executor(config: EngineConfig, platform: Platform, loaded) -> Executor:
     if config.parallel.tensor_parallel_size == 1:
         from pllm.core.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, platform, loaded)
+    if config.parallel.distributed_executor_backend == "ray":
+        from pllm.core.executor.ray_executor import RayExecutor
+
+        return RayExecutor(config, platform, loaded)
     from pllm.core.executor.multiproc import MultiprocExecutor
 
     return MultiprocExecutor(config, platform, loaded)

@@ -41,14 +41,16 @@ from pllm.core.worker import Worker
 logger = logging.getLogger("pllm")
 
 
-def check_tensor_parallel(config: EngineConfig, platform: Platform, hf_config) -> None:
+def check_tensor_parallel(config: EngineConfig, platform: Platform, hf_config,
+                          local_devices: bool = True) -> None:
     """Fail before any process starts when the ranks cannot be placed or the
-    model does not split evenly over them."""
+    model does not split evenly over them. ``local_devices``: every rank
+    runs on this machine (Ray places its ranks across a cluster instead)."""
     from pllm.models import describe_model
 
     size = config.parallel.tensor_parallel_size
     caps = platform.capabilities
-    if not caps.ranks_share_device and size > platform.device_count():
+    if local_devices and not caps.ranks_share_device and size > platform.device_count():
         raise ValueError(
             f"tensor_parallel_size={size} needs {size} {platform.name} devices; "
             f"{platform.device_count()} visible"
@@ -140,6 +142,11 @@ class MultiprocExecutor:
                 proc.kill()
             self.shutdown()
             raise ExecutorBrokenError(self._broken) from exc
+
+    @property
+    def broken(self) -> str | None:
+        """Why no step can run any more (a rank died or failed), else None."""
+        return self._broken
 
     def shutdown(self) -> None:
         self._finalizer()

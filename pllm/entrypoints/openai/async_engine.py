@@ -119,7 +119,10 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._dead is None
+        """The loop runs and the engine can step (a tensor-parallel rank that
+        died makes this false at once, before any step tries)."""
+        return (self._thread is not None and self._thread.is_alive() and self._dead is None
+                and not getattr(self.engine, "broken", None))
 
     @property
     def num_requests(self) -> int:

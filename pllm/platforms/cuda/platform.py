@@ -45,6 +45,7 @@ def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCap
         weight_formats=WEIGHT_FORMATS,
         weight_format_dtypes=dtypes,
         supports_soft_cap=True,
+        ray_resource="GPU",
         supports_graphs=True,
         profiles_memory=True,
     )

@@ -38,6 +38,7 @@ _CAPABILITIES = PlatformCapabilities(
     supports_sliding_window=True,
     supports_soft_cap=True,  # the torch path and the ragged kernel's signature take it
     inference_mode=False,  # torch-xla's tensors cannot be inference tensors
+    ray_resource="neuron_cores",
     # neuronx-cc compiles one graph per shape, slowly: fewer, larger buckets.
     token_buckets=(128, 256, 512, 1024, 2048, 4096),
     seq_buckets=(1, 2, 4, 8, 16, 32),

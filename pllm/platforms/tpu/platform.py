@@ -29,6 +29,7 @@ _CAPABILITIES = PlatformCapabilities(
     supports_sliding_window=True,
     supports_soft_cap=True,  # the torch path and the ragged kernel's signature take it
     inference_mode=False,  # torch-xla's tensors cannot be inference tensors
+    ray_resource="TPU",
     # XLA compiles one program per shape: the runner pads to these.
     token_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
     seq_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
