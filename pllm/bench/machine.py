@@ -10,6 +10,21 @@ import sys
 import time
 
 
+def children_rss_bytes() -> int:
+    """Resident memory of this process's descendants now: tensor-parallel
+    rank processes, and a Ray cluster this process started (its GCS,
+    raylet, workers and actors)."""
+    import psutil
+
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far.
 

@@ -169,9 +169,18 @@ def print_throughput(result: dict) -> None:
     print(f"pllm: {_fmt(p['useful_output_tokens_per_s'])} useful output tokens/s, "
           f"{_fmt(p['total_tokens_per_s'])} prompt+output tokens/s, "
           f"{_fmt(p['requests_per_s'])} requests/s ({p['elapsed_s']:.1f}s)")
+    _print_processes(p)
     _print_spec(p)
     _print_compilations(p)
     _print_baselines(result, "useful_output_tokens_per_s", "useful output tokens/s")
+
+
+def _print_processes(p: dict) -> None:
+    """Start-up time, and the memory of the processes the engine started
+    (tensor-parallel ranks; a Ray cluster's GCS, raylet and actors)."""
+    if "startup_s" in p:
+        print(f"  start-up {p['startup_s']:.1f}s ({p.get('executor', 'mp')} executor); "
+              f"other processes {p.get('children_rss_bytes', 0) / 1e9:.2f} GB resident")
 
 
 def _print_compilations(p: dict) -> None:
@@ -213,6 +222,7 @@ def _print_baselines(result: dict, key: str, label: str) -> None:
             continue
         ratio = result["ratios"].get(name)
         print(f"{name}: {_fmt(base.get(key))} {label}; pllm/{name} = {_fmt(ratio, 'x')}")
+        _print_processes(base)
 
 
 def print_serve(result: dict) -> None:

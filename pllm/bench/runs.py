@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from pllm.core.config import EXECUTOR_BACKENDS
 from pllm.entrypoints.engine_args import EngineArgs
 
 # --compare names; "hf" is every HF baseline that fits the benchmark.
@@ -37,6 +38,8 @@ PLLM_BASELINE = "pllm-"  # pllm-DEVICE: pllm on another platform (throughput, la
 NO_SPEC = "no-spec"
 # The same requests without their --structured-output schemas (throughput).
 NO_STRUCTURED = "no-structured"
+# executor-mp / executor-ray: pllm with the other --distributed-executor-backend.
+EXECUTOR_BASELINE = "executor-"
 
 
 def _baselines(kind: str, compare: list[str]) -> list[str]:
@@ -46,7 +49,8 @@ def _baselines(kind: str, compare: list[str]) -> list[str]:
         for name in filter(None, (s.strip() for s in item.split(","))):
             if kind in ("throughput", "latency") and (
                     (name.startswith(PLLM_BASELINE) and len(name) > 5)
-                    or name in (NO_SPEC, NO_STRUCTURED)):
+                    or name in (NO_SPEC, NO_STRUCTURED)
+                    or name in (f"{EXECUTOR_BASELINE}{b}" for b in EXECUTOR_BACKENDS)):
                 names += [name] if name not in names else []
                 continue
             if name not in known:
@@ -105,7 +109,10 @@ def _make_llm(args):
     from pllm.entrypoints.llm import LLM
 
     ea = EngineArgs.from_cli_args(args)
-    return ea, LLM(**vars(ea))
+    t0 = time.perf_counter()
+    llm = LLM(**vars(ea))
+    llm.startup_s = round(time.perf_counter() - t0, 1)
+    return ea, llm
 
 
 # ---------------------------------------------------------------- throughput
@@ -114,7 +121,7 @@ def _make_llm(args):
 def run_throughput(args) -> dict:
     from pllm.bench import report
     from pllm.bench.hf_baseline import BASELINE_MODES, run_baseline
-    from pllm.bench.machine import peak_rss_bytes
+    from pllm.bench.machine import children_rss_bytes, peak_rss_bytes
     from pllm.bench.offline import run_throughput as pllm_throughput
     from pllm.bench.workload import build_requests, parse_range, with_schemas, workload_summary
 
@@ -141,11 +148,14 @@ def run_throughput(args) -> dict:
     print(f"pllm: {len(requests)} requests ({result['workload']['num_prompt_tokens']} prompt + "
           f"{result['workload']['num_output_tokens']} output tokens)", flush=True)
     result["pllm"] = pllm_throughput(llm, requests, use_tqdm=sys.stderr.isatty())
-    result["pllm"]["peak_rss_bytes"] = peak_rss_bytes()
+    result["pllm"].update(peak_rss_bytes=peak_rss_bytes(), startup_s=llm.startup_s,
+                          children_rss_bytes=children_rss_bytes(),
+                          executor=engine.config.parallel.distributed_executor_backend)
     if (spec := spec_figures(engine)) is not None:
         result["pllm"]["spec_decode"] = spec
     specs = {name: _baseline_spec(engine, BASELINE_MODES[name], plain) for name in baselines
-             if not name.startswith(PLLM_BASELINE) and name not in (NO_SPEC, NO_STRUCTURED)}
+             if not name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE))
+             and name not in (NO_SPEC, NO_STRUCTURED)}
     llm.shutdown()
     del llm, engine  # pllm's weights and KV cache go back before a baseline loads its own
     gc.collect()
@@ -154,7 +164,7 @@ def run_throughput(args) -> dict:
         if name == NO_STRUCTURED:
             result["baselines"][name] = _pllm_on(ea, ea.device, plain,
                                                  label="without the schemas")
-        elif name.startswith(PLLM_BASELINE) or name == NO_SPEC:
+        elif name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE)) or name == NO_SPEC:
             result["baselines"][name] = _pllm_baseline(ea, name, requests)
     result["baseline_settings"] = {"hf_batch_size": args.hf_batch_size, "hf_order": args.hf_order,
                                    "hf_page_size": args.hf_page_size,
@@ -173,8 +183,13 @@ def run_throughput(args) -> dict:
 
 
 def _pllm_baseline(ea, name: str, requests, num_warmup: int | None = None) -> dict:
-    """A pllm baseline: ``pllm-DEVICE`` or ``no-spec``."""
+    """A pllm baseline: ``pllm-DEVICE``, ``no-spec`` or ``executor-BACKEND``."""
     import dataclasses
+
+    if name.startswith(EXECUTOR_BASELINE):
+        backend = name[len(EXECUTOR_BASELINE):]
+        return _pllm_on(dataclasses.replace(ea, distributed_executor_backend=backend), ea.device,
+                        requests, num_warmup, label=f"with the {backend} executor")
 
     if name == NO_SPEC:
         if not ea.speculative_config:
@@ -217,9 +232,12 @@ def _pllm_on(ea, device: str, requests, num_warmup: int | None = None,
             figures = pllm_throughput(llm, requests)
         else:
             figures = pllm_latency(llm, requests, num_warmup=num_warmup)
+        from pllm.bench.machine import children_rss_bytes
+
         engine = llm.llm_engine
         figures.update(startup_s=round(start, 1), device=engine.platform.name,
-                       dtype=engine.config.model.dtype)
+                       dtype=engine.config.model.dtype, children_rss_bytes=children_rss_bytes(),
+                       executor=engine.config.parallel.distributed_executor_backend)
         return figures
     finally:
         llm.shutdown()
@@ -260,7 +278,7 @@ def run_latency(args) -> dict:
     pllm["peak_rss_bytes"] = peak_rss_bytes()  # before the bandwidth probe's tensor
     weight_bytes = decode_weight_bytes(engine)
     specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines
-             if not name.startswith(PLLM_BASELINE) and name != NO_SPEC}
+             if not name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE)) and name != NO_SPEC}
     llm.shutdown()
     del llm, engine
     gc.collect()
@@ -273,7 +291,7 @@ def run_latency(args) -> dict:
     }
     result["baselines"] = {}
     for name in baselines:
-        if name.startswith(PLLM_BASELINE) or name == NO_SPEC:
+        if name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE)) or name == NO_SPEC:
             base = _pllm_baseline(ea, name, requests, args.num_iters_warmup)
             if base.get("time_per_output_token_s"):
                 base["bandwidth_fraction"] = (weight_bytes / base["time_per_output_token_s"] / 1e9

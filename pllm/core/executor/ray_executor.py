@@ -159,12 +159,22 @@ class RayExecutor:
                                            self._stopping, self._state)
         try:
             t0 = time.perf_counter()
+            resource = platform.capabilities.ray_resource
+            address = config.parallel.ray_address or os.environ.get("RAY_ADDRESS")
+            if address and address.startswith("ray://"):
+                raise ValueError(
+                    f"ray_address={address!r}: Ray Client addresses are not supported; rank "
+                    "0 runs in this process, which must be a node of the cluster (run pllm "
+                    "on one, with RAY_ADDRESS=HOST:PORT)")
             if not ray.is_initialized():
-                address = config.parallel.ray_address or os.environ.get("RAY_ADDRESS")
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                         log_to_driver=True)
+                # A cluster of this machine alone: its ranks share the cores
+                # as the mp executor's do, so one CPU each is declared even
+                # where there are more ranks than cores.
+                num_cpus = None if address or resource else max(os.cpu_count() or 1, size)
+                ray.init(address=address, num_cpus=num_cpus, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=True)
                 self._state["started_ray"] = address is None
-            bundle = {platform.capabilities.ray_resource or "CPU": 1.0}
+            bundle = {resource or "CPU": 1.0}
             here = ray.get_runtime_context().get_node_id()
             pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK",
                                  bundle_label_selector=[{"ray.io/node-id": here}]

@@ -168,3 +168,12 @@ def test_the_backend_is_checked_by_name():
 
     with pytest.raises(ValueError, match="distributed_executor_backend='rpc' is not one of mp, ray"):
         ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="rpc")
+
+
+@needs_ray
+def test_a_ray_client_address_is_refused(tiny_model_dir, ray_env):
+    """Rank 0 runs in this process, which must be a node of the cluster."""
+    with pytest.raises(ValueError, match="Ray Client addresses are not supported"):
+        LLM(tiny_model_dir, device="cpu", kv_cache_memory="8MB", tensor_parallel_size=2,
+            distributed_executor_backend="ray", ray_address="ray://127.0.0.1:10001")
+    assert not torch.distributed.is_initialized()
