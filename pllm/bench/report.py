@@ -177,7 +177,8 @@ def print_throughput(result: dict) -> None:
 
 def _print_processes(p: dict) -> None:
     """Start-up time, and the memory of the processes the engine started
-    (tensor-parallel ranks; a Ray cluster's GCS, raylet and actors)."""
+    (tensor-parallel ranks; a Ray cluster's GCS, raylet and actors; not a
+    cluster it joined, whose processes are not this one's)."""
     if "startup_s" in p:
         print(f"  start-up {p['startup_s']:.1f}s ({p.get('executor', 'mp')} executor); "
               f"other processes {p.get('children_rss_bytes', 0) / 1e9:.2f} GB resident")
@@ -195,6 +196,7 @@ def print_latency(result: dict) -> None:
     p, bw = result["pllm"], result.get("bandwidth", {})
     print(f"pllm: decode {_fmt(p['decode_tokens_per_s'])} tokens/s, "
           f"TTFT {_fmt(p['ttft_s'], ' ms', 1000)}, e2e {_fmt(p['e2e_latency_s'], ' s')}")
+    _print_processes(p)
     _print_spec(p)
     _print_compilations(p)
     if bw:

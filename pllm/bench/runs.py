@@ -188,6 +188,11 @@ def _pllm_baseline(ea, name: str, requests, num_warmup: int | None = None) -> di
 
     if name.startswith(EXECUTOR_BASELINE):
         backend = name[len(EXECUTOR_BASELINE):]
+        if ea.tensor_parallel_size == 1:
+            return {"error": f"--compare {name} needs --tensor-parallel-size over 1 (one rank "
+                             "runs in this process whatever the backend)"}
+        if backend == ea.distributed_executor_backend:
+            return {"error": f"--compare {name}: pllm itself runs with the {backend} executor"}
         return _pllm_on(dataclasses.replace(ea, distributed_executor_backend=backend), ea.device,
                         requests, num_warmup, label=f"with the {backend} executor")
 
@@ -228,10 +233,13 @@ def _pllm_on(ea, device: str, requests, num_warmup: int | None = None,
         return {"error": f"{type(e).__name__}: {e}"}
     try:
         start = time.perf_counter() - t0
-        if num_warmup is None:
-            figures = pllm_throughput(llm, requests)
-        else:
-            figures = pllm_latency(llm, requests, num_warmup=num_warmup)
+        try:
+            if num_warmup is None:
+                figures = pllm_throughput(llm, requests)
+            else:
+                figures = pllm_latency(llm, requests, num_warmup=num_warmup)
+        except Exception as e:  # noqa: BLE001  (recorded; the main result is kept)
+            return {"error": f"{type(e).__name__}: {e}", "startup_s": round(start, 1)}
         from pllm.bench.machine import children_rss_bytes
 
         engine = llm.llm_engine
@@ -249,7 +257,7 @@ def _pllm_on(ea, device: str, requests, num_warmup: int | None = None,
 def run_latency(args) -> dict:
     from pllm.bench import report
     from pllm.bench.hf_baseline import run_baseline
-    from pllm.bench.machine import measure_read_bandwidth, peak_rss_bytes
+    from pllm.bench.machine import children_rss_bytes, measure_read_bandwidth, peak_rss_bytes
     from pllm.bench.offline import decode_weight_bytes
     from pllm.bench.offline import run_latency as pllm_latency
     from pllm.bench.workload import build_requests, workload_summary
@@ -275,7 +283,9 @@ def run_latency(args) -> dict:
     result["pllm"] = pllm = pllm_latency(llm, requests, num_warmup=args.num_iters_warmup)
     if (spec := spec_figures(engine)) is not None:
         pllm["spec_decode"] = spec
-    pllm["peak_rss_bytes"] = peak_rss_bytes()  # before the bandwidth probe's tensor
+    pllm.update(peak_rss_bytes=peak_rss_bytes(),  # before the bandwidth probe's tensor
+                startup_s=llm.startup_s, children_rss_bytes=children_rss_bytes(),
+                executor=engine.config.parallel.distributed_executor_backend)
     weight_bytes = decode_weight_bytes(engine)
     specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines
              if not name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE)) and name != NO_SPEC}

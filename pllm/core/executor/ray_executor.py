@@ -49,7 +49,7 @@ from pllm.core.worker import Worker
 
 logger = logging.getLogger("pllm")
 
-RAY_HINT = "pip install 'pllm[ray]' (Ray 2.40 or newer)"
+RAY_HINT = "pip install 'pllm[ray]' (Ray 2.50 or newer)"
 # How long the cluster may take to find room for the ranks.
 PLACEMENT_TIMEOUT_S = float(os.environ.get("PLLM_RAY_PLACEMENT_TIMEOUT_S", "120"))
 # Environment the actors get from this process (they may start on other nodes).
@@ -118,7 +118,8 @@ class RankActor:
             return None
         except BaseException:
             error = traceback.format_exc()
-            threading.Timer(0.5, os._exit, args=(1,)).start()
+            # Long enough for the reply to reach rank 0 on a loaded machine.
+            threading.Timer(2.0, os._exit, args=(1,)).start()
             return error
 
     def stop(self) -> None:
@@ -150,6 +151,7 @@ class RayExecutor:
         self._ray = ray
         self._broken: str | None = None
         self._broken_by_watch = False
+        self._lock = threading.Lock()  # _broken and _broken_by_watch: engine thread vs watcher
         self._stopping = threading.Event()
         self._pending: list = []  # refs of steps sent and not yet seen done
         self._actors: list = []
@@ -167,13 +169,16 @@ class RayExecutor:
                     "0 runs in this process, which must be a node of the cluster (run pllm "
                     "on one, with RAY_ADDRESS=HOST:PORT)")
             if not ray.is_initialized():
-                # A cluster of this machine alone: its ranks share the cores
-                # as the mp executor's do, so one CPU each is declared even
+                local = address in (None, "", "local")
+                # A cluster of this machine alone ("local": never one that
+                # `ray start` left running): its ranks share the cores as
+                # the mp executor's do, so one CPU each is declared even
                 # where there are more ranks than cores.
-                num_cpus = None if address or resource else max(os.cpu_count() or 1, size)
-                ray.init(address=address, num_cpus=num_cpus, include_dashboard=False,
-                         logging_level=logging.WARNING, log_to_driver=True)
-                self._state["started_ray"] = address is None
+                num_cpus = max(os.cpu_count() or 1, size) if local and not resource else None
+                ray.init(address="local" if local else address, num_cpus=num_cpus,
+                         include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=True)
+                self._state["started_ray"] = local
             bundle = {resource or "CPU": 1.0}
             here = ray.get_runtime_context().get_node_id()
             pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK",
@@ -187,6 +192,13 @@ class RayExecutor:
                     f"node) within {PLACEMENT_TIMEOUT_S:.0f}s: the cluster has "
                     f"{_resources(ray.cluster_resources())}, free "
                     f"{_resources(ray.available_resources())}")
+            from ray.util import placement_group_table
+
+            placed = placement_group_table(pg).get("bundles_to_node_id", {})
+            if placed.get(0) != here:  # a Ray that ignores bundle label selectors
+                raise RuntimeError(
+                    f"Ray placed rank 0's bundle on node {placed.get(0)}, not on this one "
+                    f"({here}); pllm needs Ray 2.50 or newer ({RAY_HINT})")
             self._check_driver_device(platform, pg, bundle)
             init_method = f"tcp://{_node_address(ray)}:{_free_port()}"
             actor_cls = ray.remote(concurrency_groups={"watch": 1})(RankActor)
@@ -205,6 +217,10 @@ class RayExecutor:
             self.placement = [{"rank": 0, "node_id": here, "host": socket.gethostname(),
                                "pid": os.getpid()}] + self._get(starts, "start")
         except BaseException:
+            # A start still running (in the rendezvous, or loading) would
+            # keep a polite stop waiting: kill first.
+            self._stopping.set()
+            _release(ray, self._actors, self._comm_holder, self._state, kill_first=True)
             self.shutdown()
             raise
         self._watchers = [actor.watch.options(concurrency_group="watch").remote()
@@ -228,8 +244,9 @@ class RayExecutor:
         return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        if self._broken is None:
-            self._check_done(timeout=0)
+        if self._broken is None or self._broken_by_watch:
+            # A dead actor's last step may still hold its traceback.
+            self._check_done(timeout=2.0 if self._broken_by_watch else 0)
         if self._broken is not None:
             raise ExecutorBrokenError(self._broken)
         try:
@@ -255,6 +272,8 @@ class RayExecutor:
 
     def _broadcast(self, kind: str, inputs: StepInputs) -> None:
         data = pickle.dumps((kind, inputs), protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > 100_000:  # Ray inlines small arguments; a large one goes up once
+            data = self._ray.put(data)
         for rank, actor in enumerate(self._actors, start=1):
             self._pending.append((rank, actor.run.remote(data)))
 
@@ -288,10 +307,11 @@ class RayExecutor:
         """No step can run any more: say why, and release the actors. A
         rank's own error (its traceback) replaces the watcher's word that its
         actor died, which often comes first."""
-        if self._broken is None or self._broken_by_watch:
-            self._broken = f"tensor-parallel group stopped: {error}"
-            self._broken_by_watch = False
-            logger.error("%s; the engine cannot run another step", self._broken)
+        with self._lock:
+            if self._broken is None or self._broken_by_watch:
+                self._broken = f"tensor-parallel group stopped: {error}"
+                self._broken_by_watch = False
+                logger.error("%s; the engine cannot run another step", self._broken)
         self._stopping.set()
         # Ray itself stays up until shutdown(): this may run on the engine's
         # thread, and stopping Ray resets the process's signal handlers,
@@ -315,11 +335,16 @@ class RayExecutor:
             why = "stopped"
         except Exception as exc:  # noqa: BLE001
             why = _actor_death(exc)
-        if not self._stopping.is_set() and self._broken is None:
+        with self._lock:
+            if self._stopping.is_set() or self._broken is not None:
+                return
             self._broken_by_watch = True
             self._broken = (f"tensor-parallel group stopped: rank {ranks[done[0]]} (Ray actor) "
                             f"died: {why}")
             logger.error("%s; the engine cannot run another step", self._broken)
+        # The others are released now, not at shutdown: they hold their
+        # devices, and a peer gone makes rank 0's collective fail sooner.
+        _release(ray, self._actors, [], self._state, kill_first=True)
 
     def _get(self, refs: list, what: str) -> list:
         """``ray.get`` of one call per actor, a failure named by its rank."""
@@ -373,7 +398,7 @@ class RayExecutor:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=0))
         reserved = [str(i) for i in ray.get(probe.remote())]
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("HIP_VISIBLE_DEVICES")
         mine = visible.split(",")[0] if visible else "0"
         if reserved and reserved[0] != mine:
             raise RuntimeError(
@@ -456,7 +481,10 @@ def _release(ray, actors: list, comm_holder: list, state: dict, kill_first: bool
     actors.clear()
     state["pg"] = None
     for comm in comm_holder:
-        comm.close()
+        try:
+            comm.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            logger.exception("closing rank 0's communicator failed")
     comm_holder.clear()
 
 
@@ -467,9 +495,10 @@ def _shut_down(ray, actors: list, comm_holder: list, stopping: threading.Event,
     stopping.set()
     _release(ray, actors, comm_holder, state)
     if state.pop("started_ray", False) and ray.is_initialized():
-        # Stopping Ray resets SIGINT/SIGTERM to their defaults: the server's
-        # own handlers go back in place (from the main thread, where they
-        # can).
+        # Stopping Ray leaves SIGINT/SIGTERM at their defaults (seen: a server
+        # then died of the SIGTERM it should have handled). Python's handlers
+        # are put back where that can be done, on the main thread; the
+        # server's shutdown runs elsewhere, and uvicorn puts its own back.
         main = threading.current_thread() is threading.main_thread()
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         ray.shutdown()

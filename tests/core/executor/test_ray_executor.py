@@ -6,6 +6,8 @@ is tested in ``tests/entrypoints/test_server_ray.py``.
 * two ranks across the two nodes give the one-rank engine's greedy tokens;
 * a rank whose step raises stops the engine with that rank's traceback, and
   its actor and the placement group are released;
+* an actor killed while nothing runs is seen by the watcher: the engine is
+  broken and the placement group released within seconds;
 * without Ray installed, the backend says how to install it.
 """
 
@@ -56,10 +58,13 @@ def two_node_cluster(ray_env, tmp_path_factory):
         if ray.is_initialized():
             ray.shutdown()
         # This cluster's processes only (`ray stop` would stop every cluster
-        # on the machine): those started since, and what they started.
+        # on the machine): those started since that name its temp folder or
+        # its GCS port, and what they started.
         ours = []
+        marks = (str(temp), f"127.0.0.1:{port}", f"--gcs_server_port={port}")
         for proc in psutil.process_iter(["cmdline"]):
-            if proc.pid not in before and "ray" in " ".join(proc.info["cmdline"] or ()):
+            line = " ".join(proc.info["cmdline"] or ())
+            if proc.pid not in before and any(mark in line for mark in marks):
                 ours.append(proc)
         for proc in list(ours):
             try:
@@ -91,10 +96,13 @@ def test_two_ranks_across_two_nodes_match_one_rank(two_node_cluster, tiny_model_
     try:
         executor = llm.llm_engine.executor
         nodes = [p["node_id"] for p in executor.placement]
-        assert len(set(nodes)) == 2, executor.placement  # one rank on each node
-        assert nodes[0] == ray.get_runtime_context().get_node_id()  # rank 0 here
-        assert _greedy(llm) == expected
+        assert len(set(nodes)) == 2, executor.placement  # one rank on each node (actors report theirs)
         pg = executor._state["pg"]
+        # Rank 0's bundle is reserved on this node, where rank 0 runs.
+        here = ray.get_runtime_context().get_node_id()
+        assert placement_group_table(pg)["bundles_to_node_id"][0] == here
+        assert placement_group_table(pg)["bundles_to_node_id"][1] == nodes[1] != here
+        assert _greedy(llm) == expected
     finally:
         llm.shutdown()
     assert placement_group_table(pg)["state"] == "REMOVED"
@@ -102,6 +110,31 @@ def test_two_ranks_across_two_nodes_match_one_rank(two_node_cluster, tiny_model_
     while rank_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not rank_processes()
+
+
+@needs_ray
+def test_an_actor_killed_while_idle_is_seen_and_released_at_once(two_node_cluster,
+                                                                 tiny_model_dir):
+    """No step runs, so no collective fails: the watcher alone must see it,
+    mark the engine broken and release the placement group."""
+    import ray
+    from ray.util import placement_group_table
+
+    llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="8MB", max_model_len=128,
+              tensor_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        engine = llm.llm_engine
+        pg = engine.executor._state["pg"]
+        ray.kill(engine.executor._actors[0], no_restart=True)
+        deadline = time.monotonic() + 20
+        while engine.broken is None or placement_group_table(pg)["state"] != "REMOVED":
+            assert time.monotonic() < deadline, (engine.broken, placement_group_table(pg))
+            time.sleep(0.1)
+        assert "rank 1 (Ray actor)" in engine.broken, engine.broken
+        with pytest.raises(ExecutorBrokenError, match="rank 1"):
+            llm.generate(PROMPTS[:1], PARAMS, use_tqdm=False)
+    finally:
+        llm.shutdown()
 
 
 class FailingRankPlatform(CPUPlatform):
