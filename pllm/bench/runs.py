@@ -111,8 +111,7 @@ def _make_llm(args):
     ea = EngineArgs.from_cli_args(args)
     t0 = time.perf_counter()
     llm = LLM(**vars(ea))
-    llm.startup_s = round(time.perf_counter() - t0, 1)
-    return ea, llm
+    return ea, llm, round(time.perf_counter() - t0, 1)
 
 
 # ---------------------------------------------------------------- throughput
@@ -128,7 +127,7 @@ def run_throughput(args) -> dict:
     baselines = _baselines("throughput", args.compare)
     in_range = parse_range(args.input_len_range, "--input-len-range")
     out_range = parse_range(args.output_len_range, "--output-len-range")
-    ea, llm = _make_llm(args)
+    ea, llm, startup_s = _make_llm(args)
     engine = llm.llm_engine
     requests = build_requests(engine.tokenizer, engine.loaded.hf_config.vocab_size,
                               num_requests=args.num_prompts, input_range=in_range,
@@ -148,7 +147,7 @@ def run_throughput(args) -> dict:
     print(f"pllm: {len(requests)} requests ({result['workload']['num_prompt_tokens']} prompt + "
           f"{result['workload']['num_output_tokens']} output tokens)", flush=True)
     result["pllm"] = pllm_throughput(llm, requests, use_tqdm=sys.stderr.isatty())
-    result["pllm"].update(peak_rss_bytes=peak_rss_bytes(), startup_s=llm.startup_s,
+    result["pllm"].update(peak_rss_bytes=peak_rss_bytes(), startup_s=startup_s,
                           children_rss_bytes=children_rss_bytes(),
                           executor=engine.config.parallel.distributed_executor_backend)
     if (spec := spec_figures(engine)) is not None:
@@ -266,7 +265,7 @@ def run_latency(args) -> dict:
     if args.num_iters < 1 or args.num_iters_warmup < 0 or args.output_len < 2 or args.input_len < 1:
         raise BenchArgumentError("need --num-iters >= 1, --num-iters-warmup >= 0, "
                                  "--input-len >= 1 and --output-len >= 2")
-    ea, llm = _make_llm(args)
+    ea, llm, startup_s = _make_llm(args)
     engine = llm.llm_engine
     requests = build_requests(engine.tokenizer, engine.loaded.hf_config.vocab_size,
                               num_requests=args.num_iters_warmup + args.num_iters,
@@ -284,7 +283,7 @@ def run_latency(args) -> dict:
     if (spec := spec_figures(engine)) is not None:
         pllm["spec_decode"] = spec
     pllm.update(peak_rss_bytes=peak_rss_bytes(),  # before the bandwidth probe's tensor
-                startup_s=llm.startup_s, children_rss_bytes=children_rss_bytes(),
+                startup_s=startup_s, children_rss_bytes=children_rss_bytes(),
                 executor=engine.config.parallel.distributed_executor_backend)
     weight_bytes = decode_weight_bytes(engine)
     specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines

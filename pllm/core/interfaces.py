@@ -372,6 +372,12 @@ class Platform(abc.ABC):
     def device(self, index: int = 0) -> torch.device:
         """The torch device tensors of rank ``index`` live on."""
 
+    def physical_device_id(self, index: int = 0) -> str:
+        """The id this machine (and a Ray cluster's accounting) knows device
+        ``index`` by, where a process sees only some devices; default:
+        ``index`` itself."""
+        return str(index)
+
     @abc.abstractmethod
     def device_count(self) -> int:
         """How many devices ranks can be placed on (tensor parallelism needs

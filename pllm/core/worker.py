@@ -28,8 +28,8 @@ _ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_ga
 # checkpoints do): they are lookups and one product, and the head's logits
 # decide the tokens.
 _FP8_DENSE = (*_ROUTERS, "embed_tokens.weight", "lm_head.weight")
-# --quantization values whose weights are rounded at load, and how.
-_ROUND_TO = {"int8": "int8", "fp8": "fp8"}
+# --quantization values whose weights are rounded at load (build_model's round_to).
+_ROUNDED = ("int8", "fp8")
 
 
 class KVCacheSizeError(ValueError):
@@ -58,7 +58,7 @@ class Worker:
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
             quantized=self._kept_quantized(loaded),
-            round_to=_ROUND_TO.get(config.model.quantization),
+            round_to=config.model.quantization if config.model.quantization in _ROUNDED else None,
         )
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, config.model.dtype,
@@ -86,7 +86,7 @@ class Worker:
             kv_cache_dtype=config.cache.torch_cache_dtype,
             prepare=lambda model: platform.prepare_model(model, config),
             quantized=self._kept_quantized(loaded),
-            round_to=_ROUND_TO.get(config.model.quantization),
+            round_to=config.model.quantization if config.model.quantization in _ROUNDED else None,
         )
         if self.tp.rank == 0:
             logger.info("loaded draft model %s in %.1fs", loaded.name, time.perf_counter() - t0)

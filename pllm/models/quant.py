@@ -55,6 +55,12 @@ def block_size(fmt: str) -> tuple[int, int]:
     return GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
 
 
+def _split(weight, sizes: list[int], dim: int) -> tuple:
+    """``weight`` cut into consecutive pieces of ``sizes`` along ``dim`` (its ``narrow``)."""
+    starts = np.cumsum([0, *sizes[:-1]])
+    return tuple(weight.narrow(dim, int(s), n) for s, n in zip(starts, sizes))
+
+
 @dataclass(frozen=True)
 class GGUFWeight:
     """A 2-D GGUF tensor in its block format: ``data`` is uint8
@@ -101,8 +107,7 @@ class GGUFWeight:
                           self.format, (rows, length))
 
     def split(self, sizes: list[int], dim: int = 0) -> tuple[GGUFWeight, ...]:
-        starts = np.cumsum([0, *sizes[:-1]])
-        return tuple(self.narrow(dim, int(s), n) for s, n in zip(starts, sizes))
+        return _split(self, sizes, dim)
 
     @staticmethod
     def cat(pieces: list[GGUFWeight]) -> GGUFWeight:
@@ -203,8 +208,7 @@ class FP8Weight:
         return FP8Weight(self.data.narrow(1, start, length), self.scale)
 
     def split(self, sizes: list[int], dim: int = 0) -> tuple[FP8Weight, ...]:
-        starts = np.cumsum([0, *sizes[:-1]])
-        return tuple(self.narrow(dim, int(s), n) for s, n in zip(starts, sizes))
+        return _split(self, sizes, dim)
 
     @staticmethod
     def cat(pieces: list[FP8Weight]) -> FP8Weight:

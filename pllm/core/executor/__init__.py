@@ -51,6 +51,30 @@ class Executor(Protocol):
     # step can run any more (a rank died), as soon as they know.
 
 
+def join_group(platform: Platform, size: int, init_method: str, poll, name: str):
+    """Rank 0's communicator, joined on a thread of its own while ``poll()``
+    runs every 0.1 s on the caller's: it raises as soon as another rank
+    fails to start, instead of after the rendezvous times out."""
+    import threading
+
+    box: dict = {}
+
+    def join() -> None:
+        try:
+            box["comm"] = platform.make_communicator(0, size, init_method)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=join, name=name, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        poll()
+    if "error" in box:
+        raise box["error"]
+    return box["comm"]
+
+
 def make_executor(config: EngineConfig, platform: Platform, loaded) -> Executor:
     if config.parallel.tensor_parallel_size == 1:
         from pllm.core.executor.uniproc import UniProcExecutor

@@ -32,7 +32,7 @@ import torch
 import torch.distributed
 
 from pllm.core.config import EngineConfig
-from pllm.core.executor import ExecutorBrokenError, WorkerProcessError
+from pllm.core.executor import ExecutorBrokenError, WorkerProcessError, join_group
 from pllm.core.interfaces import Communicator, Platform
 from pllm.core.runner import RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
@@ -178,25 +178,13 @@ class MultiprocExecutor:
             logger.error("%s; the engine cannot run another step", self._broken)
 
     def _join_group(self, platform: Platform, size: int, init_method: str) -> Communicator:
-        """Rank 0's communicator; meanwhile a rank that fails to start is
-        reported at once instead of after the rendezvous times out."""
-        box: dict = {}
-
-        def join() -> None:
-            try:
-                box["comm"] = platform.make_communicator(0, size, init_method)
-            except BaseException as exc:  # handed to the caller's thread
-                box["error"] = exc
-
-        thread = threading.Thread(target=join, name="pllm-tp-rendezvous", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.1)
+        """Rank 0's communicator; a rank that fails to start meanwhile is
+        reported at once."""
+        def poll() -> None:
             for i in range(len(self._conns)):
                 self._poll(i)
-        if "error" in box:
-            raise box["error"]
-        return box["comm"]
+
+        return join_group(platform, size, init_method, poll, "pllm-tp-rendezvous")
 
     def _poll(self, i: int) -> None:
         """Take rank ``i + 1``'s pending messages; raise if it failed."""

@@ -41,7 +41,7 @@ import torch
 import torch.distributed
 
 from pllm.core.config import EngineConfig
-from pllm.core.executor import ExecutorBrokenError, WorkerProcessError
+from pllm.core.executor import ExecutorBrokenError, WorkerProcessError, join_group
 from pllm.core.interfaces import Communicator, Platform
 from pllm.core.runner import RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
@@ -359,20 +359,9 @@ class RayExecutor:
 
     def _join_group(self, platform: Platform, size: int, init_method: str,
                     starts: list) -> Communicator:
-        """Rank 0's communicator; meanwhile an actor that fails to start is
-        reported at once instead of after the rendezvous times out."""
-        box: dict = {}
-
-        def join() -> None:
-            try:
-                box["comm"] = platform.make_communicator(0, size, init_method)
-            except BaseException as exc:  # handed to the caller's thread
-                box["error"] = exc
-
-        thread = threading.Thread(target=join, name="pllm-ray-rendezvous", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.1)
+        """Rank 0's communicator; an actor that fails to start meanwhile is
+        reported at once."""
+        def poll() -> None:
             done, _ = self._ray.wait(starts, num_returns=len(starts), timeout=0)
             for ref in done:
                 rank = starts.index(ref) + 1
@@ -381,9 +370,8 @@ class RayExecutor:
                 except Exception as exc:  # noqa: BLE001 - reported with the rank
                     raise WorkerProcessError(f"tensor-parallel rank {rank} (Ray actor) failed "
                                              f"to start: {_actor_death(exc)}") from None
-        if "error" in box:
-            raise box["error"]
-        return box["comm"]
+
+        return join_group(platform, size, init_method, poll, "pllm-ray-rendezvous")
 
     def _check_driver_device(self, platform: Platform, pg, bundle: dict) -> None:
         """On GPUs: rank 0 runs on this process's first visible device, which
@@ -398,13 +386,12 @@ class RayExecutor:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=0))
         reserved = [str(i) for i in ray.get(probe.remote())]
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("HIP_VISIBLE_DEVICES")
-        mine = visible.split(",")[0] if visible else "0"
+        mine = platform.physical_device_id(0)
         if reserved and reserved[0] != mine:
             raise RuntimeError(
                 f"Ray reserved GPU {reserved[0]} of this node for rank 0, but this process runs "
-                f"rank 0 on GPU {mine}; start it with CUDA_VISIBLE_DEVICES={reserved[0]} (or "
-                "leave this node's GPUs free for the engine)")
+                f"rank 0 on GPU {mine}; make GPU {reserved[0]} this process's first visible one "
+                "(or leave this node's GPUs free for the engine)")
 
 
 def _gpu_ids() -> list:

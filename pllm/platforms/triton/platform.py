@@ -27,6 +27,13 @@ class TorchGPUPlatform(Platform):
     def device_count(self) -> int:
         return torch.cuda.device_count()
 
+    def physical_device_id(self, index: int = 0) -> str:
+        """Through CUDA_VISIBLE_DEVICES (NVIDIA) or HIP_VISIBLE_DEVICES (AMD)."""
+        import os
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("HIP_VISIBLE_DEVICES")
+        return visible.split(",")[index] if visible else str(index)
+
     def make_attention_backend(self) -> AttentionBackend:
         # Lazy: Triton is imported only when an engine is built on a GPU.
         from pllm.platforms.triton.attention import TritonAttentionBackend
