@@ -141,6 +141,11 @@ EXECUTOR_BACKENDS = ("mp", "ray")
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # Stages the layers are split into (the embedding in the first, the norm
+    # and LM head in the last), each stage tensor_parallel_size ranks:
+    # world_size = tensor_parallel_size * pipeline_parallel_size ranks, rank
+    # r in stage r // tensor_parallel_size (``pllm.core.pipeline``).
+    pipeline_parallel_size: int = 1
     # How ranks 1..N-1 run: "mp" (a process each on this machine) or "ray"
     # (a Ray actor each, anywhere in a Ray cluster); vLLM's names.
     distributed_executor_backend: str = "mp"
@@ -150,9 +155,17 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(
+                f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend={self.distributed_executor_backend!r}"
                              f" is not one of {', '.join(EXECUTOR_BACKENDS)}")
+
+    @property
+    def world_size(self) -> int:
+        """Every rank: the tensor-parallel group of each pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,11 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.detokenizer, self.max_model_len,
                                    proposer=make_proposer(config.speculative))
+        # Pipeline parallelism: up to one batch in flight per stage, started
+        # (submitted) and not yet collected, oldest first.
+        self.pipeline_depth = config.parallel.pipeline_parallel_size
+        self.in_flight: deque[tuple[SchedulerOutput, object, float]] = deque()
+        self.max_in_flight = 0  # the most batches ever in flight at once
         logger.info(
             "pllm engine on %s: %s, KV cache %d blocks x %d = %d tokens (%s), max_model_len %d "
             "(%.1fs)", self.platform.name, self.model_name, num_blocks, block_size, capacity,
@@ -269,7 +275,13 @@ class LLMEngine:
         the requests admitted in it (the likeliest cause, as everything else
         ran the step before); those fail, and only a second failure (or a
         failing step that admitted nothing) is raised, for the caller to fail
-        the batch."""
+        the batch.
+
+        Under pipeline parallelism a step starts a batch while fewer than
+        ``pipeline_parallel_size`` are in flight and there is work for one,
+        and otherwise finishes the oldest: a call may return no outputs."""
+        if self.pipeline_depth > 1:
+            return self._pipelined_step()
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -293,6 +305,34 @@ class LLMEngine:
             result = self.executor.execute(sched)
         outputs = self.scheduler.update_from_output(sched, result)
         self.scheduler.observe_step(sched, time.perf_counter() - start)
+        return outputs
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        """See :meth:`step`. A failure here is the executor's, and fatal
+        (the stages are out of step): no retry."""
+        scheduler = self.scheduler
+        if len(self.in_flight) < self.pipeline_depth:
+            sched = scheduler.schedule()
+            if not sched.is_empty:
+                ids = {item.seq.request.request_id for item in sched.scheduled}
+                scheduler.in_flight |= ids
+                self.in_flight.append((sched, self.executor.submit(sched), time.perf_counter()))
+                self.max_in_flight = max(self.max_in_flight, len(self.in_flight))
+                if len(self.in_flight) < self.pipeline_depth:
+                    return scheduler.take_failed()
+            elif not self.in_flight:
+                pending = scheduler.pending_grammars()
+                if pending:
+                    concurrent.futures.wait(pending, timeout=0.05,
+                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                elif scheduler.waiting and not scheduler.running:
+                    self._fail_unschedulable()
+                return scheduler.take_failed()
+        sched, handle, start = self.in_flight.popleft()
+        result = self.executor.collect(handle)
+        scheduler.in_flight -= {item.seq.request.request_id for item in sched.scheduled}
+        outputs = scheduler.update_from_output(sched, result)
+        scheduler.observe_step(sched, time.perf_counter() - start)
         return outputs
 
     def _without_newest(self, sched: SchedulerOutput, exc: Exception) -> SchedulerOutput:

@@ -93,6 +93,11 @@ class PlatformCapabilities:
     # ray): one of this Ray resource ("GPU", "TPU", "neuron_cores"); None:
     # one CPU.
     ray_resource: str | None = None
+    # Pipeline parallelism (--pipeline-parallel-size): the communicator has
+    # point-to-point ``send``/``recv`` between ranks and ``new_group`` for
+    # each stage's tensor-parallel group (a torch.distributed one has them).
+    # Not with static shapes: a stage's inputs would change the programs.
+    pipeline_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.default_dtype not in self.dtypes:
@@ -102,6 +107,8 @@ class PlatformCapabilities:
             object.__setattr__(self, "default_block_size", default)
         if bool(self.token_buckets) != bool(self.seq_buckets):
             raise ValueError("token_buckets and seq_buckets go together (both or neither)")
+        if self.pipeline_parallel and self.token_buckets:
+            raise ValueError("pipeline_parallel is not supported with static shapes (token_buckets)")
         for name in ("token_buckets", "seq_buckets"):
             buckets = getattr(self, name)
             if list(buckets) != sorted(set(buckets)) or (buckets and buckets[0] < 1):
@@ -334,9 +341,14 @@ class KVCacheAllocator(abc.ABC):
 class Communicator(abc.ABC):
     """Collectives among the ranks of one tensor-parallel group: what the
     model's tensor-parallel layers call (``pllm.models.parallel``), and the
-    ``close`` the engine calls on shutdown. Ranks, point-to-point sends and
-    barriers are the communicator's own business (a torch.distributed one
-    has them; see ``pllm.platforms.common.communicator``)."""
+    ``close`` the engine calls on shutdown. Ranks and barriers are the
+    communicator's own business (a torch.distributed one has them; see
+    ``pllm.platforms.common.communicator``).
+
+    Pipeline parallelism (capabilities' ``pipeline_parallel``) also needs
+    ``send``/``recv`` between any two ranks of the communicator
+    ``make_communicator`` returns (every rank of the engine), and
+    ``new_group`` for each stage's tensor-parallel group."""
 
     @abc.abstractmethod
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -351,6 +363,26 @@ class Communicator(abc.ABC):
         """Release the group (the process group, shared memory, device
         streams), so that a second engine in the same process can build a new
         one. The engine calls it once per communicator, at shutdown."""
+
+    # ---- pipeline parallelism (capabilities' ``pipeline_parallel``) ----------
+
+    def send(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Start sending ``tensor`` to rank ``dst``; returns a handle whose
+        ``wait()`` returns once ``tensor`` may be reused. Sends from one rank
+        to another arrive in order."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point send")
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Fill ``tensor`` with the next one rank ``src`` sent here; returns it."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point recv")
+
+    def new_group(self, ranks: list[int]) -> Communicator:
+        """A communicator over ``ranks`` (of this one), whose collectives
+        number them 0..len-1 in that order. Every rank of this communicator
+        calls it for every group, in the same order (as torch's
+        ``new_group``); only the members use the result. Closing this
+        communicator releases its groups."""
+        raise NotImplementedError(f"{type(self).__name__} cannot make subgroups")
 
 
 class Platform(abc.ABC):

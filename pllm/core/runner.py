@@ -88,6 +88,17 @@ class StepInputs:
     prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
+@dataclass
+class PreparedStep:
+    """A step between its inputs and its sampling (``ModelRunner.begin``):
+    under pipeline parallelism rank 0 holds one per batch in flight."""
+
+    batch: list[ScheduledSeq]
+    inputs: StepInputs
+    drafts: dict[int, list[int]] = field(default_factory=dict)
+    draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
 def autograd_off(caps: PlatformCapabilities):
     """``torch.inference_mode``, or where the platform's tensors do not
@@ -239,15 +250,19 @@ class ModelRunner:
         return ids, pos, self.backend.prepare_metadata(metadata)
 
     @_autograd_off
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states of every token of the step (every rank runs this)."""
+    def forward(self, inputs: StepInputs, intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of every token of the step (every rank runs this).
+        A pipeline stage after the first starts from ``intermediate``, the
+        residual stream the stage before it sent."""
         if inputs.block_copies:
             self.backend.copy_blocks(self.kv_caches, inputs.block_copies)
             self.graph_break()
         ids, pos, metadata = self.build(inputs)
         if self.decode_runner is not None and self.decode_runner.accepts(metadata):
             return self.decode_runner.run(ids, pos, metadata)
-        hidden = self.model(ids, pos, ForwardContext(self.backend, metadata, self.kv_caches))
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        hidden = (self.model(ids, pos, ctx) if intermediate is None
+                  else self.model(ids, pos, ctx, intermediate.to(self.device)))
         self.graph_break()
         return hidden
 
@@ -269,6 +284,13 @@ class ModelRunner:
         """Rank 0's step: forward, LM head, then sampling on the device; only
         token ids (and requested logprobs) come back to the host. With a draft
         model, it proposes the step's drafts first."""
+        step = self.begin(sched)
+        return self.finish(step, *self.logits(self.forward(step.inputs), step.inputs))
+
+    @_autograd_off
+    def begin(self, sched: SchedulerOutput) -> PreparedStep:
+        """The step's drafts (a draft model's), its inputs, handed to the
+        other ranks (``on_step``): all that comes before the forward."""
         drafts: dict[int, list[int]] = {}
         draft_probs: dict[int, torch.Tensor] = {}
         plan = self.drafter.plan(sched) if self.drafter is not None else None
@@ -282,7 +304,14 @@ class ModelRunner:
         batch, inputs = self.prepare(sched)
         if self.on_step is not None:
             self.on_step(inputs)
-        logits, prompt_logits = self.logits(self.forward(inputs), inputs)
+        return PreparedStep(batch, inputs, drafts, draft_probs)
+
+    @_autograd_off
+    def finish(self, step: PreparedStep, logits: torch.Tensor | None,
+               prompt_logits: dict[int, torch.Tensor]) -> RunnerOutput:
+        """Sampling (and verifying drafts) from the step's logits: what
+        comes after the LM head, on rank 0."""
+        batch, drafts, draft_probs = step.batch, step.drafts, step.draft_probs
         out = RunnerOutput(drafts=drafts)
         rows: list[int] = []
         speculating: list[tuple[ScheduledSeq, int]] = []  # (item, its first logits row)

@@ -119,6 +119,10 @@ class Scheduler:
         self.step_budget = (StepBudget(config.target_step_latency_s,
                                        config.max_num_batched_tokens)
                             if config.target_step_latency_s else None)
+        # Requests in a batch that was started and not yet applied (pipeline
+        # parallelism keeps several batches in flight): none of their
+        # sequences is scheduled, admitted or preempted until it is.
+        self.in_flight: set[str] = set()
 
     def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """How long a step took (the engine measures it), for the step budget."""
@@ -214,6 +218,8 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            if seq.request.request_id in self.in_flight:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
@@ -349,7 +355,9 @@ class Scheduler:
     def _admit_ready(self, out: SchedulerOutput, budget: int, held: list[Sequence]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if seq.candidates is not None:  # a preempted beam: nothing to compute until it goes on
+            if seq.candidates is not None or seq.request.request_id in self.in_flight:
+                # A preempted beam: nothing to compute until it goes on; or
+                # a sequence whose request has a batch in flight.
                 held.append(self.waiting.popleft())
                 continue
             if not self._grammar_ready(seq):
@@ -388,7 +396,8 @@ class Scheduler:
         waiting sequence is admitted; each keeps its proposals, and is
         recomputed once it has its next token."""
         while not out.scheduled and self.waiting:
-            parked = next((s for s in reversed(self.running) if s.candidates is not None), None)
+            parked = next((s for s in reversed(self.running) if s.candidates is not None
+                           and s.request.request_id not in self.in_flight), None)
             if parked is None:
                 return
             self._preempt(parked, out)
@@ -397,10 +406,12 @@ class Scheduler:
     def _pick_victim(self, scheduled_ids: set[int]) -> Sequence:
         # The newest running sequence not already in this step's batch; if all
         # are scheduled, the newest of all (its slot is then given back).
-        for seq in reversed(self.running):
+        # Never one in a batch in flight (its step is still writing its blocks).
+        candidates = [s for s in self.running if s.request.request_id not in self.in_flight]
+        for seq in reversed(candidates):
             if seq.seq_id not in scheduled_ids:
                 return seq
-        return self.running[-1]
+        return candidates[-1]
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         if any(s.seq is seq for s in out.scheduled):
@@ -418,6 +429,8 @@ class Scheduler:
         """Apply one executed step; returns the outputs of the requests it changed."""
         for item in sched.scheduled:
             seq, samples = item.seq, item.samples
+            if seq.is_finished:  # aborted while its batch was in flight
+                continue
             if seq.seq_id in result.prompt_logprobs:
                 self._add_prompt_logprobs(seq, result.prompt_logprobs[seq.seq_id])
             seq.num_computed_tokens += item.num_new_tokens - len(item.draft)

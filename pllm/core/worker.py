@@ -14,7 +14,7 @@ import torch
 
 from pllm.core.config import EngineConfig
 from pllm.core.interfaces import AttentionMetadata, Communicator, ForwardContext, Platform
-from pllm.core.runner import ModelRunner, RunnerOutput, StepInputs
+from pllm.core.runner import ModelRunner, PreparedStep, RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
 
 logger = logging.getLogger("pllm")
@@ -41,16 +41,32 @@ class Worker:
 
     def __init__(self, config: EngineConfig, platform: Platform, loaded, rank: int = 0,
                  comm: Communicator | None = None, device_index: int | None = None) -> None:
-        """``device_index``: the device this rank runs on (default: ``rank``;
-        a Ray actor sees only its own device, index 0)."""
+        """``rank``: of every rank (tensor and pipeline parallel), ``comm``
+        their communicator. ``device_index``: the device this rank runs on
+        (default: ``rank``; a Ray actor sees only its own device, index 0)."""
         from pllm.models import build_model, describe_model  # the core's one seam to the models
-        from pllm.models.parallel import TensorParallel
+        from pllm.models.parallel import PipelineStage, TensorParallel
 
         assert config.resolved, "the worker takes a resolved config"
-        self.config, self.platform = config, platform
-        self.tp = TensorParallel(rank, config.parallel.tensor_parallel_size, comm)
+        self.config, self.platform, self.rank = config, platform, rank
+        tp_size, pp_size = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        stage, tp_rank = divmod(rank, tp_size)
+        tp_comm = comm
+        if pp_size > 1:  # each stage's own tensor-parallel group (every rank makes every one)
+            groups = [comm.new_group(list(range(s * tp_size, (s + 1) * tp_size)))
+                      if tp_size > 1 else None for s in range(pp_size)]
+            tp_comm = groups[stage]
+        self.tp = TensorParallel(tp_rank, tp_size, tp_comm)
+        self.stage = PipelineStage(stage, pp_size, loaded.hf_config.num_hidden_layers)
         self.device = platform.device(rank if device_index is None else device_index)
         self.info = describe_model(loaded.hf_config, self.tp.size)
+        self.links = None  # point-to-point traffic between pipeline stages
+        if pp_size > 1:
+            from pllm.core.pipeline import StageLinks
+
+            self.links = StageLinks(comm, rank, tp_size, pp_size, self.info.hidden_size,
+                                    loaded.hf_config.vocab_size, config.model.torch_dtype,
+                                    self.device)
         t0 = time.perf_counter()
         self.model = build_model(
             loaded.hf_config, loaded.weights(), max_model_len=config.model.max_model_len,
@@ -59,6 +75,7 @@ class Worker:
             prepare=lambda model: platform.prepare_model(model, config),
             quantized=self._kept_quantized(loaded),
             round_to=config.model.quantization if config.model.quantization in _ROUNDED else None,
+            stage=self.stage,
         )
         if rank == 0:
             logger.info("loaded %s (%s) in %.1fs", loaded.name, config.model.dtype,
@@ -88,7 +105,7 @@ class Worker:
             quantized=self._kept_quantized(loaded),
             round_to=config.model.quantization if config.model.quantization in _ROUNDED else None,
         )
-        if self.tp.rank == 0:
+        if self.rank == 0:
             logger.info("loaded draft model %s in %.1fs", loaded.name, time.perf_counter() - t0)
 
     def _kept_quantized(self, loaded) -> dict[str, str]:
@@ -111,14 +128,19 @@ class Worker:
         keep = set(self.platform.capabilities.weight_formats)
         return {name: fmt for name, fmt in loaded.weight_formats.items() if fmt in keep}
 
-    def bytes_per_block(self) -> int:
-        """A block's bytes on this rank: the target's K/V of its tokens, and
+    def bytes_per_block(self, all_stages: bool = False) -> int:
+        """A block's bytes on this rank: the target's K/V of its tokens (of
+        this pipeline stage's layers; ``all_stages``: of every layer), and
         the draft model's where there is one (it shares the block tables)."""
         cache = self.config.cache
         elem = cache.torch_cache_dtype.itemsize
-        infos = [self.info] + ([self.draft_info] if self.draft_info is not None else [])
-        return sum(2 * cache.block_size * info.num_kv_heads * info.head_dim * elem * info.num_layers
-                   for info in infos)
+        layers = [self.info.num_layers if all_stages else self.stage.num_layers]
+        infos = [self.info]
+        if self.draft_info is not None:
+            infos.append(self.draft_info)
+            layers.append(self.draft_info.num_layers)
+        return sum(2 * cache.block_size * info.num_kv_heads * info.head_dim * elem * n
+                   for info, n in zip(infos, layers))
 
     def _cache_shape(self, num_blocks: int, info=None) -> tuple[int, ...]:
         info = info or self.info
@@ -136,7 +158,7 @@ class Worker:
         num_blocks = -(-num_tokens // bs)
         dev = self.device
         caches = [torch.zeros(self._cache_shape(num_blocks), dtype=self.config.cache.torch_cache_dtype,
-                              device=dev) for _ in range(self.info.num_layers)]
+                              device=dev) for _ in range(self.stage.num_layers)]
         metadata = AttentionMetadata(
             num_seqs=1, num_tokens=num_tokens, num_decodes=0, max_query_len=num_tokens,
             max_seq_len=num_tokens, block_size=bs,
@@ -149,9 +171,15 @@ class Worker:
         metadata = self.backend.prepare_metadata(metadata)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
         positions = torch.arange(num_tokens, device=dev)
-        hidden = self.model(ids, positions, ForwardContext(self.backend, metadata, caches))
-        rows = min(self.config.scheduler.max_num_seqs, num_tokens)
-        self.model.compute_logits(hidden[:rows])
+        ctx = ForwardContext(self.backend, metadata, caches)
+        if self.stage.is_first:
+            hidden = self.model(ids, positions, ctx)
+        else:  # what the stage before would send
+            hidden = self.model(ids, positions, ctx, torch.zeros(
+                num_tokens, self.info.hidden_size, dtype=self.config.model.torch_dtype, device=dev))
+        if self.stage.is_last:
+            rows = min(self.config.scheduler.max_num_seqs, num_tokens)
+            self.model.compute_logits(hidden[:rows])
         cache_bytes = sum(c.numel() * c.element_size() for c in caches)
         del caches, hidden
         self.platform.synchronize()
@@ -169,8 +197,8 @@ class Worker:
         if caps.profiles_memory:
             allocator.profile(self.profile_run)
         per_block = self.bytes_per_block()
-        if caps.ranks_share_device:
-            per_block *= self.tp.size
+        if caps.ranks_share_device:  # every rank's bytes of a block: each stage's, tp times
+            per_block = self.bytes_per_block(all_stages=True) * self.tp.size
         num_blocks = allocator.num_blocks(cache, per_block)
         if num_blocks < 1:
             raise KVCacheSizeError("no memory left for the KV cache; raise --kv-cache-memory")
@@ -181,13 +209,18 @@ class Worker:
         decode graphs over it where the platform has them, and the runner."""
         config, platform = self.config, self.platform
         allocator = platform.make_kv_cache_allocator()
-        caches = allocator.allocate(self.info.num_layers, self._cache_shape(num_blocks),
+        caches = allocator.allocate(self.stage.num_layers, self._cache_shape(num_blocks),
                                     config.cache.torch_cache_dtype, self.device)
         decode_runner = None
         graphs = platform.capabilities.supports_graphs and not config.device.enforce_eager
         if graphs and self.info.dynamic_routing:
             logger.info("decode graphs off: %s routes tokens to experts by their values",
                         self.info.model_type)
+            graphs = False
+        if graphs and self.links is not None:
+            if self.rank == 0:
+                logger.info("decode graphs off: a pipeline stage's step starts from the "
+                            "previous stage's sends")
             graphs = False
         if graphs:
             decode_runner = platform.make_decode_runner(self.model, self.backend, caches, config)
@@ -205,7 +238,7 @@ class Worker:
             self.runner.drafter = DraftRunner(ModelRunner(
                 self.draft_model, platform.make_attention_backend(), draft_caches, config,
                 self.device, platform.capabilities, graph_break=platform.graph_break),
-                keep_probs=self.tp.rank == 0)
+                keep_probs=self.rank == 0)
         if platform.capabilities.static_shapes:
             self.warm_up()
 
@@ -213,8 +246,8 @@ class Worker:
         """Compile every step shape now (static-shape platforms), not in a request."""
         before = self.platform.compilations()
         t0 = time.perf_counter()
-        timings = self.runner.warm_up(sample_on_this_rank=self.tp.rank == 0)
-        if self.tp.rank != 0:
+        timings = self.runner.warm_up(sample_on_this_rank=self.rank == 0)
+        if self.rank != 0:
             return
         for name, seconds in timings:
             logger.info("compiled %s in %.2fs", name, seconds)
@@ -226,12 +259,40 @@ class Worker:
                     time.perf_counter() - t0, counted)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        if self.links is not None:
+            return self.collect(self.submit(sched))
         return self.runner.execute(sched)
 
+    def submit(self, sched: SchedulerOutput) -> PreparedStep:
+        """Rank 0 under pipeline parallelism: start a step (its inputs to
+        every rank, stage 0's layers, their output to stage 1)."""
+        step = self.runner.begin(sched)
+        self.links.send_hidden(self.runner.forward(step.inputs))
+        return step
+
+    def collect(self, step: PreparedStep) -> RunnerOutput:
+        """Rank 0 under pipeline parallelism: a started step's logits, from
+        the last stage, sampled."""
+        inputs = step.inputs
+        logits, spans = self.links.recv_logits(len(inputs.sample_rows), inputs.prompt_spans)
+        return self.runner.finish(step, logits, spans)
+
     def execute_inputs(self, inputs: StepInputs) -> None:
-        """A step rank 0 prepared (tensor-parallel ranks other than 0): the
-        forward and the LM head, whose collectives pair with rank 0's."""
-        self.runner.logits(self.runner.forward(inputs), inputs)
+        """A step rank 0 prepared (ranks other than 0): the forward and the
+        LM head, whose collectives pair with the other ranks' of the stage.
+        Under pipeline parallelism the stage's layers run on what the stage
+        before sent, and their output goes on to the next stage (or, from
+        the last, the logits to rank 0)."""
+        links = self.links
+        if links is None:
+            self.runner.logits(self.runner.forward(inputs), inputs)
+            return
+        intermediate = None if links.is_first else links.recv_hidden(len(inputs.input_ids))
+        hidden = self.runner.forward(inputs, intermediate)
+        if not links.is_last:
+            links.send_hidden(hidden)
+            return
+        links.send_logits(*self.runner.logits(hidden, inputs))
 
     def execute_draft(self, plan) -> None:
         """The draft model's passes of a step rank 0 planned (ranks other than 0)."""

@@ -84,6 +84,7 @@ class EngineArgs:
     # from measured step times); None or 0: off.
     target_itl_ms: float | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
     ray_address: str | None = None
     seed: int = 0
@@ -116,6 +117,7 @@ class EngineArgs:
                 target_step_latency_s=self.target_itl_ms / 1000 if self.target_itl_ms else None,
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    pipeline_parallel_size=self.pipeline_parallel_size,
                                     distributed_executor_backend=self.distributed_executor_backend,
                                     ray_address=self.ray_address),
             device=DeviceConfig(
@@ -180,8 +182,12 @@ class EngineArgs:
                        help="ranks to shard the model over, one process each (attention heads, "
                             "KV heads and the MLP width must divide by it); on the CPU the ranks "
                             "split the cores and --kv-cache-memory is their total")
+        g.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1,
+                       help="pipeline stages to split the layers into, each of "
+                            "--tensor-parallel-size ranks (tp x pp ranks in all); up to pp "
+                            "batches are in flight, one per stage (see docs/multi-node.md)")
         g.add_argument("--distributed-executor-backend", default="mp", choices=list(EXECUTOR_BACKENDS),
-                       help="how tensor-parallel ranks run: mp, a process each on this machine; "
+                       help="how the ranks (tensor and pipeline parallel) run: mp, a process each on this machine; "
                             "ray, a Ray actor each in a Ray cluster, across machines "
                             "(pip install 'pllm[ray]'; see docs/multi-node.md)")
         g.add_argument("--ray-address", default=None,

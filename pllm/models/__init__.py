@@ -18,7 +18,7 @@ from pllm.core.interfaces import Model
 from pllm.core.kv_cache.fp8 import checkpoint_scale_factor, is_fp8
 from pllm.models.gemma import GemmaForCausalLM
 from pllm.models.llama import LlamaForCausalLM
-from pllm.models.parallel import TensorParallel
+from pllm.models.parallel import WHOLE, PipelineStage, TensorParallel
 from pllm.models.quant import GGUFWeight, fp8_per_channel, int8_per_channel, quantize_modules
 
 logger = logging.getLogger("pllm")
@@ -64,6 +64,8 @@ class ModelInfo:
     attn_soft_cap: float | None = None
     # The GGUF block formats its weights are stored in (a .gguf file's), sorted.
     weight_formats: tuple[str, ...] = ()
+    # The residual stream's width: what pipeline stages pass each other per token.
+    hidden_size: int = 0
 
 
 def describe_model(hf_config, tp_size: int = 1, weight_formats: Iterable[str] = ()) -> ModelInfo:
@@ -79,6 +81,7 @@ def describe_model(hf_config, tp_size: int = 1, weight_formats: Iterable[str] = 
         dynamic_routing=getattr(spec, "moe", None) is not None,
         attn_soft_cap=getattr(spec, "attn_soft_cap", None),
         weight_formats=tuple(sorted(set(weight_formats))),
+        hidden_size=spec.hidden,
     )
 
 
@@ -86,9 +89,12 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
                 dtype: torch.dtype, device: torch.device, tp: TensorParallel,
                 kv_cache_dtype: torch.dtype,
                 prepare: Callable[[Model], Model] | None = None,
-                quantized: dict[str, str] | None = None, round_to: str | None = None) -> Model:
+                quantized: dict[str, str] | None = None, round_to: str | None = None,
+                stage: PipelineStage = WHOLE) -> Model:
     """This rank's shard of the model on ``device``, weights loaded, in eval
-    mode; ``prepare`` (the platform's ``prepare_model``) runs last.
+    mode; ``prepare`` (the platform's ``prepare_model``) runs last. ``stage``:
+    the pipeline stage's part of the model (its layers, the embedding first,
+    the norm and LM head last; ``pllm.models.parallel.PipelineStage``).
 
     ``quantized``: {HF name: GGUF format} of the tensors to keep in their
     block formats (``pllm.models.quant``); every other ``GGUFWeight`` among
@@ -99,7 +105,7 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
     dequantized first."""
     cls = get_model_class(hf_config.model_type)
     with torch.device("meta"):
-        model = cls(hf_config, max_positions=max_model_len, tp=tp)
+        model = cls(hf_config, max_positions=max_model_len, tp=tp, stage=stage)
     kept: dict[str, str] = {}
     if quantized:
         kept = model.quant_targets(quantized)

@@ -18,7 +18,7 @@ from torch import nn
 
 from pllm.models.layers import ForwardContext, RotaryEmbedding
 from pllm.models.llama import ArchSpec, Attention, LlamaForCausalLM
-from pllm.models.parallel import SINGLE, TensorParallel
+from pllm.models.parallel import SINGLE, WHOLE, PipelineStage, TensorParallel
 
 
 class GemmaRMSNorm(nn.Module):
@@ -90,9 +90,9 @@ class GemmaMLP(nn.Module):
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, spec: GemmaSpec, idx: int, rotary: RotaryEmbedding,
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, cache_index: int | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, idx, rotary, tp)
+        self.self_attn = Attention(spec, idx, rotary, tp, cache_index)
         self.mlp = GemmaMLP(spec, tp)
         self.input_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)
         self.post_attention_layernorm = GemmaRMSNorm(spec.hidden, spec.eps)
@@ -116,10 +116,11 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     spec_class = GemmaSpec
 
-    def __init__(self, hf_config, max_positions: int, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, hf_config, max_positions: int, tp: TensorParallel = SINGLE,
+                 stage: PipelineStage = WHOLE) -> None:
         nn.Module.__init__(self)
         self.spec = spec = GemmaSpec(hf_config, tp.size)
-        self.tp = tp
+        self.tp, self.stage = tp, stage
         if spec.rope_per_layer_type:
             rotaries = {kind: RotaryEmbedding(hf_config, spec.head_dim, max_positions,
                                               layer_type=kind)
@@ -128,25 +129,33 @@ class GemmaForCausalLM(LlamaForCausalLM):
             shared = RotaryEmbedding(hf_config, spec.head_dim, max_positions)
             rotaries = {kind: shared for kind in set(spec.layer_types)}
         self.rotaries = nn.ModuleDict(rotaries)
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, spec.hidden)
+        self.embed_tokens = self._on_stage(self._holds_embedding,
+                                           lambda: nn.Embedding(hf_config.vocab_size, spec.hidden))
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(spec, i, rotaries[kind], tp) for i, kind in enumerate(spec.layer_types))
-        self.norm = GemmaRMSNorm(spec.hidden, spec.eps)
+            self._on_stage(stage.holds(i), lambda i=i, kind=kind: GemmaDecoderLayer(
+                spec, i, rotaries[kind], tp, cache_index=i - stage.first_layer))
+            for i, kind in enumerate(spec.layer_types))
+        self.norm = self._on_stage(stage.is_last, lambda: GemmaRMSNorm(spec.hidden, spec.eps))
         self.vocab_size = hf_config.vocab_size
         self.vocab_lo, self.vocab_hi = tp.vocab_range(self.vocab_size)
-        self.lm_head = nn.Linear(spec.hidden, self.vocab_hi - self.vocab_lo, bias=False)
+        self.lm_head = self._on_stage(stage.is_last, lambda: nn.Linear(
+            spec.hidden, self.vocab_hi - self.vocab_lo, bias=False))
         self.embed_scale = spec.hidden ** 0.5
 
     @property
     def rotary(self) -> "_AllRotaries":
         return _AllRotaries(list(self.rotaries.values()))
 
-    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # rounded to the dtype, as HF
-        for layer in self.layers:
+    def forward(self, input_ids, positions, ctx: ForwardContext,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        if self.stage.is_first:
+            x = self.embed_tokens(input_ids)
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # rounded to the dtype, as HF
+        else:
+            x = intermediate
+        for layer in self.decoder_layers():
             x = layer(positions, x, ctx)
-        return self.norm(x)
+        return self.norm(x) if self.stage.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)

@@ -22,7 +22,15 @@ from pllm.models.layers import (
     SiluAndMul,
 )
 from pllm.models.moe import MoEBlock, MoESpec
-from pllm.models.parallel import SINGLE, TensorParallel, divide, kv_head_split
+from pllm.models.parallel import (
+    SINGLE,
+    WHOLE,
+    OnAnotherStage,
+    PipelineStage,
+    TensorParallel,
+    divide,
+    kv_head_split,
+)
 from pllm.models.quant import QuantEmbedding, QuantLinear, block_size, cat_rows
 
 logger = logging.getLogger("pllm")
@@ -85,8 +93,11 @@ class ArchSpec:
 
 
 class Attention(nn.Module):
+    """``cache_index``: which of the stage's KV caches the layer uses
+    (default ``layer_idx``: a model in one pipeline stage)."""
+
     def __init__(self, spec: ArchSpec, layer_idx: int, rotary: RotaryEmbedding,
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, cache_index: int | None = None) -> None:
         super().__init__()
         self.spec, self.tp = spec, tp
         self.q_size = spec.num_heads * spec.head_dim
@@ -97,8 +108,8 @@ class Attention(nn.Module):
             self.q_norm = spec.qk_norm_cls(spec.head_dim, spec.eps)
             self.k_norm = spec.qk_norm_cls(spec.head_dim, spec.eps)
         self.rotary = rotary
-        self.attn = PagedAttention(layer_idx, spec.scale, spec.window_of(layer_idx),
-                                   spec.attn_soft_cap)
+        self.attn = PagedAttention(layer_idx if cache_index is None else cache_index, spec.scale,
+                                   spec.window_of(layer_idx), spec.attn_soft_cap)
 
     def forward(self, positions, x, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]
@@ -127,9 +138,9 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ArchSpec, idx: int, rotary: RotaryEmbedding,
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, cache_index: int | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, idx, rotary, tp)
+        self.self_attn = Attention(spec, idx, rotary, tp, cache_index)
         sparse = spec.moe is not None and spec.moe.is_sparse(idx)
         self.mlp = MoEBlock(spec.hidden, spec.moe, tp) if sparse else MLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
@@ -179,40 +190,66 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """``tp``: this rank's place in a tensor-parallel group (see
     ``pllm.models.parallel``); the embedding and norms are whole on every
-    rank, the LM head is split by vocabulary."""
+    rank, the LM head is split by vocabulary. ``stage``: the part of the
+    model this rank's pipeline stage holds; the others' modules are
+    ``OnAnotherStage`` places, so that every name stays the checkpoint's."""
 
     spec_class = ArchSpec
 
-    def __init__(self, hf_config, max_positions: int, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, hf_config, max_positions: int, tp: TensorParallel = SINGLE,
+                 stage: PipelineStage = WHOLE) -> None:
         super().__init__()
         self.spec = spec = ArchSpec(hf_config, tp.size)
-        self.tp = tp
+        self.tp, self.stage = tp, stage
         rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions)
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, spec.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary, tp)
-                                    for i in range(hf_config.num_hidden_layers))
-        self.norm = RMSNorm(spec.hidden, spec.eps)
+        self.embed_tokens = self._on_stage(self._holds_embedding,
+                                           lambda: nn.Embedding(hf_config.vocab_size, spec.hidden))
+        self.layers = nn.ModuleList(
+            self._on_stage(stage.holds(i), lambda i=i: DecoderLayer(
+                spec, i, rotary, tp, cache_index=i - stage.first_layer))
+            for i in range(hf_config.num_hidden_layers))
+        self.norm = self._on_stage(stage.is_last, lambda: RMSNorm(spec.hidden, spec.eps))
         self.vocab_size = hf_config.vocab_size
         self.vocab_lo, self.vocab_hi = tp.vocab_range(self.vocab_size)
-        self.lm_head = nn.Linear(spec.hidden, self.vocab_hi - self.vocab_lo, bias=False)
+        self.lm_head = self._on_stage(stage.is_last, lambda: nn.Linear(
+            spec.hidden, self.vocab_hi - self.vocab_lo, bias=False))
         self.rotary = rotary
 
     @property
+    def _holds_embedding(self) -> bool:
+        """The first stage looks tokens up; a tied head reads the embedding."""
+        return self.stage.is_first or (self.stage.is_last and self.spec.tie)
+
+    @staticmethod
+    def _on_stage(held: bool, make) -> nn.Module:
+        return make() if held else OnAnotherStage()
+
+    @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        """This stage's layers (one KV-cache tensor each)."""
+        return self.stage.num_layers
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        return [layer.self_attn.attn for layer in self.decoder_layers()]
 
     def decoder_layers(self) -> list[DecoderLayer]:
-        """The layers, for platform hooks (``dense_weights``, ``fused``)."""
-        return list(self.layers)
+        """This stage's layers, for platform hooks (``dense_weights``, ``fused``)."""
+        return list(self.layers[self.stage.first_layer:self.stage.last_layer])
 
-    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden]`` after the final norm."""
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids, positions, ctx: ForwardContext,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the final norm; on a
+        pipeline stage before the last, the residual stream after its layers
+        (what the next stage takes as ``intermediate``, instead of the
+        embedding)."""
+        if self.stage.is_first:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate, None
+        for layer in self.decoder_layers():
             x, residual = layer(positions, x, residual, ctx)
+        if not self.stage.is_last:
+            return x if residual is None else x + residual  # the sum the next norm would make
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -223,7 +260,7 @@ class LlamaForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         """With tied embeddings the LM head reads the embedding matrix (this
         rank's rows of it)."""
-        if not self.spec.tie:
+        if not self.spec.tie or not self.stage.is_last:
             return
         if isinstance(self.embed_tokens, QuantEmbedding):  # the head multiplies the blocks
             table = self.embed_tokens.table
@@ -267,9 +304,20 @@ class LlamaForCausalLM(nn.Module):
         if uneven and self.tp.rank == 0:
             logger.info("%d weight(s) kept in full precision: this rank's rows of them do not "
                         "fill whole blocks (e.g. %s)", len(uneven), uneven[0])
-        if self.spec.tie and "embed_tokens" in targets.values():
+        if self.spec.tie and self.stage.is_last and "embed_tokens" in targets.values():
             targets["lm_head.weight"] = "lm_head"
         return targets
+
+    def _on_this_stage(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` (without ``model.``) belongs to
+        a module this pipeline stage holds."""
+        parts = name.split(".")
+        if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+            index = int(parts[1])
+            return index >= len(self.layers) or self.stage.holds(index)  # past the end: refused
+        module = getattr(self, parts[0], None) if parts[0] in ("embed_tokens", "norm",
+                                                                "lm_head") else None
+        return not isinstance(module, OnAnotherStage)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Every parameter
@@ -283,7 +331,7 @@ class LlamaForCausalLM(nn.Module):
         pending: dict[str, dict[int, torch.Tensor]] = {}
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
+            if "rotary_emb.inv_freq" in name or not self._on_this_stage(name):
                 continue
             if name == "lm_head.weight" and self.spec.tie:
                 continue  # tied: the embedding serves as the head

@@ -102,3 +102,75 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+# Pipeline parallelism: the layers split into stages, one after the other.
+# ``PLLM_PP_LAYER_PARTITION="17,13"`` gives each stage's layer count (they
+# must add up to the model's); by default the layers split evenly, the
+# remainder going to the stages before the last (which also runs the LM head).
+PARTITION_ENV = "PLLM_PP_LAYER_PARTITION"
+
+
+class PipelineStage:
+    """Which part of the model a stage holds: layers ``[first_layer,
+    last_layer)``, the embedding on the first stage, the final norm and the LM
+    head on the last (and the embedding there too when the head is tied to
+    it). One stage (the default) holds everything."""
+
+    def __init__(self, rank: int = 0, size: int = 1, num_layers: int = 0) -> None:
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"pipeline stage {rank} of {size} is not a valid place")
+        self.rank, self.size = rank, size
+        counts = layer_partition(num_layers, size) if size > 1 else [num_layers]
+        self.first_layer = sum(counts[:rank])
+        self.last_layer = self.first_layer + counts[rank]
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def holds(self, layer: int) -> bool:
+        return self.first_layer <= layer < self.last_layer
+
+    @property
+    def num_layers(self) -> int:
+        return self.last_layer - self.first_layer
+
+
+def layer_partition(num_layers: int, size: int) -> list[int]:
+    """Each of ``size`` stages' layer count (see ``PARTITION_ENV``); every
+    stage needs at least one layer."""
+    import os
+
+    if size > num_layers:
+        raise ValueError(f"pipeline_parallel_size ({size}) exceeds the model's {num_layers} "
+                         f"layers: every stage needs at least one")
+    given = os.environ.get(PARTITION_ENV)
+    if given:
+        try:
+            counts = [int(part) for part in given.split(",")]
+        except ValueError:
+            raise ValueError(f"{PARTITION_ENV}={given!r} is not a comma-separated list of "
+                             f"layer counts") from None
+        if len(counts) != size or sum(counts) != num_layers or min(counts) < 1:
+            raise ValueError(f"{PARTITION_ENV}={given!r} must give {size} layer counts, each "
+                             f">= 1, adding up to the model's {num_layers} layers")
+        return counts
+    base, extra = divmod(num_layers, size)
+    # The remainder on the stages before the last, from the one before it back.
+    return [base + (1 if size - 1 - extra <= i < size - 1 else 0) for i in range(size)]
+
+
+WHOLE = PipelineStage()
+
+
+class OnAnotherStage(torch.nn.Module):
+    """The place of a module another pipeline stage holds (no parameters;
+    the checkpoint's tensors for it are skipped)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this module is held by another pipeline stage")

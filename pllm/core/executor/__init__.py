@@ -7,7 +7,10 @@
     RayExecutor         the same over a Ray cluster: ranks 1..N-1 each in a
                         Ray actor, on any node                 (ray_executor.py)
 
-With one rank there is nothing to distribute: the backend is not used.
+N is tensor_parallel_size x pipeline_parallel_size. With one rank there is
+nothing to distribute: the backend is not used. Under pipeline parallelism
+(``pllm.core.pipeline``) the engine starts steps with ``submit`` and takes
+their results with ``collect``, several steps in flight.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ class Executor(Protocol):
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one scheduled step on every rank; what rank 0 sampled comes back."""
 
+    # Executors of several ranks also have, for pipeline parallelism,
+    # ``submit(sched) -> handle`` (start a step: its inputs out, stage 0's
+    # layers run) and ``collect(handle) -> RunnerOutput`` (its sampled
+    # tokens, once the last stage's logits are back), in submission order.
+
     def shutdown(self) -> None:
         """Stop the ranks and close their communicators; idempotent."""
 
@@ -76,7 +84,7 @@ def join_group(platform: Platform, size: int, init_method: str, poll, name: str)
 
 
 def make_executor(config: EngineConfig, platform: Platform, loaded) -> Executor:
-    if config.parallel.tensor_parallel_size == 1:
+    if config.parallel.world_size == 1:
         from pllm.core.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, platform, loaded)

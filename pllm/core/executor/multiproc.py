@@ -34,7 +34,7 @@ import torch.distributed
 from pllm.core.config import EngineConfig
 from pllm.core.executor import ExecutorBrokenError, WorkerProcessError, join_group
 from pllm.core.interfaces import Communicator, Platform
-from pllm.core.runner import RunnerOutput, StepInputs
+from pllm.core.runner import PreparedStep, RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
 from pllm.core.worker import Worker
 
@@ -44,18 +44,25 @@ logger = logging.getLogger("pllm")
 def check_tensor_parallel(config: EngineConfig, platform: Platform, hf_config,
                           local_devices: bool = True) -> None:
     """Fail before any process starts when the ranks cannot be placed or the
-    model does not split evenly over them. ``local_devices``: every rank
-    runs on this machine (Ray places its ranks across a cluster instead)."""
+    model does not split evenly over them (its heads over each stage's
+    tensor-parallel ranks, its layers over the pipeline stages).
+    ``local_devices``: every rank runs on this machine (Ray places its ranks
+    across a cluster instead)."""
+    from pllm.core.pipeline import check_pipeline
     from pllm.models import describe_model
 
-    size = config.parallel.tensor_parallel_size
+    par = config.parallel
+    size = par.world_size
     caps = platform.capabilities
     if local_devices and not caps.ranks_share_device and size > platform.device_count():
+        ranks = (f"tensor_parallel_size={par.tensor_parallel_size} x pipeline_parallel_size="
+                 f"{par.pipeline_parallel_size}" if par.pipeline_parallel_size > 1
+                 else f"tensor_parallel_size={size}")
         raise ValueError(
-            f"tensor_parallel_size={size} needs {size} {platform.name} devices; "
-            f"{platform.device_count()} visible"
+            f"{ranks} needs {size} {platform.name} devices; {platform.device_count()} visible"
         )
-    describe_model(hf_config, size)
+    describe_model(hf_config, par.tensor_parallel_size)
+    check_pipeline(config, platform, hf_config)
 
 
 class MultiprocExecutor:
@@ -71,7 +78,7 @@ class MultiprocExecutor:
     from then on."""
 
     def __init__(self, config: EngineConfig, platform: Platform, loaded) -> None:
-        size = config.parallel.tensor_parallel_size
+        size = config.parallel.world_size
         check_tensor_parallel(config, platform, loaded.hf_config)
         if torch.distributed.is_initialized():
             raise RuntimeError(
@@ -112,7 +119,9 @@ class MultiprocExecutor:
             self.shutdown()
             raise
         threading.Thread(target=self._watch, name="pllm-tp-watch", daemon=True).start()
-        logger.info("tensor parallelism over %d ranks (%s)", size,
+        par = config.parallel
+        logger.info("%d ranks: tensor parallel %d x pipeline parallel %d (%s)", size,
+                    par.tensor_parallel_size, par.pipeline_parallel_size,
                     type(self._comm_holder[0]).__name__)
 
     def init_kv_cache(self) -> int:
@@ -130,10 +139,20 @@ class MultiprocExecutor:
         return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self._run(self.worker.execute, sched)
+
+    def submit(self, sched: SchedulerOutput) -> PreparedStep:
+        return self._run(self.worker.submit, sched)
+
+    def collect(self, step: PreparedStep) -> RunnerOutput:
+        return self._run(self.worker.collect, step)
+
+    def _run(self, call, arg):
+        """Rank 0's part of a step; any failure is fatal (see the class docstring)."""
         if self._broken is not None:
             raise ExecutorBrokenError(self._broken)
         try:
-            return self.worker.execute(sched)
+            return call(arg)
         except BaseException as exc:
             error = self._worker_error() or self._broken or f"a step failed on rank 0: {exc!r}"
             self._broken = f"tensor-parallel group stopped: {error}"
@@ -262,7 +281,7 @@ def _worker_main(rank: int, config: EngineConfig, platform_cls: type[Platform], 
     try:
         from pllm.loader import load_model
 
-        size = config.parallel.tensor_parallel_size
+        size = config.parallel.world_size
         platform = platform_cls()
         # The communicator first: on GPUs it binds this process to its device
         # before anything else touches one.

@@ -43,7 +43,7 @@ import torch.distributed
 from pllm.core.config import EngineConfig
 from pllm.core.executor import ExecutorBrokenError, WorkerProcessError, join_group
 from pllm.core.interfaces import Communicator, Platform
-from pllm.core.runner import RunnerOutput, StepInputs
+from pllm.core.runner import PreparedStep, RunnerOutput, StepInputs
 from pllm.core.scheduler import SchedulerOutput
 from pllm.core.worker import Worker
 
@@ -87,7 +87,7 @@ class RankActor:
         config = self.config
         platform = self.platform_cls()
         # The communicator first: on GPUs it binds this process to its device.
-        self.comm = platform.make_communicator(self.rank, config.parallel.tensor_parallel_size,
+        self.comm = platform.make_communicator(self.rank, config.parallel.world_size,
                                                self.init_method)
         platform.setup_process(config, self.rank)
         torch.manual_seed(config.model.seed)
@@ -142,7 +142,7 @@ class RayExecutor:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        size = config.parallel.tensor_parallel_size
+        size = config.parallel.world_size
         check_tensor_parallel(config, platform, loaded.hf_config, local_devices=False)
         if torch.distributed.is_initialized():
             raise RuntimeError(
@@ -244,13 +244,24 @@ class RayExecutor:
         return num_blocks
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self._run(self.worker.execute, sched)
+
+    def submit(self, sched: SchedulerOutput) -> PreparedStep:
+        return self._run(self.worker.submit, sched)
+
+    def collect(self, step: PreparedStep) -> RunnerOutput:
+        return self._run(self.worker.collect, step)
+
+    def _run(self, call, arg):
+        """Rank 0's part of a step; any failure is fatal, reported with the
+        failing rank's traceback where one came."""
         if self._broken is None or self._broken_by_watch:
             # A dead actor's last step may still hold its traceback.
             self._check_done(timeout=2.0 if self._broken_by_watch else 0)
         if self._broken is not None:
             raise ExecutorBrokenError(self._broken)
         try:
-            result = self.worker.execute(sched)
+            result = call(arg)
         except BaseException as exc:
             # A rank's traceback arrives with its step's result (it ends its
             # process right after, which is what failed rank 0's collective).

@@ -10,6 +10,7 @@ Each rank is one process; ``init_method`` is a ``tcp://host:port`` or
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 from typing import ClassVar
 
@@ -20,7 +21,8 @@ from pllm.core.interfaces import Communicator
 
 
 class TorchDistributedCommunicator(Communicator):
-    """A :class:`Communicator` over the default ``torch.distributed`` group."""
+    """A :class:`Communicator` over the default ``torch.distributed`` group,
+    or (from :meth:`new_group`) over a subgroup of it."""
 
     backend: ClassVar[str] = "gloo"
 
@@ -41,6 +43,9 @@ class TorchDistributedCommunicator(Communicator):
                 "one communicator per process"
             )
         self._rank, self._world_size = rank, world_size
+        self._group = None  # None: the default group
+        self._ranks = list(range(world_size))  # the default group's rank of each member
+        self._timeout = timeout
         self._setup_device()
         dist.init_process_group(
             self.backend,
@@ -54,6 +59,10 @@ class TorchDistributedCommunicator(Communicator):
         """Optional, defaults to nothing: bind this process to its device
         before the process group starts (GPU subclasses)."""
 
+    def _join_subgroup(self) -> None:
+        """Optional, defaults to nothing: a subgroup's own state, made by its
+        members together right after ``new_group`` (the host's shared memory)."""
+
     @property
     def rank(self) -> int:
         return self._rank
@@ -62,14 +71,26 @@ class TorchDistributedCommunicator(Communicator):
     def world_size(self) -> int:
         return self._world_size
 
+    def new_group(self, ranks: list[int]) -> TorchDistributedCommunicator | None:
+        """See :meth:`Communicator.new_group`; None on a rank outside ``ranks``."""
+        ranks = [self._ranks[r] for r in ranks]
+        group = dist.new_group(ranks, timeout=self._timeout)
+        me = self._ranks[self._rank]
+        if me not in ranks:
+            return None
+        sub = copy.copy(self)
+        sub._rank, sub._world_size, sub._group, sub._ranks = ranks.index(me), len(ranks), group, ranks
+        sub._join_subgroup()
+        return sub
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
-        dist.all_gather(parts, tensor)
+        dist.all_gather(parts, tensor, group=self._group)
         return torch.cat(parts, dim=dim)
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -81,25 +102,29 @@ class TorchDistributedCommunicator(Communicator):
             )
         # gloo has no reduce_scatter: sum everything, keep this rank's slice.
         total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self._group)
         return total.chunk(self._world_size, dim=dim)[self._rank].contiguous()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(tensor, src=src)
+        dist.broadcast(tensor, src=self._ranks[src], group=self._group)
         return tensor
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        dist.send(tensor.contiguous(), dst=dst)
+    def send(self, tensor: torch.Tensor, dst: int):
+        """Non-blocking (``dist.isend``): the handle's ``wait()`` says when
+        ``tensor`` may be reused."""
+        return dist.isend(tensor.contiguous(), dst=self._ranks[dst], group=self._group)
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        dist.recv(tensor, src=src)
+        dist.recv(tensor, src=self._ranks[src], group=self._group)
         return tensor
 
     def barrier(self) -> None:
-        dist.barrier()
+        dist.barrier(group=self._group)
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """The default group's communicator destroys every group; a
+        subgroup's leaves them to it."""
+        if self._group is None and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -126,7 +151,7 @@ class NcclCommunicator(TorchDistributedCommunicator):
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         moved = tensor.movedim(dim, 0).contiguous()
         out = moved.new_empty((self.world_size * moved.shape[0], *moved.shape[1:]))
-        dist.all_gather_into_tensor(out, moved)
+        dist.all_gather_into_tensor(out, moved, group=self._group)
         return out.movedim(0, dim).contiguous()
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -138,11 +163,11 @@ class NcclCommunicator(TorchDistributedCommunicator):
             )
         moved = tensor.movedim(dim, 0).contiguous()
         out = moved.new_empty((size // self.world_size, *moved.shape[1:]))
-        dist.reduce_scatter_tensor(out, moved, op=dist.ReduceOp.SUM)
+        dist.reduce_scatter_tensor(out, moved, op=dist.ReduceOp.SUM, group=self._group)
         return out.movedim(0, dim).contiguous()
 
     def barrier(self) -> None:
-        dist.barrier(device_ids=[self.device.index or 0])
+        dist.barrier(group=self._group, device_ids=[self.device.index or 0])
 
 
 class GlooCommunicator(TorchDistributedCommunicator):
@@ -157,10 +182,17 @@ class GlooCommunicator(TorchDistributedCommunicator):
                  timeout: timedelta = timedelta(minutes=5)) -> None:
         super().__init__(rank, world_size, init_method, timeout=timeout)
         self._shm = None
-        if world_size > 1:
+        self._join_subgroup()
+
+    def _join_subgroup(self) -> None:
+        """The group's shared-memory segment (each subgroup its own)."""
+        self._shm = None
+        if self._world_size > 1:
             from pllm.platforms.common.shm import SharedMemoryAllReduce
 
-            self._shm = SharedMemoryAllReduce.create(rank, world_size, timeout.total_seconds())
+            self._shm = SharedMemoryAllReduce.create(self._rank, self._world_size,
+                                                     self._timeout.total_seconds(),
+                                                     group=self._group)
 
     @property
     def uses_shared_memory(self) -> bool:

@@ -74,9 +74,9 @@ class HostPlatform(Platform):
         return GlooCommunicator(rank, world_size, init_method)
 
     def update_config(self, config):
-        """Tensor-parallel ranks split the cores this process may run on,
+        """The ranks (tensor and pipeline parallel) split the cores this process may run on,
         unless ``num_threads`` says how many each gets."""
-        size = config.parallel.tensor_parallel_size
+        size = config.parallel.world_size
         if size == 1 or config.device.num_threads:
             return config
         return dataclasses.replace(config, device=dataclasses.replace(

@@ -68,8 +68,10 @@ class SharedMemoryAllReduce:
         self._failed: str | None = None
 
     @classmethod
-    def create(cls, rank: int, world: int, timeout_s: float) -> SharedMemoryAllReduce | None:
-        """Collective over the default (gloo) group: every rank gets an
+    def create(cls, rank: int, world: int, timeout_s: float,
+               group=None) -> SharedMemoryAllReduce | None:
+        """Collective over ``group`` (a gloo group; None: the default one),
+        whose rank here is ``rank`` of ``world``: every rank gets an
         instance, or every rank gets None (ranks on several hosts, kernels not
         built, no room for the segment; the reason is logged by rank 0)."""
         capacity = max(1024, _MAX_SEGMENT // (2 * world * 4)) // 16 * 16  # whole cache lines
@@ -79,8 +81,8 @@ class SharedMemoryAllReduce:
         elif shm_ops() is None:
             local = "the shared-memory all-reduce kernel is not built"
         reasons, hosts = [None] * world, [None] * world
-        dist.all_gather_object(reasons, local)
-        dist.all_gather_object(hosts, socket.gethostname())
+        dist.all_gather_object(reasons, local, group=group)
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
         why = next((f"rank {r}: {text}" for r, text in enumerate(reasons) if text), "")
         if not why and len(set(hosts)) != 1:
             why = f"ranks on several hosts ({', '.join(sorted(set(hosts)))})"
@@ -91,7 +93,9 @@ class SharedMemoryAllReduce:
             except OSError as exc:
                 why = f"no shared-memory segment ({exc})"
         box = [(why, path)]
-        dist.broadcast_object_list(box, src=0)  # rank 0 alone knows whether the segment exists
+        # Rank 0 alone knows whether the segment exists.
+        dist.broadcast_object_list(box, src=0 if group is None else dist.get_global_rank(group, 0),
+                                   group=group)
         why, path = box[0]
         instance, error = None, ""
         try:
@@ -101,7 +105,7 @@ class SharedMemoryAllReduce:
                 except Exception as exc:  # noqa: BLE001 - agreed on below, then logged
                     error = repr(exc)
             errors = [None] * world
-            dist.all_gather_object(errors, error)
+            dist.all_gather_object(errors, error, group=group)
         finally:
             if rank == 0 and path:
                 os.unlink(path)  # every rank has mapped it (or failed to): the name can go

@@ -18,6 +18,7 @@ _CAPABILITIES = PlatformCapabilities(
     supports_soft_cap=True,
     weight_formats=("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"),  # gguf_linear.py
     ranks_share_device=True,  # tensor-parallel ranks split the cores
+    pipeline_parallel=True,  # gloo sends between stages
 )
 
 

@@ -46,6 +46,7 @@ def cuda_capabilities(compute_capability: tuple[int, int] | None) -> PlatformCap
         weight_format_dtypes=dtypes,
         supports_soft_cap=True,
         ray_resource="GPU",
+        pipeline_parallel=True,  # NCCL sends between stages
         supports_graphs=True,
         profiles_memory=True,
     )

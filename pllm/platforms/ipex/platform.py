@@ -107,4 +107,5 @@ def ipex_capabilities(native_bf16: bool) -> PlatformCapabilities:
         kv_cache_dtypes=(torch.float8_e5m2,),
         supports_soft_cap=True,  # IPEX's operators take ``softcap``
         ranks_share_device=True,  # tensor-parallel ranks split the cores
+        pipeline_parallel=True,  # the host's gloo communicator, as the CPU's
     )

@@ -47,6 +47,7 @@ def rocm_capabilities(gcn_arch: str | None) -> PlatformCapabilities:
         weight_format_dtypes=(torch.bfloat16, torch.float16, torch.float32),
         supports_soft_cap=True,
         ray_resource="GPU",
+        pipeline_parallel=True,  # RCCL sends between stages
         supports_graphs=True,  # HIP graphs, through torch.cuda.CUDAGraph
         profiles_memory=True,
     )
