@@ -120,7 +120,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
                  stage: PipelineStage = WHOLE) -> None:
         nn.Module.__init__(self)
         self.spec = spec = GemmaSpec(hf_config, tp.size)
-        self.tp, self.stage = tp, stage
+        self.tp, self.stage = tp, stage.for_model(hf_config.num_hidden_layers)
+        stage = self.stage
         if spec.rope_per_layer_type:
             rotaries = {kind: RotaryEmbedding(hf_config, spec.head_dim, max_positions,
                                               layer_type=kind)

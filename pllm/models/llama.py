@@ -200,7 +200,8 @@ class LlamaForCausalLM(nn.Module):
                  stage: PipelineStage = WHOLE) -> None:
         super().__init__()
         self.spec = spec = ArchSpec(hf_config, tp.size)
-        self.tp, self.stage = tp, stage
+        self.tp, self.stage = tp, stage.for_model(hf_config.num_hidden_layers)
+        stage = self.stage
         rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions)
         self.embed_tokens = self._on_stage(self._holds_embedding,
                                            lambda: nn.Embedding(hf_config.vocab_size, spec.hidden))

@@ -115,7 +115,8 @@ class PipelineStage:
     """Which part of the model a stage holds: layers ``[first_layer,
     last_layer)``, the embedding on the first stage, the final norm and the LM
     head on the last (and the embedding there too when the head is tied to
-    it). One stage (the default) holds everything."""
+    it). One stage (the default) holds everything: ``WHOLE`` stands for it
+    before the model's layer count is known (``for_model``)."""
 
     def __init__(self, rank: int = 0, size: int = 1, num_layers: int = 0) -> None:
         if size < 1 or not 0 <= rank < size:
@@ -124,6 +125,10 @@ class PipelineStage:
         counts = layer_partition(num_layers, size) if size > 1 else [num_layers]
         self.first_layer = sum(counts[:rank])
         self.last_layer = self.first_layer + counts[rank]
+
+    def for_model(self, num_layers: int) -> PipelineStage:
+        """This stage of a model of ``num_layers`` layers."""
+        return PipelineStage(self.rank, self.size, num_layers)
 
     @property
     def is_first(self) -> bool:
