@@ -42,15 +42,22 @@ def fake_llm(tiny_model_dir, fake_platform):
     return llm
 
 
-@pytest.fixture(scope="module")
-def ray_env():
-    """Ray's token authentication, with a token of the test module's own,
-    for every process it starts (Ray 2.60 turns authentication on by
-    default; nothing is read from or written to the home folder), and no
-    cluster address from outside."""
+@pytest.fixture(scope="session")
+def ray_token() -> str:
+    """One token for the session: Ray keeps the first token a process used
+    for every later cluster it joins."""
     import secrets
 
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    return secrets.token_hex(32)
+
+
+@pytest.fixture(scope="module")
+def ray_env(ray_token):
+    """Ray's token authentication, with the session's token, for every
+    process it starts (Ray 2.60 turns authentication on by default; nothing
+    is read from or written to the home folder), and no cluster address from
+    outside."""
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token,
            "RAY_USAGE_STATS_ENABLED": "0"}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

@@ -85,13 +85,17 @@ def run_latency(llm, requests: list[BenchRequest], *, num_warmup: int) -> dict:
     return {**latency_figures(runs[num_warmup:]), **compile_figures(before, compilations(llm))}
 
 
-def decode_weight_bytes(engine) -> int:
+def decode_weight_bytes(engine) -> int | None:
     """Bytes of weights one decode step reads: every parameter, except an input
     embedding that is not also the LM head (a step reads only a row of it).
     Weights kept quantized count their bytes as stored.
     Under tensor parallelism, rank 0's share times the ranks (they hold equal
-    shares of the layers and the LM head, and each a copy of the norms)."""
+    shares of the layers and the LM head, and each a copy of the norms).
+    None under pipeline parallelism: rank 0 holds the first stage's alone."""
     import torch
+
+    if engine.config.parallel.pipeline_parallel_size > 1:
+        return None
 
     from pllm.models.quant import QuantLinear
 

@@ -199,7 +199,9 @@ def print_latency(result: dict) -> None:
     _print_processes(p)
     _print_spec(p)
     _print_compilations(p)
-    if bw:
+    if bw and bw.get("weight_bytes") is None:
+        print("  weights per decode step: not counted (pipeline stages: rank 0 holds its own)")
+    elif bw:
         print(f"  weights {bw['weight_bytes'] / 1e6:.0f} MB per decode step -> "
               f"{_fmt(bw['achieved_gb_per_s'], ' GB/s')} of a measured "
               f"{_fmt(bw['read_bandwidth_gb_per_s'], ' GB/s')} "

@@ -12,6 +12,7 @@ import gc
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -40,6 +41,11 @@ NO_SPEC = "no-spec"
 NO_STRUCTURED = "no-structured"
 # executor-mp / executor-ray: pllm with the other --distributed-executor-backend.
 EXECUTOR_BASELINE = "executor-"
+# parallel-TPxPP: pllm with --tensor-parallel-size TP --pipeline-parallel-size PP.
+PARALLEL_BASELINE = "parallel-"
+_PARALLEL = re.compile(r"parallel-(\d+)x(\d+)")
+# Baselines that are pllm itself with other arguments.
+_PLLM_VARIANTS = (PLLM_BASELINE, EXECUTOR_BASELINE, PARALLEL_BASELINE)
 
 
 def _baselines(kind: str, compare: list[str]) -> list[str]:
@@ -50,7 +56,8 @@ def _baselines(kind: str, compare: list[str]) -> list[str]:
             if kind in ("throughput", "latency") and (
                     (name.startswith(PLLM_BASELINE) and len(name) > 5)
                     or name in (NO_SPEC, NO_STRUCTURED)
-                    or name in (f"{EXECUTOR_BASELINE}{b}" for b in EXECUTOR_BACKENDS)):
+                    or name in (f"{EXECUTOR_BASELINE}{b}" for b in EXECUTOR_BACKENDS)
+                    or _PARALLEL.fullmatch(name)):
                 names += [name] if name not in names else []
                 continue
             if name not in known:
@@ -149,11 +156,11 @@ def run_throughput(args) -> dict:
     result["pllm"] = pllm_throughput(llm, requests, use_tqdm=sys.stderr.isatty())
     result["pllm"].update(peak_rss_bytes=peak_rss_bytes(), startup_s=startup_s,
                           children_rss_bytes=children_rss_bytes(),
-                          executor=engine.config.parallel.distributed_executor_backend)
+                          **_layout(engine))
     if (spec := spec_figures(engine)) is not None:
         result["pllm"]["spec_decode"] = spec
     specs = {name: _baseline_spec(engine, BASELINE_MODES[name], plain) for name in baselines
-             if not name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE))
+             if not name.startswith(_PLLM_VARIANTS)
              and name not in (NO_SPEC, NO_STRUCTURED)}
     llm.shutdown()
     del llm, engine  # pllm's weights and KV cache go back before a baseline loads its own
@@ -163,7 +170,7 @@ def run_throughput(args) -> dict:
         if name == NO_STRUCTURED:
             result["baselines"][name] = _pllm_on(ea, ea.device, plain,
                                                  label="without the schemas")
-        elif name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE)) or name == NO_SPEC:
+        elif name.startswith(_PLLM_VARIANTS) or name == NO_SPEC:
             result["baselines"][name] = _pllm_baseline(ea, name, requests)
     result["baseline_settings"] = {"hf_batch_size": args.hf_batch_size, "hf_order": args.hf_order,
                                    "hf_page_size": args.hf_page_size,
@@ -182,8 +189,19 @@ def run_throughput(args) -> dict:
 
 
 def _pllm_baseline(ea, name: str, requests, num_warmup: int | None = None) -> dict:
-    """A pllm baseline: ``pllm-DEVICE``, ``no-spec`` or ``executor-BACKEND``."""
+    """A pllm baseline: ``pllm-DEVICE``, ``no-spec``, ``executor-BACKEND``
+    or ``parallel-TPxPP``."""
     import dataclasses
+
+    if (layout := _PARALLEL.fullmatch(name)) is not None:
+        tp, pp = int(layout[1]), int(layout[2])
+        if min(tp, pp) < 1:
+            return {"error": f"--compare {name}: sizes must be >= 1"}
+        if (tp, pp) == (ea.tensor_parallel_size, ea.pipeline_parallel_size):
+            return {"error": f"--compare {name}: pllm itself runs with that layout"}
+        return _pllm_on(dataclasses.replace(ea, tensor_parallel_size=tp,
+                                            pipeline_parallel_size=pp), ea.device, requests,
+                        num_warmup, label=f"with -tp {tp} -pp {pp}")
 
     if name.startswith(EXECUTOR_BASELINE):
         backend = name[len(EXECUTOR_BASELINE):]
@@ -201,6 +219,14 @@ def _pllm_baseline(ea, name: str, requests, num_warmup: int | None = None) -> di
         return _pllm_on(dataclasses.replace(ea, speculative_config=None), ea.device, requests,
                         num_warmup, label="without speculation")
     return _pllm_on(ea, name[len(PLLM_BASELINE):], requests, num_warmup)
+
+
+def _layout(engine) -> dict:
+    """How a result's engine ran its ranks."""
+    par = engine.config.parallel
+    return {"executor": par.distributed_executor_backend,
+            "tensor_parallel_size": par.tensor_parallel_size,
+            "pipeline_parallel_size": par.pipeline_parallel_size}
 
 
 def spec_figures(engine) -> dict | None:
@@ -244,7 +270,7 @@ def _pllm_on(ea, device: str, requests, num_warmup: int | None = None,
         engine = llm.llm_engine
         figures.update(startup_s=round(start, 1), device=engine.platform.name,
                        dtype=engine.config.model.dtype, children_rss_bytes=children_rss_bytes(),
-                       executor=engine.config.parallel.distributed_executor_backend)
+                       **_layout(engine))
         return figures
     finally:
         llm.shutdown()
@@ -284,25 +310,30 @@ def run_latency(args) -> dict:
         pllm["spec_decode"] = spec
     pllm.update(peak_rss_bytes=peak_rss_bytes(),  # before the bandwidth probe's tensor
                 startup_s=startup_s, children_rss_bytes=children_rss_bytes(),
-                executor=engine.config.parallel.distributed_executor_backend)
+                **_layout(engine))
     weight_bytes = decode_weight_bytes(engine)
     specs = {name: _baseline_spec(engine, "latency", requests) for name in baselines
-             if not name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE)) and name != NO_SPEC}
+             if not name.startswith(_PLLM_VARIANTS) and name != NO_SPEC}
     llm.shutdown()
     del llm, engine
     gc.collect()
     bw = measure_read_bandwidth(args.bandwidth_mib)
-    achieved = weight_bytes / pllm["time_per_output_token_s"] / 1e9
-    result["bandwidth"] = {
-        **bw, "weight_bytes": weight_bytes, "achieved_gb_per_s": achieved,
-        "bandwidth_fraction": achieved / bw["read_bandwidth_gb_per_s"],
-        "decode_ceiling_tokens_per_s": bw["read_bandwidth_gb_per_s"] * 1e9 / weight_bytes,
-    }
+    if weight_bytes is None:  # pipeline stages: rank 0 does not see every weight
+        result["bandwidth"] = {**bw, "weight_bytes": None, "achieved_gb_per_s": None,
+                               "bandwidth_fraction": None, "decode_ceiling_tokens_per_s": None}
+        weight_bytes = 0
+    else:
+        achieved = weight_bytes / pllm["time_per_output_token_s"] / 1e9
+        result["bandwidth"] = {
+            **bw, "weight_bytes": weight_bytes, "achieved_gb_per_s": achieved,
+            "bandwidth_fraction": achieved / bw["read_bandwidth_gb_per_s"],
+            "decode_ceiling_tokens_per_s": bw["read_bandwidth_gb_per_s"] * 1e9 / weight_bytes,
+        }
     result["baselines"] = {}
     for name in baselines:
-        if name.startswith((PLLM_BASELINE, EXECUTOR_BASELINE)) or name == NO_SPEC:
+        if name.startswith(_PLLM_VARIANTS) or name == NO_SPEC:
             base = _pllm_baseline(ea, name, requests, args.num_iters_warmup)
-            if base.get("time_per_output_token_s"):
+            if base.get("time_per_output_token_s") and weight_bytes:
                 base["bandwidth_fraction"] = (weight_bytes / base["time_per_output_token_s"] / 1e9
                                               / bw["read_bandwidth_gb_per_s"])
             result["baselines"][name] = base
@@ -310,7 +341,7 @@ def run_latency(args) -> dict:
         print(f"{name}: running ...", flush=True)
         spec["num_warmup"] = args.num_iters_warmup
         base = run_baseline(spec, timeout_s=args.baseline_timeout)
-        if base.get("time_per_output_token_s"):
+        if base.get("time_per_output_token_s") and weight_bytes:
             base["bandwidth_fraction"] = (weight_bytes / base["time_per_output_token_s"] / 1e9
                                           / bw["read_bandwidth_gb_per_s"])
         result["baselines"][name] = base

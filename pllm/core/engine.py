@@ -114,7 +114,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.detokenizer, self.max_model_len,
-                                   proposer=make_proposer(config.speculative))
+                                   proposer=make_proposer(config.speculative),
+                                   pipeline_depth=config.parallel.pipeline_parallel_size)
         # Pipeline parallelism: up to one batch in flight per stage, started
         # (submitted) and not yet collected, oldest first.
         self.pipeline_depth = config.parallel.pipeline_parallel_size
@@ -242,7 +243,10 @@ class LLMEngine:
         self.scheduler.finish_requests(ids, SequenceStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests not finished, or a batch still in flight (pipeline
+        parallelism: one whose requests were all aborted is still collected,
+        so that the stages stay in step)."""
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -94,8 +94,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, detokenizer: Detokenizer,
-                 max_model_len: int, proposer=None) -> None:
+                 max_model_len: int, proposer=None, pipeline_depth: int = 1) -> None:
+        """``pipeline_depth``: batches in flight at once (pipeline parallelism's
+        stages); each batch then takes at most its share of the running
+        sequences, so that the next one has work too."""
         self.config = config
+        self.pipeline_depth = pipeline_depth
         # Speculative decoding's proposer (pllm.core.spec_decode); None: off.
         self.proposer = proposer
         # Structured outputs' grammars (pllm.core.structured.GrammarCache),
@@ -208,6 +212,7 @@ class Scheduler:
         scheduled_ids: set[int] = set()
         self._switch_speculation()
         running = list(self.running)
+        share = -(-len(running) // self.pipeline_depth)  # running sequences this batch may take
         if self.step_budget is not None:
             decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
             if decodes:
@@ -221,6 +226,8 @@ class Scheduler:
                 continue
             if seq.request.request_id in self.in_flight:
                 continue
+            if len(out.scheduled) >= share:
+                break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 continue

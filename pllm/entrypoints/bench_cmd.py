@@ -59,7 +59,8 @@ def _add_compare_args(parser: argparse.ArgumentParser, kind: str) -> None:
                         "requests (e.g. --device ipex --compare pllm-cpu); or no-spec: pllm "
                         "without its --speculative-config; or no-structured: the requests "
                         "without their --structured-output schemas; or executor-mp / "
-                        "executor-ray: pllm with that --distributed-executor-backend")
+                        "executor-ray: pllm with that --distributed-executor-backend; or "
+                        "parallel-TPxPP: pllm with -tp TP -pp PP (e.g. parallel-2x1)")
     g.add_argument("--baseline-timeout", type=float, default=3600.0,
                    help="seconds a baseline may run before it is recorded as failed (default 3600)")
     if kind == "throughput":

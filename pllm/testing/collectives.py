@@ -1,7 +1,9 @@
 """A platform's communicator, checked against values each rank can compute
 alone: the collectives the contract asks for (``all_reduce``,
 ``all_gather``) across real processes, and ``close`` by building, closing
-and building again in one process.
+and building again in one process. A platform whose capabilities declare
+``pipeline_parallel`` also has its ``send``/``recv`` (in order, around a
+ring) and ``new_group`` (numbered in the order given) checked.
 
 :func:`check_communicator` starts ``world_size`` processes; each builds the
 platform's communicator over a shared ``file://`` rendezvous. A failure in
@@ -101,8 +103,11 @@ def _worker(rank: int, platform_cls: type[Platform], world_size: int, init_metho
     comm = platform.make_communicator(rank, world_size, init_method)
     try:
         assert isinstance(comm, Communicator), f"make_communicator returned {comm!r}"
-        _check_ops(comm, _rank_device(platform, rank), rank, world_size,
-                   platform.capabilities.default_dtype)
+        device = _rank_device(platform, rank)
+        _check_ops(comm, device, rank, world_size, platform.capabilities.default_dtype)
+        if platform.capabilities.pipeline_parallel:
+            _check_pipeline_ops(comm, device, rank, world_size,
+                                platform.capabilities.default_dtype)
     finally:
         comm.close()
 
@@ -130,6 +135,44 @@ def _check_ops(comm: Communicator, device: torch.device, rank: int, world: int,
     expect(comm.all_gather(part.t().to(device), dim=0),
            torch.cat([(torch.arange(6.0).view(2, 3) + 10 * r).t() for r in range(world)]),
            "all_gather(a transposed view)")
+
+
+def _check_pipeline_ops(comm: Communicator, device: torch.device, rank: int, world: int,
+                        dtype: torch.dtype) -> None:
+    """Point-to-point sends around the ring (two in a row, which must arrive
+    in order, one of them in the model dtype) and subgroups: the reversed
+    list of all ranks, whose rank 0 is the last one, and one group per rank."""
+    nxt, prev = (rank + 1) % world, (rank - 1) % world
+    first = torch.full((2, 3), float(rank + 1), device=device)
+    second = torch.full((5,), float(10 * (rank + 1)), device=device, dtype=dtype)
+    handles = [comm.send(first, nxt), comm.send(second, nxt)]
+    got_first = comm.recv(torch.empty(2, 3, device=device), prev)
+    got_second = comm.recv(torch.empty(5, device=device, dtype=dtype), prev)
+    for handle in handles:
+        handle.wait()
+    assert torch.equal(got_first.cpu(), torch.full((2, 3), float(prev + 1))), (
+        f"rank {rank}: recv from rank {prev} gave {got_first.tolist()}, want {prev + 1}s")
+    assert torch.equal(got_second.cpu().float(), torch.full((5,), float(10 * (prev + 1)))), (
+        f"rank {rank}: the second recv from rank {prev} gave {got_second.tolist()} "
+        f"(sends must arrive in order)")
+
+    backwards = comm.new_group(list(reversed(range(world))))
+    alone = [comm.new_group([r]) for r in range(world)]  # every rank makes every group
+    assert backwards is not None and backwards.world_size == world, "new_group of every rank"
+    assert backwards.rank == world - 1 - rank, (
+        f"rank {rank}: new_group(reversed ranks) numbered it {backwards.rank}, "
+        f"want {world - 1 - rank} (its place in the list)")
+    gathered = backwards.all_gather(torch.full((1,), float(rank), device=device))
+    assert gathered.cpu().tolist() == [float(r) for r in reversed(range(world))], (
+        f"rank {rank}: all_gather in the reversed group gave {gathered.tolist()}")
+    mine = alone[rank]
+    assert mine is not None and mine.world_size == 1, f"rank {rank}: its one-rank group"
+    t = torch.full((3,), float(rank + 1), device=device)
+    assert torch.equal(mine.all_reduce(t).cpu(), torch.full((3,), float(rank + 1))), (
+        f"rank {rank}: a one-rank group's all_reduce changed its input")
+    total = backwards.all_reduce(torch.full((2,), float(rank + 1), device=device))
+    assert torch.equal(total.cpu(), torch.full((2,), float(sum(range(1, world + 1))))), (
+        f"rank {rank}: all_reduce in the reversed group gave {total.tolist()}")
 
 
 def check_communicator_rebuild(platform: Platform, *, rounds: int = 2) -> None:

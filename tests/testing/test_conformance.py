@@ -217,6 +217,29 @@ def test_collectives_check_catches_a_wrong_all_gather() -> None:
         cf.check_communicator(BadGatherPlatform, world_size=2)
 
 
+class SortedGroupCommunicator(TorchDistributedCommunicator):
+    def new_group(self, ranks):
+        return super().new_group(sorted(ranks))  # loses the order it was given
+
+
+class SortedGroupPlatform(FakeAccel):
+    """Declares pipeline parallelism, with subgroups numbered wrongly."""
+
+    name = "sortedgroup"
+
+    @property
+    def capabilities(self):
+        return dataclasses.replace(super().capabilities, pipeline_parallel=True)
+
+    def make_communicator(self, rank: int, world_size: int, init_method: str):
+        return SortedGroupCommunicator(rank, world_size, init_method)
+
+
+def test_collectives_check_catches_a_subgroup_numbered_out_of_order() -> None:
+    with pytest.raises(ProcessRaisedException, match="reversed ranks"):
+        cf.check_communicator(SortedGroupPlatform, world_size=2)
+
+
 def test_collectives_plan_needs_a_device_per_rank_unless_shared() -> None:
     caps = FakeAccel().capabilities
 

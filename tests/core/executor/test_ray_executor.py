@@ -3,7 +3,8 @@ loopback: a two-node Ray cluster started here (``ray start`` twice, one CPU
 each, so that the two ranks must sit on different nodes). The server on Ray
 is tested in ``tests/entrypoints/test_server_ray.py``.
 
-* two ranks across the two nodes give the one-rank engine's greedy tokens;
+* two ranks across the two nodes give the one-rank engine's greedy tokens,
+  as tensor parallelism and as two pipeline stages;
 * a rank whose step raises stops the engine with that rank's traceback, and
   its actor and the placement group are released;
 * an actor killed while nothing runs is seen by the watcher: the engine is
@@ -110,6 +111,23 @@ def test_two_ranks_across_two_nodes_match_one_rank(two_node_cluster, tiny_model_
     while rank_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not rank_processes()
+
+
+@needs_ray
+def test_two_pipeline_stages_across_two_nodes_match_one_rank(two_node_cluster, tiny_model_dir,
+                                                             tiny_llm):
+    """``-pp 2``: the first layer on this node, the second, the norm and the
+    LM head on the other; the residual stream and the logits cross nodes."""
+    expected = _greedy(tiny_llm)
+    llm = LLM(tiny_model_dir, device="cpu", kv_cache_memory="8MB", max_model_len=128,
+              pipeline_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        executor = llm.llm_engine.executor
+        assert len({p["node_id"] for p in executor.placement}) == 2, executor.placement
+        assert _greedy(llm) == expected
+        assert llm.llm_engine.max_in_flight == 2
+    finally:
+        llm.shutdown()
 
 
 @needs_ray
