@@ -223,10 +223,16 @@ def _pllm_baseline(ea, name: str, requests, num_warmup: int | None = None) -> di
 
 def _layout(engine) -> dict:
     """How a result's engine ran its ranks."""
+    from pllm.models.parallel import layer_partition
+
     par = engine.config.parallel
-    return {"executor": par.distributed_executor_backend,
-            "tensor_parallel_size": par.tensor_parallel_size,
-            "pipeline_parallel_size": par.pipeline_parallel_size}
+    layout = {"executor": par.distributed_executor_backend,
+              "tensor_parallel_size": par.tensor_parallel_size,
+              "pipeline_parallel_size": par.pipeline_parallel_size}
+    if par.pipeline_parallel_size > 1:  # each stage's layers (PLLM_PP_LAYER_PARTITION)
+        layout["layer_partition"] = layer_partition(engine.loaded.hf_config.num_hidden_layers,
+                                                    par.pipeline_parallel_size)
+    return layout
 
 
 def spec_figures(engine) -> dict | None:

@@ -115,6 +115,8 @@ def build_model(hf_config, weights: Iterable[tuple[str, torch.Tensor]], *, max_m
     # holds a second, wider copy of the weights.
     model = model.to(dtype).to_empty(device=device)
     model.rotary.reset_tables()  # fp32, as in transformers
+    if model.stage.size > 1:  # another stage's tensors are neither converted nor logged here
+        weights = ((name, tensor) for name, tensor in weights if model.holds_weight(name))
     if round_to is not None:
         weights = _round(_dequantize_others(weights, {}, log=tp.rank == 0), kept, round_to)
     else:

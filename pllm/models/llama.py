@@ -309,10 +309,10 @@ class LlamaForCausalLM(nn.Module):
             targets["lm_head.weight"] = "lm_head"
         return targets
 
-    def _on_this_stage(self, name: str) -> bool:
-        """Whether checkpoint tensor ``name`` (without ``model.``) belongs to
-        a module this pipeline stage holds."""
-        parts = name.split(".")
+    def holds_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to a module this
+        pipeline stage holds (every tensor, with one stage)."""
+        parts = name.removeprefix("model.").split(".")
         if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
             index = int(parts[1])
             return index >= len(self.layers) or self.stage.holds(index)  # past the end: refused
@@ -332,7 +332,7 @@ class LlamaForCausalLM(nn.Module):
         pending: dict[str, dict[int, torch.Tensor]] = {}
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name or not self._on_this_stage(name):
+            if "rotary_emb.inv_freq" in name or not self.holds_weight(name):
                 continue
             if name == "lm_head.weight" and self.spec.tie:
                 continue  # tied: the embedding serves as the head

@@ -186,3 +186,54 @@ def test_a_step_latency_target_sizes_prefill_chunks_while_requests_decode():
     assert budget.tokens == 50
     budget.observe(60, 3.0)  # far too slow: shrink at once, never below the floor
     assert budget.tokens == 4
+
+
+def _sampled(out) -> RunnerOutput:
+    result = RunnerOutput()
+    for item in out.scheduled:
+        if item.samples:
+            result.sampled.append(item.seq)
+            result.token_ids.append(7)
+            result.logprobs.append(None)
+    return result
+
+
+def test_pipelined_batches_split_the_running_requests_and_never_share_one():
+    """Two batches in flight (two pipeline stages): each takes its half of
+    the running sequences; a request in flight is not scheduled again until
+    its batch is applied."""
+    sched = make_scheduler(num_blocks=16)
+    sched.pipeline_depth = 2
+    for rid in "abcd":
+        add(sched, rid, [10, 11, 12, 13], max_tokens=8)
+    first = sched.schedule()
+    assert len(first.scheduled) == 4  # admissions are not split
+    sched.update_from_output(first, _sampled(first))  # four decoding sequences
+    a = sched.schedule()
+    assert [i.seq.request.request_id for i in a.scheduled] == ["a", "b"]
+    sched.in_flight |= {"a", "b"}
+    b = sched.schedule()
+    assert [i.seq.request.request_id for i in b.scheduled] == ["c", "d"]
+    sched.in_flight |= {"c", "d"}
+    assert sched.schedule().is_empty
+    sched.update_from_output(a, _sampled(a))
+    sched.in_flight -= {"a", "b"}
+    assert [i.seq.request.request_id for i in sched.schedule().scheduled] == ["a", "b"]
+
+
+def test_a_request_in_flight_is_never_preempted():
+    """b needs a block, the only one to take is a's, and a's batch is in
+    flight (later stages still write its blocks): b gives up its own place."""
+    sched = make_scheduler(num_blocks=3)
+    sched.pipeline_depth = 2
+    for rid in "ab":
+        add(sched, rid, [10, 11, 12, 13], max_tokens=8)  # a block each; one left
+    first = sched.schedule()
+    sched.update_from_output(first, _sampled(first))
+    a = sched.schedule()  # a takes the free block for its fifth token
+    assert [i.seq.request.request_id for i in a.scheduled] == ["a"]
+    sched.in_flight |= {"a"}
+    b = sched.schedule()
+    assert b.is_empty and [s.request.request_id for s in b.preempted] == ["b"]
+    seq_a = sched.requests["a"].seqs[0]
+    assert seq_a.status is SequenceStatus.RUNNING and len(seq_a.block_ids) == 2

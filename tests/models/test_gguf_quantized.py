@@ -135,6 +135,26 @@ def test_tensor_parallel_splits_blocks_and_dequantizes_what_does_not_split(tmp_p
         llm.shutdown()
 
 
+@needs_kernel
+def test_pipeline_stages_keep_their_own_blocks(tmp_path, caplog):
+    """Two stages of a Q4_K_M-like file (tied head, so the last stage holds
+    the Q8_0 embedding for it): transformers' tokens; rank 0 keeps its
+    layer's blocks and neither loads nor dequantizes the other stage's."""
+    path = make_tiny_gguf(tmp_path, "llama", quant=q4_k_m, tie_word_embeddings=True, **CONFIG)
+    expected = file_greedy(path)
+    with caplog.at_level(logging.INFO, logger="pllm"):
+        llm = LLM(path, device="cpu", kv_cache_memory="16MB", pipeline_parallel_size=2)
+    try:
+        assert greedy(llm) == expected
+        model = engine_model(llm)
+        assert isinstance(model.layers[0].self_attn.qkv_proj, QuantLinear)
+        assert isinstance(model.embed_tokens, QuantEmbedding)
+        assert not list(model.layers[1].parameters())  # the other stage's
+        assert not any("dequantized at load" in r.getMessage() for r in caplog.records)
+    finally:
+        llm.shutdown()
+
+
 def test_quantization_none_and_dtype_dequantize(tmp_path):
     path = make_tiny_gguf(tmp_path, "llama", quant="Q4_1", **CONFIG)
     expected = file_greedy(path)
