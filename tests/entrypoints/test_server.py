@@ -506,3 +506,43 @@ def test_async_engine_rejects_aborts_and_survives_a_failed_step():
     for reason, count in (("abort", 3), ("length", 3), ("stop", 0)):
         labels = {"model_name": "fake", "finished_reason": reason}
         assert metrics.registry.get_sample_value("pllm:request_finished_total", labels) == count
+
+
+def test_a_broken_engine_ends_the_streams_while_its_step_is_stuck():
+    """A rank's node vanished: the executor says ``broken`` at once, but the
+    step in progress waits in a collective (until the process group's
+    timeout). The streams end with the engine's error within a second, and
+    new requests are refused, without waiting for the step."""
+    from pllm import SamplingParams
+    from pllm.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDeadError
+
+    release = threading.Event()
+
+    class StuckEngine(ScriptedEngine):
+        broken = None
+
+        def step(self):
+            if self.broken:
+                release.wait(30)  # a collective that never completes (in this test)
+            return super().step()
+
+    fake = StuckEngine()
+
+    async def run() -> None:
+        engine = AsyncLLMEngine(fake)
+        engine.start()
+        stream = await engine.add_request("s", "hi", SamplingParams(max_tokens=10**6))
+        await stream.__anext__()
+        fake.broken = "tensor-parallel group stopped: rank 1 (Ray actor) died: node gone"
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            async for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 5
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("late", "hi", SamplingParams(max_tokens=2))
+        release.set()
+        await engine.shutdown()
+
+    asyncio.run(run())

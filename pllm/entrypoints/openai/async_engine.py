@@ -116,6 +116,21 @@ class AsyncLLMEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="pllm-engine", daemon=True)
         self._thread.start()
+        self._broken_watch = self._loop.create_task(self._watch_broken())
+
+    async def _watch_broken(self, every_s: float = 0.5) -> None:
+        """A rank that died (the executor says so at once) ends every stream
+        now: the engine thread may be inside a step that waits for that rank
+        until the process group's timeout (a node that vanished without
+        closing its connections)."""
+        while not self._stop:
+            broken = getattr(self.engine, "broken", None)
+            if broken:
+                if self._streams:
+                    logger.error("failing %d request(s): %s", len(self._streams), broken)
+                self._fail_all(EngineDeadError(f"engine failed: {broken}"))
+                return
+            await asyncio.sleep(every_s)
 
     @property
     def is_running(self) -> bool:
@@ -140,6 +155,8 @@ class AsyncLLMEngine:
         """Abort what is still in flight and stop the thread."""
         self._stop = True
         self._wakeup.set()
+        if getattr(self, "_broken_watch", None) is not None:
+            self._broken_watch.cancel()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
         self._fail_all(EngineDeadError("the server is shutting down"))
