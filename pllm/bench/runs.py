@@ -205,8 +205,9 @@ def _pllm_baseline(ea, name: str, requests, num_warmup: int | None = None) -> di
 
     if name.startswith(EXECUTOR_BASELINE):
         backend = name[len(EXECUTOR_BASELINE):]
-        if ea.tensor_parallel_size == 1:
-            return {"error": f"--compare {name} needs --tensor-parallel-size over 1 (one rank "
+        if ea.tensor_parallel_size * ea.pipeline_parallel_size == 1:
+            return {"error": f"--compare {name} needs several ranks (tensor or pipeline "
+                             "parallel; one rank "
                              "runs in this process whatever the backend)"}
         if backend == ea.distributed_executor_backend:
             return {"error": f"--compare {name}: pllm itself runs with the {backend} executor"}

@@ -142,6 +142,13 @@ class LLMEngine:
         """Stop the executor's worker processes (tensor parallelism) and give
         the process its torch thread count back; the engine cannot step
         afterwards. Worker processes also stop at interpreter exit."""
+        while getattr(self, "in_flight", None) and not self.broken:
+            # Batches in flight (pipeline parallelism): their stages finish
+            # them and rank 0 takes the logits, so every rank can stop at once.
+            try:
+                self.executor.collect(self.in_flight.popleft()[1])
+            except Exception:  # noqa: BLE001 - the executor is broken: it stops below
+                break
         if self.executor is not None:
             self.executor.shutdown()
         if getattr(self, "scheduler", None) is not None and self.scheduler.grammars is not None:

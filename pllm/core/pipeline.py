@@ -9,7 +9,8 @@ through its executor, as under tensor parallelism alone) and runs stage 0.
 Each rank of a stage sends the residual stream after its layers to the rank
 of the same tensor-parallel place in the next stage (point-to-point, on the
 communicator of all ranks); the last stage runs the norm and the LM head,
-and its first rank sends the logits back to rank 0, which samples.
+and its first rank sends the logits back to rank 0, which samples (on a
+group of those two ranks: see ``Worker``).
 
 Rank 0 starts the next batch's stage 0 while later stages run the previous
 ones (``LLMEngine`` keeps up to ``pipeline_parallel_size`` batches in
@@ -29,12 +30,14 @@ from pllm.core.interfaces import Communicator
 
 class StageLinks:
     """One rank's point-to-point traffic under pipeline parallelism (see the
-    module docstring). ``world``: the communicator of every rank."""
+    module docstring). ``world``: the communicator of every rank, which
+    carries the residual stream; ``logits``: the group of rank 0 and the last
+    stage's first rank (None on other ranks), which carries the logits back."""
 
-    def __init__(self, world: Communicator, rank: int, tp_size: int, pp_size: int,
-                 hidden_size: int, vocab_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.world, self.rank = world, rank
+    def __init__(self, world: Communicator, logits: Communicator | None, rank: int,
+                 tp_size: int, pp_size: int, hidden_size: int, vocab_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.world, self.logits, self.rank = world, logits, rank
         self.stage, self.tp_rank = divmod(rank, tp_size)
         self.tp_size, self.pp_size = tp_size, pp_size
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
@@ -44,14 +47,14 @@ class StageLinks:
         # until then); a rank never has more than a pipeline's depth of them.
         self._sending: deque = deque()
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+    def _send(self, comm: Communicator, tensor: torch.Tensor, dst: int) -> None:
         while len(self._sending) >= self.pp_size:
             self._sending.popleft()[0].wait()
-        self._sending.append((self.world.send(tensor, dst), tensor))
+        self._sending.append((comm.send(tensor, dst), tensor))
 
     def send_hidden(self, hidden: torch.Tensor) -> None:
         """The residual stream after this stage's layers, to the next stage."""
-        self._send(hidden.contiguous(), self.rank + self.tp_size)
+        self._send(self.world, hidden.contiguous(), self.rank + self.tp_size)
 
     def recv_hidden(self, num_tokens: int) -> torch.Tensor:
         """The previous stage's residual stream for a step of ``num_tokens``."""
@@ -70,7 +73,7 @@ class StageLinks:
             return
         parts = ([sampled] if sampled is not None else []) + list(spans.values())
         if parts:  # in fp32, which holds any model dtype's logits exactly
-            self._send(torch.cat(parts).float().contiguous(), 0)
+            self._send(self.logits, torch.cat(parts).float().contiguous(), 0)
 
     def recv_logits(self, num_sampled: int, prompt_spans: list[tuple[int, int, int]]
                     ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
@@ -79,7 +82,7 @@ class StageLinks:
         if rows == 0:
             return None, {}
         buf = torch.empty(rows, self.vocab_size, dtype=torch.float32, device=self.device)
-        self.world.recv(buf, (self.pp_size - 1) * self.tp_size)
+        self.logits.recv(buf, 1)  # the last stage's first rank, in the logits group
         sampled = buf[:num_sampled] if num_sampled else None
         spans, row = {}, num_sampled
         for seq_id, lo, hi in prompt_spans:

@@ -212,7 +212,9 @@ class Scheduler:
         scheduled_ids: set[int] = set()
         self._switch_speculation()
         running = list(self.running)
-        share = -(-len(running) // self.pipeline_depth)  # running sequences this batch may take
+        # Pipeline parallelism: the running requests this batch may take.
+        share = -(-len({s.request.request_id for s in running}) // self.pipeline_depth)
+        taken: set[str] = set()
         if self.step_budget is not None:
             decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
             if decodes:
@@ -226,11 +228,12 @@ class Scheduler:
                 continue
             if seq.request.request_id in self.in_flight:
                 continue
-            if len(out.scheduled) >= share:
-                break
+            if seq.request.request_id not in taken and len(taken) >= share:
+                continue  # the next batch's
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
+            taken.add(seq.request.request_id)
             draft = self._propose(seq, budget) if num_new == 1 else []
             if draft and not self.kv.allocate_slots(seq, 1 + len(draft)):
                 draft = []  # no room for the lookahead: decode one token
@@ -461,8 +464,11 @@ class Scheduler:
             self.spec_stats.num_steps += 1
         for seq, token, logprobs in zip(result.sampled, result.token_ids, result.logprobs):
             req = seq.request
-            if seq.is_finished:
-                continue  # its request failed earlier in this loop (a sibling's token)
+            if seq.is_finished or req.request_id not in self.requests:
+                # Its request failed earlier in this loop (a sibling's token),
+                # or was aborted while its batch was in flight (with the
+                # forks the batch made, which never joined it).
+                continue
             error = result.errors.get(seq.seq_id)
             if error is None:
                 try:

@@ -51,11 +51,17 @@ class Worker:
         self.config, self.platform, self.rank = config, platform, rank
         tp_size, pp_size = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
         stage, tp_rank = divmod(rank, tp_size)
-        tp_comm = comm
-        if pp_size > 1:  # each stage's own tensor-parallel group (every rank makes every one)
+        tp_comm = logits_comm = comm
+        if pp_size > 1:  # every rank makes every group, in this order
+            # Each stage's own tensor-parallel group.
             groups = [comm.new_group(list(range(s * tp_size, (s + 1) * tp_size)))
                       if tp_size > 1 else None for s in range(pp_size)]
             tp_comm = groups[stage]
+            # The logits' way back to rank 0, apart from the residual stream
+            # going forward: with two stages both go between the same two
+            # ranks, and on one NCCL communicator (one stream) a large send
+            # each way, each queued behind the other's, would wait for ever.
+            logits_comm = comm.new_group([0, (pp_size - 1) * tp_size])
         self.tp = TensorParallel(tp_rank, tp_size, tp_comm)
         self.stage = PipelineStage(stage, pp_size, loaded.hf_config.num_hidden_layers)
         self.device = platform.device(rank if device_index is None else device_index)
@@ -64,9 +70,9 @@ class Worker:
         if pp_size > 1:
             from pllm.core.pipeline import StageLinks
 
-            self.links = StageLinks(comm, rank, tp_size, pp_size, self.info.hidden_size,
-                                    loaded.hf_config.vocab_size, config.model.torch_dtype,
-                                    self.device)
+            self.links = StageLinks(comm, logits_comm, rank, tp_size, pp_size,
+                                    self.info.hidden_size, loaded.hf_config.vocab_size,
+                                    config.model.torch_dtype, self.device)
         t0 = time.perf_counter()
         self.model = build_model(
             loaded.hf_config, loaded.weights(), max_model_len=config.model.max_model_len,
@@ -177,9 +183,12 @@ class Worker:
         else:  # what the stage before would send
             hidden = self.model(ids, positions, ctx, torch.zeros(
                 num_tokens, self.info.hidden_size, dtype=self.config.model.torch_dtype, device=dev))
+        rows = min(self.config.scheduler.max_num_seqs, num_tokens)
         if self.stage.is_last:
-            rows = min(self.config.scheduler.max_num_seqs, num_tokens)
             self.model.compute_logits(hidden[:rows])
+        if self.links is not None and self.rank == 0:  # the last stage's logits, received
+            received = torch.empty(rows, self.links.vocab_size, dtype=torch.float32, device=dev)
+            del received
         cache_bytes = sum(c.numel() * c.element_size() for c in caches)
         del caches, hidden
         self.platform.synchronize()

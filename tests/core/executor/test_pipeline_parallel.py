@@ -167,6 +167,41 @@ def test_a_request_aborted_in_flight_frees_its_blocks(pipeline):
     assert stats.num_free_blocks == stats.num_total_blocks, stats
 
 
+def test_a_forking_request_aborted_in_flight_leaves_no_fork_behind(pipeline):
+    """n=2: the batch that samples the prompt's first tokens makes the
+    second sequence; the request is aborted before that batch comes back, so
+    neither sequence may take its token or free blocks again."""
+    llm, prompts, tokens, logprobs, pp = pipeline
+    engine = llm.llm_engine
+    engine.add_request("fork", prompts[3], SamplingParams(n=2, temperature=1.0, seed=3,
+                                                          max_tokens=1, ignore_eos=True))
+    engine.add_request("other", prompts[0], PARAMS)
+    engine.step()  # both admitted in one batch, now in flight
+    assert any(item.forks for sched, _, _ in engine.in_flight for item in sched.scheduled)
+    engine.abort_request("fork")
+    appended = []
+    append = engine.scheduler._append_token
+
+    def recording(seq, *args):
+        appended.append(seq.request.request_id)
+        return append(seq, *args)
+
+    engine.scheduler._append_token = recording
+    done = {}
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                assert out.request_id == "other", out
+                if out.finished:
+                    done[out.request_id] = out
+    finally:
+        del engine.scheduler._append_token
+    assert "fork" not in appended
+    check_against([done["other"]], [prompts[0]], [tokens[0]], [logprobs[0]])
+    stats = engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks, stats
+
+
 def test_layer_partition():
     assert layer_partition(30, 2) == [15, 15]
     assert layer_partition(30, 4) == [7, 8, 8, 7]  # the remainder before the last stage
