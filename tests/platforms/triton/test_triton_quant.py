@@ -150,7 +150,7 @@ def test_the_bench_counts_the_bytes_of_planes_and_fp8_once():
     use_triton_quant(model)
     engine = SimpleNamespace(executor=SimpleNamespace(worker=SimpleNamespace(model=model)),
                              config=SimpleNamespace(parallel=SimpleNamespace(
-                                 tensor_parallel_size=1)))
+                                 tensor_parallel_size=1, pipeline_parallel_size=1)))
     proj, fp8 = model.proj.segments, model.fp8.segments[0]
     expected = (64 * 2  # the norm
                 + model.head.segments[0].nbytes  # the head's 16 rows of the table
