@@ -378,10 +378,10 @@ class Communicator(abc.ABC):
 
     def new_group(self, ranks: list[int]) -> Communicator:
         """A communicator over ``ranks`` (of this one), whose collectives
-        number them 0..len-1 in that order. Every rank of this communicator
-        calls it for every group, in the same order (as torch's
-        ``new_group``); only the members use the result. Closing this
-        communicator releases its groups."""
+        number them 0..len-1 by increasing rank here, whatever the order
+        given (as torch's ``new_group``). Every rank of this communicator
+        calls it for every group, in the same order; only the members use
+        the result. Closing this communicator releases its groups."""
         raise NotImplementedError(f"{type(self).__name__} cannot make subgroups")
 
 

@@ -3,7 +3,7 @@ alone: the collectives the contract asks for (``all_reduce``,
 ``all_gather``) across real processes, and ``close`` by building, closing
 and building again in one process. A platform whose capabilities declare
 ``pipeline_parallel`` also has its ``send``/``recv`` (in order, around a
-ring) and ``new_group`` (numbered in the order given) checked.
+ring) and ``new_group`` (its members numbered by increasing rank) checked.
 
 :func:`check_communicator` starts ``world_size`` processes; each builds the
 platform's communicator over a shared ``file://`` rendezvous. A failure in
@@ -156,23 +156,26 @@ def _check_pipeline_ops(comm: Communicator, device: torch.device, rank: int, wor
         f"rank {rank}: the second recv from rank {prev} gave {got_second.tolist()} "
         f"(sends must arrive in order)")
 
-    backwards = comm.new_group(list(reversed(range(world))))
+    # Ranks given in reverse: the group still numbers them by increasing rank.
+    everyone = comm.new_group(list(reversed(range(world))))
     alone = [comm.new_group([r]) for r in range(world)]  # every rank makes every group
-    assert backwards is not None and backwards.world_size == world, "new_group of every rank"
-    assert backwards.rank == world - 1 - rank, (
-        f"rank {rank}: new_group(reversed ranks) numbered it {backwards.rank}, "
-        f"want {world - 1 - rank} (its place in the list)")
-    gathered = backwards.all_gather(torch.full((1,), float(rank), device=device))
-    assert gathered.cpu().tolist() == [float(r) for r in reversed(range(world))], (
-        f"rank {rank}: all_gather in the reversed group gave {gathered.tolist()}")
+    assert everyone is not None, f"rank {rank}: new_group of every rank gave None"
+    gathered = everyone.all_gather(torch.full((1,), float(rank), device=device))
+    assert gathered.cpu().tolist() == [float(r) for r in range(world)], (
+        f"rank {rank}: all_gather in new_group(ranks reversed) gave {gathered.tolist()}, "
+        f"want the ranks in increasing order")
+    total = everyone.all_reduce(torch.full((2,), float(rank + 1), device=device))
+    assert torch.equal(total.cpu(), torch.full((2,), float(sum(range(1, world + 1))))), (
+        f"rank {rank}: all_reduce in new_group(every rank) gave {total.tolist()}")
     mine = alone[rank]
-    assert mine is not None and mine.world_size == 1, f"rank {rank}: its one-rank group"
+    assert mine is not None, f"rank {rank}: new_group([{rank}]) gave None"
     t = torch.full((3,), float(rank + 1), device=device)
     assert torch.equal(mine.all_reduce(t).cpu(), torch.full((3,), float(rank + 1))), (
-        f"rank {rank}: a one-rank group's all_reduce changed its input")
-    total = backwards.all_reduce(torch.full((2,), float(rank + 1), device=device))
-    assert torch.equal(total.cpu(), torch.full((2,), float(sum(range(1, world + 1))))), (
-        f"rank {rank}: all_reduce in the reversed group gave {total.tolist()}")
+        f"rank {rank}: all_reduce in new_group([{rank}]) gave {t.tolist()}, want its own "
+        f"input: the group has one rank")
+    one = mine.all_gather(torch.full((1,), float(rank), device=device))
+    assert one.cpu().tolist() == [float(rank)], (
+        f"rank {rank}: all_gather in new_group([{rank}]) gave {one.tolist()}")
 
 
 def check_communicator_rebuild(platform: Platform, *, rounds: int = 2) -> None:

@@ -217,27 +217,37 @@ def test_collectives_check_catches_a_wrong_all_gather() -> None:
         cf.check_communicator(BadGatherPlatform, world_size=2)
 
 
-class SortedGroupCommunicator(TorchDistributedCommunicator):
+class NoSubgroupCommunicator(TorchDistributedCommunicator):
     def new_group(self, ranks):
-        return super().new_group(sorted(ranks))  # loses the order it was given
+        super().new_group(ranks)  # every rank takes part, as the contract says ...
+        return self  # ... but the "group" is still every rank
 
 
-class SortedGroupPlatform(FakeAccel):
-    """Declares pipeline parallelism, with subgroups numbered wrongly."""
+class NoSubgroupPlatform(FakeAccel):
+    """Declares pipeline parallelism, with subgroups that are not."""
 
-    name = "sortedgroup"
+    name = "nosubgroup"
 
     @property
     def capabilities(self):
         return dataclasses.replace(super().capabilities, pipeline_parallel=True)
 
     def make_communicator(self, rank: int, world_size: int, init_method: str):
-        return SortedGroupCommunicator(rank, world_size, init_method)
+        return NoSubgroupCommunicator(rank, world_size, init_method)
 
 
-def test_collectives_check_catches_a_subgroup_numbered_out_of_order() -> None:
-    with pytest.raises(ProcessRaisedException, match="reversed ranks"):
-        cf.check_communicator(SortedGroupPlatform, world_size=2)
+class PipelineFakePlatform(FakeAccel):
+    name = "pipelinefake"
+
+    @property
+    def capabilities(self):
+        return dataclasses.replace(super().capabilities, pipeline_parallel=True)
+
+
+def test_collectives_check_passes_torch_subgroups_and_catches_fake_ones() -> None:
+    cf.check_communicator(PipelineFakePlatform, world_size=2)  # torch.distributed's own
+    with pytest.raises(ProcessRaisedException, match=r"new_group\(\[\d\]\)"):
+        cf.check_communicator(NoSubgroupPlatform, world_size=2)
 
 
 def test_collectives_plan_needs_a_device_per_rank_unless_shared() -> None:

@@ -72,8 +72,9 @@ class TorchDistributedCommunicator(Communicator):
         return self._world_size
 
     def new_group(self, ranks: list[int]) -> TorchDistributedCommunicator | None:
-        """See :meth:`Communicator.new_group`; None on a rank outside ``ranks``."""
-        ranks = [self._ranks[r] for r in ranks]
+        """See :meth:`Communicator.new_group`; None on a rank outside ``ranks``.
+        Members are numbered by increasing rank, as torch numbers them."""
+        ranks = sorted(self._ranks[r] for r in ranks)
         group = dist.new_group(ranks, timeout=self._timeout)
         me = self._ranks[self._rank]
         if me not in ranks:
