@@ -296,13 +296,7 @@ class LLMEngine:
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            pending = self.scheduler.pending_grammars()
-            if pending:  # nothing else to do: wait a little for a grammar
-                concurrent.futures.wait(pending, timeout=0.05,
-                                        return_when=concurrent.futures.FIRST_COMPLETED)
-            elif self.scheduler.waiting and not self.scheduler.running:
-                self._fail_unschedulable()
-            return self.scheduler.take_failed()
+            return self._nothing_scheduled()
         try:
             result = self.executor.execute(sched)
         except ExecutorBrokenError:
@@ -318,6 +312,17 @@ class LLMEngine:
         self.scheduler.observe_step(sched, time.perf_counter() - start)
         return outputs
 
+    def _nothing_scheduled(self) -> list[RequestOutput]:
+        """A step with nothing to run: wait a little for a grammar, or fail
+        a waiting request that can never fit; the failed requests' outputs."""
+        pending = self.scheduler.pending_grammars()
+        if pending:
+            concurrent.futures.wait(pending, timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        elif self.scheduler.waiting and not self.scheduler.running:
+            self._fail_unschedulable()
+        return self.scheduler.take_failed()
+
     def _pipelined_step(self) -> list[RequestOutput]:
         """See :meth:`step`. A failure here is the executor's, and fatal
         (the stages are out of step): no retry."""
@@ -332,13 +337,7 @@ class LLMEngine:
                 if len(self.in_flight) < self.pipeline_depth:
                     return scheduler.take_failed()
             elif not self.in_flight:
-                pending = scheduler.pending_grammars()
-                if pending:
-                    concurrent.futures.wait(pending, timeout=0.05,
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
-                elif scheduler.waiting and not scheduler.running:
-                    self._fail_unschedulable()
-                return scheduler.take_failed()
+                return self._nothing_scheduled()
         sched, handle, start = self.in_flight.popleft()
         result = self.executor.collect(handle)
         scheduler.in_flight -= {item.seq.request.request_id for item in sched.scheduled}

@@ -213,7 +213,8 @@ class Scheduler:
         self._switch_speculation()
         running = list(self.running)
         # Pipeline parallelism: the running requests this batch may take.
-        share = -(-len({s.request.request_id for s in running}) // self.pipeline_depth)
+        share = (-(-len({s.request.request_id for s in running}) // self.pipeline_depth)
+                 if self.pipeline_depth > 1 else None)
         taken: set[str] = set()
         if self.step_budget is not None:
             decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
@@ -228,12 +229,13 @@ class Scheduler:
                 continue
             if seq.request.request_id in self.in_flight:
                 continue
-            if seq.request.request_id not in taken and len(taken) >= share:
+            if share is not None and seq.request.request_id not in taken and len(taken) >= share:
                 continue  # the next batch's
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
-            taken.add(seq.request.request_id)
+            if share is not None:
+                taken.add(seq.request.request_id)
             draft = self._propose(seq, budget) if num_new == 1 else []
             if draft and not self.kv.allocate_slots(seq, 1 + len(draft)):
                 draft = []  # no room for the lookahead: decode one token

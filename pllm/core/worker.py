@@ -51,7 +51,8 @@ class Worker:
         self.config, self.platform, self.rank = config, platform, rank
         tp_size, pp_size = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
         stage, tp_rank = divmod(rank, tp_size)
-        tp_comm = logits_comm = comm
+        tp_comm = comm
+        self.links = None  # point-to-point traffic between pipeline stages
         if pp_size > 1:  # every rank makes every group, in this order
             # Each stage's own tensor-parallel group.
             groups = [comm.new_group(list(range(s * tp_size, (s + 1) * tp_size)))
@@ -66,7 +67,6 @@ class Worker:
         self.stage = PipelineStage(stage, pp_size, loaded.hf_config.num_hidden_layers)
         self.device = platform.device(rank if device_index is None else device_index)
         self.info = describe_model(loaded.hf_config, self.tp.size)
-        self.links = None  # point-to-point traffic between pipeline stages
         if pp_size > 1:
             from pllm.core.pipeline import StageLinks
 

@@ -59,6 +59,21 @@ class Executor(Protocol):
     # step can run any more (a rank died), as soon as they know.
 
 
+class RankZeroSteps:
+    """``execute``, ``submit`` and ``collect`` of an executor of several
+    ranks: rank 0's worker, through the executor's ``_run(call, arg)``,
+    which turns any failure into ``ExecutorBrokenError``."""
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self._run(self.worker.execute, sched)
+
+    def submit(self, sched: SchedulerOutput):
+        return self._run(self.worker.submit, sched)
+
+    def collect(self, step) -> RunnerOutput:
+        return self._run(self.worker.collect, step)
+
+
 def join_group(platform: Platform, size: int, init_method: str, poll, name: str):
     """Rank 0's communicator, joined on a thread of its own while ``poll()``
     runs every 0.1 s on the caller's: it raises as soon as another rank

@@ -32,10 +32,14 @@ import torch
 import torch.distributed
 
 from pllm.core.config import EngineConfig
-from pllm.core.executor import ExecutorBrokenError, WorkerProcessError, join_group
+from pllm.core.executor import (
+    ExecutorBrokenError,
+    RankZeroSteps,
+    WorkerProcessError,
+    join_group,
+)
 from pllm.core.interfaces import Communicator, Platform
-from pllm.core.runner import PreparedStep, RunnerOutput, StepInputs
-from pllm.core.scheduler import SchedulerOutput
+from pllm.core.runner import StepInputs
 from pllm.core.worker import Worker
 
 logger = logging.getLogger("pllm")
@@ -65,7 +69,7 @@ def check_tensor_parallel(config: EngineConfig, platform: Platform, hf_config,
     check_pipeline(config, platform, hf_config)
 
 
-class MultiprocExecutor:
+class MultiprocExecutor(RankZeroSteps):
     """Tensor parallelism on one machine: see the module docstring. Worker
     processes start with ``spawn`` (a script that builds an engine with
     ``tensor_parallel_size > 1`` needs an ``if __name__ == "__main__":`` guard,
@@ -137,15 +141,6 @@ class MultiprocExecutor:
         self.worker.runner.on_step = functools.partial(self._broadcast, "step")
         self.worker.runner.on_draft = functools.partial(self._broadcast, "draft")
         return num_blocks
-
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self._run(self.worker.execute, sched)
-
-    def submit(self, sched: SchedulerOutput) -> PreparedStep:
-        return self._run(self.worker.submit, sched)
-
-    def collect(self, step: PreparedStep) -> RunnerOutput:
-        return self._run(self.worker.collect, step)
 
     def _run(self, call, arg):
         """Rank 0's part of a step; any failure is fatal (see the class docstring)."""

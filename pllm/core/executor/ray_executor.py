@@ -41,10 +41,14 @@ import torch
 import torch.distributed
 
 from pllm.core.config import EngineConfig
-from pllm.core.executor import ExecutorBrokenError, WorkerProcessError, join_group
+from pllm.core.executor import (
+    ExecutorBrokenError,
+    RankZeroSteps,
+    WorkerProcessError,
+    join_group,
+)
 from pllm.core.interfaces import Communicator, Platform
-from pllm.core.runner import PreparedStep, RunnerOutput, StepInputs
-from pllm.core.scheduler import SchedulerOutput
+from pllm.core.runner import StepInputs
 from pllm.core.worker import Worker
 
 logger = logging.getLogger("pllm")
@@ -132,7 +136,7 @@ class RankActor:
         self._stopped.wait()
 
 
-class RayExecutor:
+class RayExecutor(RankZeroSteps):
     """See the module docstring."""
 
     def __init__(self, config: EngineConfig, platform: Platform, loaded) -> None:
@@ -242,15 +246,6 @@ class RayExecutor:
         self.worker.runner.on_step = functools.partial(self._broadcast, "step")
         self.worker.runner.on_draft = functools.partial(self._broadcast, "draft")
         return num_blocks
-
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self._run(self.worker.execute, sched)
-
-    def submit(self, sched: SchedulerOutput) -> PreparedStep:
-        return self._run(self.worker.submit, sched)
-
-    def collect(self, step: PreparedStep) -> RunnerOutput:
-        return self._run(self.worker.collect, step)
 
     def _run(self, call, arg):
         """Rank 0's part of a step; any failure is fatal, reported with the
