@@ -21,6 +21,9 @@
 //   Activations stay fp32 (weights widened to fp32 lanes, FMA) or, with
 //   ``q8``, are quantized per 32 elements (scale dx, and dx * sum(q) for the
 //   formats with an offset) and the products are 8-bit integer dot products.
+//   The 32-element formats (Q4_0, Q4_1, Q8_0) take a path of their own
+//   (see "block by block" below): several weight rows per pass over x, the
+//   scales as vectors, and the offset term kept apart.
 // - many rows (prefill): tiles of W's rows are dequantized into a per-thread
 //   fp32 scratch and multiplied by at::mm; W is never dequantized whole.
 //
@@ -32,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -525,6 +529,313 @@ void row_f32_avx512(const float* x, int64_t ldx, const uint8_t* w, int64_t K, fl
 
 #endif  // PLLM_GGUF_AVX512
 
+// ---- the 32-element formats (Q4_0, Q4_1, Q8_0), block by block ---------------
+// Their blocks lie back to back in a row, so the few-row products take them
+// whole: NR weight rows at a time, sharing every load of x (and its scales)
+// among them with NR accumulator chains side by side; a block's header (d,
+// and m for Q4_1) widened as one vector; and the offset term accumulated on
+// its own, as d_w * (q . x) + m * sum(x) per block (the same value as
+// (d * q + m) . x but for fp32 rounding): Q4_1's m, and Q4_0's -8 * d (its
+// quants are read unsigned, 0..15, so that q8 activations need no sign
+// trick). The header vector is [d, m'] per block (m' = m for Q4_1, d for
+// Q4_0 and Q8_0), times [0, sum(x)] per block of x, scaled by kOffset at the
+// end (1, -8, or 0 for Q8_0, which has no offset).
+//   AVX2: one block per step, 8 lanes; AVX-512: two blocks per step, 16 lanes
+//   (one 512-bit integer dot product for q8).
+#ifdef PLLM_GGUF_AVX2
+
+inline __m128 headers_f16(const uint8_t* a, int off_a, const uint8_t* b, int off_b) {
+  uint16_t h[4];
+  std::memcpy(h, a, 2);
+  std::memcpy(h + 1, a + off_a, 2);
+  std::memcpy(h + 2, b, 2);
+  std::memcpy(h + 3, b + off_b, 2);
+  uint64_t bits;
+  std::memcpy(&bits, h, 8);
+  return _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(bits)));
+}
+
+// [v0, v1, 0, 0] from two adjacent floats.
+inline __m128 load2(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
+
+inline float hsum128(__m128 m) {
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// A block's 16 bytes of nibbles as fp32: elements 0-7, 8-15 (low nibbles),
+// 16-23, 24-31 (high nibbles).
+inline void nibbles_f32x4(const uint8_t* p, __m256 f[4]) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i a = _mm256_cvtepu8_epi32(v), b = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8));
+  const __m256i mask = _mm256_set1_epi32(0x0f);
+  f[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+  f[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+  f[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+  f[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+template <class F>
+struct Blocks;
+
+template <>
+struct Blocks<Q4_0> {
+  static constexpr float kOffset = -8.0f;
+  static constexpr bool kSigned = false;
+  static constexpr int kQuants = 2;  // where the quants start in a block
+  static __m128 header(const uint8_t* a, const uint8_t* b) { return headers_f16(a, 0, b, 0); }
+  static __m256i quants(const uint8_t* b) { return nibbles16(b + kQuants); }
+  static void widen(const uint8_t* b, __m256 f[4]) { nibbles_f32x4(b + kQuants, f); }
+};
+
+template <>
+struct Blocks<Q4_1> {
+  static constexpr float kOffset = 1.0f;
+  static constexpr bool kSigned = false;
+  static constexpr int kQuants = 4;
+  static __m128 header(const uint8_t* a, const uint8_t* b) { return headers_f16(a, 2, b, 2); }
+  static __m256i quants(const uint8_t* b) { return nibbles16(b + kQuants); }
+  static void widen(const uint8_t* b, __m256 f[4]) { nibbles_f32x4(b + kQuants, f); }
+};
+
+template <>
+struct Blocks<Q8_0> {
+  static constexpr float kOffset = 0.0f;
+  static constexpr bool kSigned = true;
+  static constexpr int kQuants = 2;
+  static __m128 header(const uint8_t* a, const uint8_t* b) { return headers_f16(a, 0, b, 0); }
+  static __m256i quants(const uint8_t* b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)); }
+  static void widen(const uint8_t* b, __m256 f[4]) {
+    for (int c = 0; c < 4; ++c)
+      f[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * c))));
+  }
+};
+
+template <class F>
+constexpr bool kWholeBlocks = std::is_same_v<F, Q4_0> || std::is_same_v<F, Q4_1> || std::is_same_v<F, Q8_0>;
+
+// What the block products take of x: per row and block g, dx8 holds its
+// scale eight times (q8) and x2 holds [0, its offset sum] (q8: dx * sum(q);
+// fp32: sum(x)).
+struct BlockRows {
+  const QuantizedRows* xq = nullptr;  // q8 activations, or fp32 x (xq null)
+  const float* x = nullptr;
+  std::vector<float> dx8, x2;
+  int64_t K = 0, nblk = 0;
+};
+
+inline void block_rows(const float* x, const QuantizedRows* xq, int64_t M, int64_t K, BlockRows& out) {
+  out.xq = xq;
+  out.x = x;
+  out.K = K;
+  out.nblk = K / 32;
+  const int64_t n = M * out.nblk;
+  out.x2.assign(2 * n, 0.0f);
+  if (xq != nullptr) {
+    out.dx8.resize(8 * n);
+    for (int64_t g = 0; g < n; ++g) {
+      std::fill_n(out.dx8.data() + 8 * g, 8, xq->d[g]);
+      out.x2[2 * g + 1] = xq->s[g];
+    }
+  } else {
+    for (int64_t g = 0; g < n; ++g) {
+      const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x + 32 * g), _mm256_loadu_ps(x + 32 * g + 8)),
+                                     _mm256_add_ps(_mm256_loadu_ps(x + 32 * g + 16), _mm256_loadu_ps(x + 32 * g + 24)));
+      out.x2[2 * g + 1] = hsum256(s);
+    }
+  }
+}
+
+// Rows [r0, r0 + MB) of x against NR weight rows from w; out[r * ldo + i]
+// for x row r and weight row i. Blocks [b0, nblk) only (the AVX-512 kernels
+// leave an odd last block here); acc/macc carry the sums so far.
+template <class F, int MB, int NR>
+void rows_blocks_avx2(const BlockRows& xr, int64_t r0, const uint8_t* w, int64_t row_bytes, int64_t b0,
+                      const float* carry, float* out, int64_t ldo) {
+  using B = Blocks<F>;
+  const int64_t K = xr.K, nblk = xr.nblk;
+  const bool q8 = xr.xq != nullptr;
+  __m256 acc[MB][NR];
+  __m128 macc[MB][NR];
+  for (int r = 0; r < MB; ++r)
+    for (int i = 0; i < NR; ++i) {
+      acc[r][i] = _mm256_setzero_ps();
+      macc[r][i] = _mm_setzero_ps();
+    }
+  for (int64_t b = b0; b < nblk; ++b) {
+    __m128 hd[NR];
+    __m256 dv[NR];
+    for (int i = 0; i < NR; ++i) {
+      const uint8_t* blk = w + i * row_bytes + b * F::kBytes;
+      hd[i] = B::header(blk, blk);
+      dv[i] = _mm256_broadcastss_ps(hd[i]);
+    }
+    if (q8) {
+      __m256i q[NR], aq[NR];
+      for (int i = 0; i < NR; ++i) {
+        q[i] = B::quants(w + i * row_bytes + b * F::kBytes);
+        aq[i] = B::kSigned ? _mm256_sign_epi8(q[i], q[i]) : q[i];
+      }
+      for (int r = 0; r < MB; ++r) {
+        const int64_t g = (r0 + r) * nblk + b;
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.xq->q.data() + g * 32));
+        const __m256 dxv = _mm256_loadu_ps(xr.dx8.data() + 8 * g);
+        const __m128 sxv = load2(xr.x2.data() + 2 * g);
+        for (int i = 0; i < NR; ++i) {
+          const __m256i ys = B::kSigned ? _mm256_sign_epi8(y, q[i]) : y;
+          const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8(aq[i], ys)), dxv);
+          acc[r][i] = _mm256_fmadd_ps(p, dv[i], acc[r][i]);
+          if (B::kOffset != 0.0f) macc[r][i] = _mm_fmadd_ps(hd[i], sxv, macc[r][i]);
+        }
+      }
+    } else {
+      __m256 f[NR][4];
+      for (int i = 0; i < NR; ++i) B::widen(w + i * row_bytes + b * F::kBytes, f[i]);
+      for (int r = 0; r < MB; ++r) {
+        const int64_t g = (r0 + r) * nblk + b;
+        const float* xp = xr.x + g * 32;
+        const __m128 sxv = load2(xr.x2.data() + 2 * g);
+        for (int i = 0; i < NR; ++i) {
+          __m256 t = _mm256_mul_ps(f[i][0], _mm256_loadu_ps(xp));
+          for (int c = 1; c < 4; ++c) t = _mm256_fmadd_ps(f[i][c], _mm256_loadu_ps(xp + 8 * c), t);
+          acc[r][i] = _mm256_fmadd_ps(t, dv[i], acc[r][i]);
+          if (B::kOffset != 0.0f) macc[r][i] = _mm_fmadd_ps(hd[i], sxv, macc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int i = 0; i < NR; ++i) {
+      // macc's lane 1 holds m' * sum; lane 3 is 0 here (one block per step)
+      float v = hsum256(acc[r][i]) + B::kOffset * hsum128(macc[r][i]);
+      if (carry != nullptr) v += carry[r * NR + i];
+      out[r * ldo + i] = v;
+    }
+}
+
+#endif  // PLLM_GGUF_AVX2
+
+#ifdef PLLM_GGUF_AVX512
+
+// Two blocks' 16 bytes of nibbles (at a, at b) as 64 quants in element
+// order: [a lo nibbles, a hi nibbles, b lo, b hi].
+inline __m512i nibbles_pair(const uint8_t* a, const uint8_t* b) {
+  const __m512i t = _mm512_inserti64x4(
+      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))), 1);
+  return _mm512_and_si512(_mm512_mask_srli_epi16(t, 0xFF00FF00u, t, 4), _mm512_set1_epi8(0x0f));
+}
+
+// A block's 32 quants in fp32: elements 0-15 in f0, 16-31 in f1.
+template <class F>
+inline void widen16(const uint8_t* b, __m512& f0, __m512& f1) {
+  const uint8_t* qs = b + Blocks<F>::kQuants;
+  if constexpr (Blocks<F>::kSigned) {  // Q8_0
+    f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs))));
+    f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16))));
+  } else {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    f0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)));
+    f1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  }
+}
+
+template <class F>
+inline __m512i quants_pair(const uint8_t* b) {
+  const uint8_t* qs = b + Blocks<F>::kQuants;
+  if constexpr (Blocks<F>::kSigned)
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + F::kBytes)), 1);
+  else
+    return nibbles_pair(qs, qs + F::kBytes);
+}
+
+// As rows_blocks_avx2, two blocks per step; an odd last block is left to it.
+template <class F, int MB, int NR>
+void rows_blocks_avx512(const BlockRows& xr, int64_t r0, const uint8_t* w, int64_t row_bytes, float* out,
+                        int64_t ldo) {
+  using B = Blocks<F>;
+  const int64_t K = xr.K, nblk = xr.nblk, npair = nblk / 2;
+  const bool q8 = xr.xq != nullptr;
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+  const __m512i second = _mm512_set1_epi32(2);
+  __m512 acc[MB][NR];
+  __m128 macc[MB][NR];
+  for (int r = 0; r < MB; ++r)
+    for (int i = 0; i < NR; ++i) {
+      acc[r][i] = _mm512_setzero_ps();
+      macc[r][i] = _mm_setzero_ps();
+    }
+  for (int64_t p = 0; p < npair; ++p) {
+    __m128 hd[NR];
+    for (int i = 0; i < NR; ++i) {
+      const uint8_t* blk = w + i * row_bytes + 2 * p * F::kBytes;
+      hd[i] = B::header(blk, blk + F::kBytes);  // [d_a, m'_a, d_b, m'_b]
+    }
+    if (q8) {
+      __m512i aq[NR];
+      __m512 dw[NR];
+      __mmask64 neg[NR];
+      for (int i = 0; i < NR; ++i) {
+        const __m512i q = quants_pair<F>(w + i * row_bytes + 2 * p * F::kBytes);
+        aq[i] = B::kSigned ? _mm512_abs_epi8(q) : q;
+        neg[i] = B::kSigned ? _mm512_movepi8_mask(q) : 0;
+        dw[i] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(hd[i]));
+      }
+      for (int r = 0; r < MB; ++r) {
+        const int64_t g = (r0 + r) * nblk + 2 * p;
+        const __m512i y = _mm512_loadu_si512(xr.xq->q.data() + g * 32);
+        const __m512 dxv = _mm512_loadu_ps(xr.dx8.data() + 8 * g);
+        const __m128 sxv = _mm_loadu_ps(xr.x2.data() + 2 * g);
+        for (int i = 0; i < NR; ++i) {
+          const __m512i ys = B::kSigned ? _mm512_mask_sub_epi8(y, neg[i], _mm512_setzero_si512(), y) : y;
+          const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(dot_u8s8_512(aq[i], ys)), dxv);
+          acc[r][i] = _mm512_fmadd_ps(prod, dw[i], acc[r][i]);
+          if (B::kOffset != 0.0f) macc[r][i] = _mm_fmadd_ps(hd[i], sxv, macc[r][i]);
+        }
+      }
+    } else {
+      __m512 f[NR][4], da[NR], db[NR];
+      for (int i = 0; i < NR; ++i) {
+        const uint8_t* blk = w + i * row_bytes + 2 * p * F::kBytes;
+        widen16<F>(blk, f[i][0], f[i][1]);
+        widen16<F>(blk + F::kBytes, f[i][2], f[i][3]);
+        da[i] = _mm512_broadcastss_ps(hd[i]);
+        db[i] = _mm512_permutexvar_ps(second, _mm512_castps128_ps512(hd[i]));
+      }
+      for (int r = 0; r < MB; ++r) {
+        const int64_t g = (r0 + r) * nblk + 2 * p;
+        const float* xp = xr.x + g * 32;
+        const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16);
+        const __m512 x2 = _mm512_loadu_ps(xp + 32), x3 = _mm512_loadu_ps(xp + 48);
+        const __m128 sxv = _mm_loadu_ps(xr.x2.data() + 2 * g);
+        for (int i = 0; i < NR; ++i) {
+          const __m512 ta = _mm512_fmadd_ps(f[i][1], x1, _mm512_mul_ps(f[i][0], x0));
+          const __m512 tb = _mm512_fmadd_ps(f[i][3], x3, _mm512_mul_ps(f[i][2], x2));
+          acc[r][i] = _mm512_fmadd_ps(tb, db[i], _mm512_fmadd_ps(ta, da[i], acc[r][i]));
+          if (B::kOffset != 0.0f) macc[r][i] = _mm_fmadd_ps(hd[i], sxv, macc[r][i]);
+        }
+      }
+    }
+  }
+  float sums[MB * NR];
+  for (int r = 0; r < MB; ++r)
+    for (int i = 0; i < NR; ++i)
+      sums[r * NR + i] = _mm512_reduce_add_ps(acc[r][i]) + B::kOffset * hsum128(macc[r][i]);
+  if (nblk % 2) {  // an odd last block: one 8-lane step, adding the sums so far
+    for (int i = 0; i < NR; ++i) {
+      float part[MB];
+      for (int r = 0; r < MB; ++r) part[r] = sums[r * NR + i];
+      rows_blocks_avx2<F, MB, 1>(xr, r0, w + i * row_bytes, row_bytes, nblk - 1, part, out + i, ldo);
+    }
+    return;
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int i = 0; i < NR; ++i) out[r * ldo + i] = sums[r * NR + i];
+}
+
+#endif  // PLLM_GGUF_AVX512
+
 // ---- dispatch -----------------------------------------------------------------
 
 template <class Fn>
@@ -582,11 +893,60 @@ void dequant_row(int64_t isa, const uint8_t* w, int64_t K, float* out) {
   dequant_row_scalar<F>(w, K, out);
 }
 
+#ifdef PLLM_GGUF_AVX2
+// The few-row products of the 32-element formats (rows_blocks_avx2 /
+// rows_blocks_avx512): groups of four weight rows shared out among the
+// threads; within a group, as many weight rows per call as keep the
+// accumulators in registers (more for fewer rows of x).
+template <class F>
+void few_rows_blocks(int64_t isa, const float* x, const QuantizedRows* xq, int64_t M, int64_t K, const uint8_t* w,
+                     int64_t N, int64_t row_bytes, float* out) {
+  constexpr int64_t kGroup = 4;
+  BlockRows xr;
+  block_rows(x, xq, M, K, xr);
+  const int64_t groups = (N + kGroup - 1) / kGroup;
+#pragma omp parallel for schedule(static)
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t n0 = gi * kGroup, nn = std::min(kGroup, N - n0);
+    const uint8_t* wg = w + n0 * row_bytes;
+    // A layer's weights are read once per step, cold: ask for the rows
+    // kPrefetchRows ahead while these are decoded.
+    if (n0 + kPrefetchRows < N)
+      for (int64_t at = 0; at < std::min(kGroup, N - n0 - kPrefetchRows) * row_bytes; at += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchRows * row_bytes + at), _MM_HINT_T0);
+    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+      const int mb = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
+      with_rows(mb, [&](auto rows) {
+        constexpr int MB = decltype(rows)::value;
+        auto call = [&](auto nr, int64_t i) {
+          constexpr int NR = decltype(nr)::value;
+          float* o = out + r0 * N + n0 + i;
+#ifdef PLLM_GGUF_AVX512
+          if (isa == kAvx512) return rows_blocks_avx512<F, MB, NR>(xr, r0, wg + i * row_bytes, row_bytes, o, N);
+#endif
+          rows_blocks_avx2<F, MB, NR>(xr, r0, wg + i * row_bytes, row_bytes, 0, nullptr, o, N);
+        };
+        constexpr int NR = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);
+        int64_t i = 0;
+        if (nn == kGroup)
+          for (; i + NR <= nn; i += NR) call(std::integral_constant<int, NR>{}, i);
+        for (; i < nn; ++i) call(std::integral_constant<int, 1>{}, i);
+      });
+    }
+  }
+}
+#endif
+
 template <class F>
 void few_rows(int64_t isa, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t row_bytes,
               bool q8, float* out) {
   QuantizedRows xq;
   if (q8) quantize_rows(x, M, K, xq);
+#ifdef PLLM_GGUF_AVX2
+  if constexpr (kWholeBlocks<F>) {
+    if (isa >= kAvx2) return few_rows_blocks<F>(isa, x, q8 ? &xq : nullptr, M, K, w, N, row_bytes, out);
+  }
+#endif
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* wr = w + n * row_bytes;
