@@ -79,5 +79,6 @@ json.dump({"machine": platform.processor() or platform.machine(), "llama_cpp": l
            "pllm": pllm, "ratios": {r[0]: r[4] for r in rows}}, open(out, "w"), indent=2)
 print(f"results: {out}")
 PY
-# The results name this checkout's and the cache's folders relatively.
-sed -i -e "s#$ROOT/##g" -e "s#$HOME/#~/#g" "$OUT"
+# The results name this checkout's and the cache's folders relatively, and
+# the per-run files by their names alone.
+sed -i -e "s#$WORK/##g" -e "s#$ROOT/##g" -e "s#$HOME/#~/#g" "$OUT"
