@@ -4,14 +4,14 @@
 # the default model is otherwise kept in its Q4_1 blocks; llama-server keeps its default f16
 # KV cache), the throughput workload's 64 mixed requests streamed with
 # ignore_eos under Poisson arrivals at each rate, a fresh server for every
-# (server, rate). pllm runs with its serving default (--target-itl-ms 800) and
-# with --target-itl-ms 0 (a fixed 2,048-token step budget), to show what the
-# step-latency target changes.
+# (server, rate). pllm runs with its serving default (--target-itl-ms 800),
+# with a tighter --target-itl-ms 400, and with --target-itl-ms 0 (a fixed
+# 2,048-token step budget), to show what the step-latency target changes.
 #
 #   ci/bench/serve_vs_llama_server.sh [OUT.json] [RATE ...]   (default rates: 0.5 1 inf)
 #
 # Builds llama-server on first use (ci/bench/llama_server.sh: about 15 minutes
-# on two cores, then cached); the benchmark itself takes about 20 minutes.
+# on two cores, then cached); the benchmark itself takes about 25 minutes.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -27,6 +27,7 @@ PY="$ROOT/.venv/bin/python"
 "$PLLM" bench serve --request-rate "${RATES[@]}" --num-prompts 64 \
     --max-seconds 200 --drain-seconds 120 \
     --launch pllm --pllm-args "--quantization none --kv-cache-memory 2GiB --target-itl-ms 800" \
+    --launch-command "pllm-itl-400=$PY -m pllm.entrypoints.cli serve --quantization none --kv-cache-memory 2GiB --target-itl-ms 400 --host {host} --port {port}" \
     --launch-command "pllm-fixed-budget=$PY -m pllm.entrypoints.cli serve --quantization none --kv-cache-memory 2GiB --target-itl-ms 0 --host {host} --port {port}" \
     --launch-command "llama-server=$LLAMA_SERVER -m $GGUF_F32 --alias SmolLM2-135M-Instruct --host {host} --port {port} -np 16 -c 16384 -t 2 -tb 2" \
     --output-json "$OUT" --no-plot

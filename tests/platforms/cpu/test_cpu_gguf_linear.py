@@ -162,3 +162,38 @@ def test_bad_arguments_are_named(change, message):
     kwargs = {k: args.pop(k) for k in ("activations", "isa") if k in args}
     with pytest.raises(ValueError, match=message):
         gl.gguf_linear(args["x"], args["qweight"], args["qtype"], args["in_features"], **kwargs)
+
+
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q4_1, T.Q8_0), ids=lambda t: t.name)
+def test_whole_block_products_on_odd_block_counts(qtype, isa):
+    """The 32-element formats' own few-row product: odd block counts above
+    one (pairs of blocks on AVX-512, then the last block alone, carried on),
+    every grouping of weight rows (four, two or one per pass for 1-2, 3-4
+    and 5-8 rows of x; output sizes that leave a short last group) and a
+    second chunk of x rows (12 = 8 + 4)."""
+    torch.manual_seed(2)
+    for k in (96, 160):
+        for n in (4, 8, 13):
+            raw, w = _weight(qtype, n, k)
+            for m in (1, 2, 3, 4, 5, 12):
+                x = torch.randn(m, k)
+                for activations in gl.ACTIVATIONS:
+                    y = gl.gguf_linear(x, raw, qtype, k, activations=activations, isa=isa)
+                    _check(y, x, w, activations, f"{qtype.name} {isa} {activations} M={m} N={n} K={k}")
+
+
+def test_q8_0_quants_of_minus_128(isa):
+    """-128, which the gguf package's quantizer never writes but a file may
+    hold: the integer products take its magnitude through the unsigned
+    operand and its sign onto x."""
+    raw, _ = _weight(T.Q8_0, 9, 96)
+    raw = raw.clone()
+    raw.view(9, 3, 34)[:, :, 2:12] = 0x80
+    w = torch.from_numpy(dequantize(raw.numpy(), T.Q8_0).astype(np.float64))
+    assert (w == 0).sum() < w.numel() and w.min() < 0
+    torch.manual_seed(3)
+    for m in (1, 3, 12):
+        x = torch.randn(m, 96)
+        for activations in gl.ACTIVATIONS:
+            y = gl.gguf_linear(x, raw, T.Q8_0, 96, activations=activations, isa=isa)
+            _check(y, x, w, activations, f"Q8_0 with -128 {isa} {activations} M={m}")

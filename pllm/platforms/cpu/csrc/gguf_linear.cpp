@@ -647,13 +647,14 @@ inline void block_rows(const float* x, const QuantizedRows* xq, int64_t M, int64
 }
 
 // Rows [r0, r0 + MB) of x against NR weight rows from w; out[r * ldo + i]
-// for x row r and weight row i. Blocks [b0, nblk) only (the AVX-512 kernels
-// leave an odd last block here); acc/macc carry the sums so far.
+// for x row r and weight row i, plus carry[r * NR + i] when given. Blocks
+// [b0, nblk) only: the AVX-512 kernel leaves an odd last block here, with
+// its sums so far as the carry.
 template <class F, int MB, int NR>
 void rows_blocks_avx2(const BlockRows& xr, int64_t r0, const uint8_t* w, int64_t row_bytes, int64_t b0,
                       const float* carry, float* out, int64_t ldo) {
   using B = Blocks<F>;
-  const int64_t K = xr.K, nblk = xr.nblk;
+  const int64_t nblk = xr.nblk;
   const bool q8 = xr.xq != nullptr;
   __m256 acc[MB][NR];
   __m128 macc[MB][NR];
@@ -755,7 +756,7 @@ template <class F, int MB, int NR>
 void rows_blocks_avx512(const BlockRows& xr, int64_t r0, const uint8_t* w, int64_t row_bytes, float* out,
                         int64_t ldo) {
   using B = Blocks<F>;
-  const int64_t K = xr.K, nblk = xr.nblk, npair = nblk / 2;
+  const int64_t nblk = xr.nblk, npair = nblk / 2;
   const bool q8 = xr.xq != nullptr;
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
   const __m512i second = _mm512_set1_epi32(2);
