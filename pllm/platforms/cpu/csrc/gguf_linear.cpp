@@ -578,25 +578,23 @@ inline void nibbles_f32x4(const uint8_t* p, __m256 f[4]) {
 template <class F>
 struct Blocks;
 
-template <>
-struct Blocks<Q4_0> {
-  static constexpr float kOffset = -8.0f;
+// Q4_0 and Q4_1: a header, then 16 bytes of nibbles at QuantsAt; m' is the
+// fp16 at MinAt (d itself, at 0, for Q4_0), scaled by Offset.
+template <int QuantsAt, int MinAt, int Offset>
+struct NibbleBlocks {
+  static constexpr float kOffset = Offset;
   static constexpr bool kSigned = false;
-  static constexpr int kQuants = 2;  // where the quants start in a block
-  static __m128 header(const uint8_t* a, const uint8_t* b) { return headers_f16(a, 0, b, 0); }
+  static constexpr int kQuants = QuantsAt;  // where the quants start in a block
+  static __m128 header(const uint8_t* a, const uint8_t* b) { return headers_f16(a, MinAt, b, MinAt); }
   static __m256i quants(const uint8_t* b) { return nibbles16(b + kQuants); }
   static void widen(const uint8_t* b, __m256 f[4]) { nibbles_f32x4(b + kQuants, f); }
 };
 
 template <>
-struct Blocks<Q4_1> {
-  static constexpr float kOffset = 1.0f;
-  static constexpr bool kSigned = false;
-  static constexpr int kQuants = 4;
-  static __m128 header(const uint8_t* a, const uint8_t* b) { return headers_f16(a, 2, b, 2); }
-  static __m256i quants(const uint8_t* b) { return nibbles16(b + kQuants); }
-  static void widen(const uint8_t* b, __m256 f[4]) { nibbles_f32x4(b + kQuants, f); }
-};
+struct Blocks<Q4_0> : NibbleBlocks<2, 0, -8> {};
+
+template <>
+struct Blocks<Q4_1> : NibbleBlocks<4, 2, 1> {};
 
 template <>
 struct Blocks<Q8_0> {
@@ -604,7 +602,7 @@ struct Blocks<Q8_0> {
   static constexpr bool kSigned = true;
   static constexpr int kQuants = 2;
   static __m128 header(const uint8_t* a, const uint8_t* b) { return headers_f16(a, 0, b, 0); }
-  static __m256i quants(const uint8_t* b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)); }
+  static __m256i quants(const uint8_t* b) { return Q8_0::quants8(b, 0); }
   static void widen(const uint8_t* b, __m256 f[4]) {
     for (int c = 0; c < 4; ++c)
       f[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * c))));
@@ -895,6 +893,14 @@ void dequant_row(int64_t isa, const uint8_t* w, int64_t K, float* out) {
 }
 
 #ifdef PLLM_GGUF_AVX2
+// A layer's weights are read once per step, cold: while weight rows
+// [n, n + count) are decoded, ask for the ones kPrefetchRows ahead.
+inline void prefetch_ahead(const uint8_t* w, int64_t n, int64_t count, int64_t N, int64_t row_bytes) {
+  const int64_t from = n + kPrefetchRows, rows = std::min(count, N - from);
+  for (int64_t at = 0; at < rows * row_bytes; at += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(w + from * row_bytes + at), _MM_HINT_T0);
+}
+
 // The few-row products of the 32-element formats (rows_blocks_avx2 /
 // rows_blocks_avx512): groups of four weight rows shared out among the
 // threads; within a group, as many weight rows per call as keep the
@@ -910,11 +916,7 @@ void few_rows_blocks(int64_t isa, const float* x, const QuantizedRows* xq, int64
   for (int64_t gi = 0; gi < groups; ++gi) {
     const int64_t n0 = gi * kGroup, nn = std::min(kGroup, N - n0);
     const uint8_t* wg = w + n0 * row_bytes;
-    // A layer's weights are read once per step, cold: ask for the rows
-    // kPrefetchRows ahead while these are decoded.
-    if (n0 + kPrefetchRows < N)
-      for (int64_t at = 0; at < std::min(kGroup, N - n0 - kPrefetchRows) * row_bytes; at += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchRows * row_bytes + at), _MM_HINT_T0);
+    prefetch_ahead(w, n0, nn, N, row_bytes);
     for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
       const int mb = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
       with_rows(mb, [&](auto rows) {
@@ -952,11 +954,7 @@ void few_rows(int64_t isa, const float* x, int64_t M, int64_t K, const uint8_t* 
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* wr = w + n * row_bytes;
 #ifdef PLLM_GGUF_AVX2
-    // A layer's weights are read once per step, cold: ask for the row
-    // kPrefetchRows ahead while this one is decoded.
-    if (n + kPrefetchRows < N)
-      for (int64_t at = 0; at < row_bytes; at += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * row_bytes + at), _MM_HINT_T0);
+    prefetch_ahead(w, n, 1, N, row_bytes);
 #endif
     for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
       const int mb = static_cast<int>(std::min<int64_t>(kMaxRows, M - r0));
