@@ -1,26 +1,39 @@
-"""Linear layers on the host routed to the faster of torch's fp32 GEMM paths
+"""Linear layers on the host routed to the fastest of torch's fp32 GEMM paths
 for their batch size, for any platform whose tensors live in host memory.
 
-Measured on a 2-core AVX2 host (torch 2.13, MKL), streaming the 30 layers
-and LM head of SmolLM2-135M (538 MB, so weights come from DRAM, as in a real
-step):
+Where torch is built with MKL (x86), every linear weight but the LM head's
+gets a copy in MKL's packed layout, made once at load, and every batch runs
+on it (``torch.ops.mkl._mkl_linear``). Streaming the 30 layers of
+SmolLM2-135M (the weights come from DRAM, as in a real step), on a 2-core
+AVX-512 host (torch 2.13): 44-54 ms for 33-65 rows against 50-81 for
+``weight @ x.T`` and 42-70 for a oneDNN-packed copy; 89 against 128 / 108
+for 129 rows and 160 against 198 / 218 for 257 (prefill). With MKL held to
+AVX2 the order is the same, by 5-25%. MKL packs for a batch size, but its
+layout does not depend on it (the buffer is the same size for every batch
+size, and the products are checked against ``F.linear`` from 1 to 300 rows
+in the tests), so one copy serves every batch: the call passes its own row
+count, where torch's wrapper would fall back to an unpacked product. MKL's
+copy takes about 2.2 times the weight's memory (it allocates 3 times), so
+the copies are made only when all of them fit in a quarter of the RAM
+available at load (``PACK_SHARE``); otherwise, and for other dtypes,
+batches run as without MKL.
 
-- up to ``SMALL_BATCH`` rows, ``weight @ x.T`` runs at 90-135 GFLOP/s
-  against 48-95 for ``F.linear``. Its result is the transposed view of a
-  column-major product; the layers after it take it as it is (copying it
-  into rows would cost 10-15% of the product);
-- beyond that (prefill chunks, large mixed steps) a oneDNN copy of the
-  weight packed once at load beats ``F.linear``, which packs on every call:
-  64-68 GFLOP/s against 54-60 from 192 to 512 rows, and SmolLM2's prefill
-  at 253-262 tokens/s against 221-225 (256-512 tokens). The copies cost as
-  much memory as the weights, so they are made only when all of them fit in
-  a quarter of the RAM available at load (``PACK_SHARE``); otherwise, and
-  for other dtypes, ``F.linear`` serves these batches.
+Without MKL's packed product:
+
+- up to ``SMALL_BATCH`` rows, ``weight @ x.T`` (on a 2-core AVX2 host,
+  90-135 GFLOP/s against 48-95 for ``F.linear``). Its result is the
+  transposed view of a column-major product; the layers after it take it as
+  it is (copying it into rows would cost 10-15% of the product);
+- beyond that a oneDNN copy of the weight packed once at load, which beats
+  ``F.linear`` (that packs on every call): 64-68 GFLOP/s against 54-60 from
+  192 to 512 rows on the same host. These copies cost as much memory as the
+  weights, under the same ``PACK_SHARE`` rule.
 
 The LM head is the exception: the sampler reads its logits row by row and
-they are large, so up to ``SMALL_BATCH`` rows it runs on a oneDNN copy of
-the weight packed once (113 MB for SmolLM2): 27 ms for 64 rows against
-37 ms for ``weight @ x.T`` plus the copy into rows.
+they are large, so it runs on a oneDNN copy of the weight packed once (113
+MB for SmolLM2) at every batch size: 27 ms for 64 rows against 37 ms for
+``weight @ x.T`` plus the copy into rows (MKL's copy is no faster and twice
+the size).
 
 A platform with a faster kernel for some rows (the cpu platform's compiled
 few-row product) subclasses :class:`HostLinear` and overrides ``forward``.
@@ -37,8 +50,14 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-SMALL_BATCH = 128
+SMALL_BATCH = 128  # without MKL's packed product: weight @ x.T up to here, oneDNN beyond
 PACK_SHARE = 0.25  # of the RAM available at load, at most, for the packed copies
+MKL_PACKED_SIZE = 3  # MKL allocates its packed copy at about 3 times the weight's size
+
+
+def mkl_packing() -> bool:
+    """Whether this torch has MKL's packed fp32 product (x86 builds)."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
 class HostLinear(nn.Module):
@@ -49,13 +68,24 @@ class HostLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rows_out = rows_out  # the output must be row-major (the LM head)
         # Packed once, here: the weights are loaded by the time a platform
-        # prepares the model. The LM head's copy serves every batch size,
-        # the others' only batches over SMALL_BATCH rows.
-        self._packed = _onednn_packed(self.weight) if rows_out or pack else None
+        # prepares the model. An MKL copy, or the LM head's oneDNN copy,
+        # serves every batch size; another oneDNN copy only batches over
+        # SMALL_BATCH rows.
+        self._packed = None
+        self.packing: str | None = None  # which copy _packed is: "mkl" or "onednn"
+        if pack and not rows_out:
+            self._packed = _mkl_packed(self.weight)
+            self.packing = "mkl" if self._packed is not None else None
+        if self._packed is None and (pack or rows_out):
+            self._packed = _onednn_packed(self.weight)
+            self.packing = "onednn" if self._packed is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] if x.dim() == 2 else -1
         packed = self._packed is not None and x.dtype == self.weight.dtype == torch.float32
+        if packed and rows >= 1 and self.packing == "mkl":
+            # The row count as the packing's batch size: see the module's docstring.
+            return torch.ops.mkl._mkl_linear(x, self._packed, self.weight, self.bias, rows)
         if packed and rows >= 1 and (self.rows_out or rows > SMALL_BATCH):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         if 1 <= rows <= SMALL_BATCH:
@@ -64,6 +94,12 @@ class HostLinear(nn.Module):
                 out = out.contiguous()
             return out + self.bias if self.bias is not None else out
         return F.linear(x, self.weight, self.bias)
+
+
+def _mkl_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.dtype != torch.float32 or not mkl_packing():
+        return None
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, SMALL_BATCH)
 
 
 def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -86,13 +122,16 @@ def should_pack(model: nn.Module, available_bytes: int | None = None) -> bool:
         return False
     if available_bytes is None:
         available_bytes = psutil.virtual_memory().available
-    if size <= PACK_SHARE * available_bytes:
-        logger.info("packing the linear weights for oneDNN (%.0f MB) for batches over %d rows",
-                    size / 1e6, SMALL_BATCH)
+    mkl = mkl_packing()
+    what, copies = ("MKL", MKL_PACKED_SIZE * size) if mkl else ("oneDNN", size)
+    for_batches = "for every batch" if mkl else f"for batches over {SMALL_BATCH} rows"
+    if copies <= PACK_SHARE * available_bytes:
+        logger.info("packing the linear weights for %s (%.0f MB of copies) %s",
+                    what, copies / 1e6, for_batches)
         return True
-    logger.info("not packing the linear weights for oneDNN: %.0f MB is over %.0f%% of the %.0f MB "
-                "available; batches over %d rows use F.linear (about 15%% slower)",
-                size / 1e6, 100 * PACK_SHARE, available_bytes / 1e6, SMALL_BATCH)
+    logger.info("not packing the linear weights for %s: %.0f MB of copies is over %.0f%% of the "
+                "%.0f MB available; larger batches use unpacked products (15-35%% slower)",
+                what, copies / 1e6, 100 * PACK_SHARE, available_bytes / 1e6)
     return False
 
 

@@ -18,6 +18,8 @@ import pllm.platforms.cpu.layers as cpu_layers
 import pllm.platforms.cpu.linear as cpu_linear
 from pllm.core.kv_cache.fp8 import dequantize, quantize
 from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from pllm.platforms.common.host_linear import (MKL_PACKED_SIZE, PACK_SHARE, HostLinear,
+                                               mkl_packing, should_pack)
 from pllm.platforms.cpu.attention import CPUAttentionBackend
 from pllm.platforms.cpu.kernels import cpu_ops, paged_decode_op
 from pllm.platforms.cpu.layers import use_cpu_layers
@@ -183,7 +185,10 @@ def test_compiled_fp8_write_is_bit_identical_to_quantize(kv_dtype, scales, monke
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 24, 25, 64, 128, 129, 300])
+# Every side of each routing threshold: the few-row kernel's (8 on AVX-512
+# hosts, 12 on others with MKL's packed product, 24 without), the fused
+# decode layer's (12) and the unpacked products' (128).
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 12, 13, 24, 25, 64, 128, 129, 300])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows_out", [False, True])
 @pytest.mark.parametrize("pack", [False, True])
@@ -192,6 +197,11 @@ def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, rows, bias, ro
     dense = nn.Linear(99, 203, bias=bias)  # odd sizes: remainders of every tile
     fast = CPULinear(dense, rows_out=rows_out, pack=pack)
     assert (fast._packed is not None) == (pack or rows_out)
+    # The LM head keeps its oneDNN copy; the others take MKL's where torch has it.
+    if pack and not rows_out and mkl_packing():
+        assert fast.packing == "mkl"
+    else:
+        assert fast.packing == ("onednn" if pack or rows_out else None)
     x = torch.randn(rows, 99)
     with torch.inference_mode():
         out = fast(x)
@@ -200,11 +210,30 @@ def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, rows, bias, ro
         assert out.is_contiguous()
 
 
-def test_linear_weights_are_packed_only_when_the_copies_fit():
-    from pllm.platforms.common.host_linear import PACK_SHARE, should_pack
+@pytest.mark.skipif(not mkl_packing(), reason="this torch has no MKL packed product")
+def test_one_mkl_packed_copy_serves_every_batch_size():
+    """HostLinear packs each weight once, for one batch size, and passes each
+    call's own row count to MKL: checked against fp64 at every size from 1
+    to 300 rows (and column-major input), on shapes with remainders."""
+    torch.manual_seed(0)
+    for out_features, in_features in ((203, 99), (960, 576), (17, 1536)):
+        dense = nn.Linear(in_features, out_features)
+        fast = HostLinear(dense, pack=True)
+        assert fast.packing == "mkl"
+        w64, b64 = dense.weight.double(), dense.bias.double()
+        for rows in [*range(1, 40), 63, 64, 65, 127, 128, 129, 200, 257, 300]:
+            x = torch.randn(rows, in_features)
+            if rows % 3 == 0:
+                x = torch.randn(in_features, rows).t()  # a column-major view
+            with torch.inference_mode():
+                got = fast(x)
+            want = x.double() @ w64.t() + b64
+            assert (got.double() - want).abs().max().item() < 1e-4 * in_features ** 0.5, rows
 
+
+def test_linear_weights_are_packed_only_when_the_copies_fit():
     model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
-    size = 2 * 64 * 128 * 4
+    size = 2 * 64 * 128 * 4 * (MKL_PACKED_SIZE if mkl_packing() else 1)
     assert should_pack(model, available_bytes=int(size / PACK_SHARE))
     assert not should_pack(model, available_bytes=int(size / PACK_SHARE) - 1)
     assert not should_pack(model.to(torch.bfloat16), available_bytes=2**40)  # fp32 copies only
@@ -271,13 +300,15 @@ class _CountingOps:
 
 @needs_compiler
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("rows", [3, 30])  # few-row kernel, then weight @ x.T
+@pytest.mark.parametrize("rows", [3, 12, 30])  # few-row kernel, then weight @ x.T
 @pytest.mark.parametrize("kv_dtype", [torch.float32, *FP8_FORMATS], ids=str)
-def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, monkeypatch):
+@pytest.mark.parametrize("mkl_packed", [False, True], ids=["unpacked", "mkl-packed"])
+def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, mkl_packed, monkeypatch):
     """The one-call decoder layer (decode-only steps of a few sequences) gives
     the modules' result: GQA, QKV bias (qwen2), sliding window (mistral),
     contexts across block boundaries, the first layer (no residual yet), and
-    8-bit caches with non-unit scales (the same bytes written)."""
+    8-bit caches with non-unit scales (the same bytes written). Beside
+    MKL-packed modules it takes up to 12 rows and leaves more to them."""
     from transformers import AutoConfig
 
     from pllm.models.layers import ForwardContext
@@ -310,7 +341,7 @@ def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, monkey
     monkeypatch.setattr(cpu_layers, "cpu_ops", lambda: counting)
     for residual in (None, torch.randn(rows, 96)):
         outs = []
-        for fused in (None, CPUFusedDecodeLayer(layer.dense_weights())):
+        for fused in (None, CPUFusedDecodeLayer(layer.dense_weights(), mkl_packed=mkl_packed)):
             layer.fused = fused
             kv = cache.clone()
             ctx = ForwardContext(backend, md, [kv])
@@ -320,7 +351,8 @@ def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, monkey
             outs.append((out, new_res, kv.view(torch.uint8) if fp8 else kv))  # bytes: equal
         for want, got in zip(outs[0], outs[1]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert counting.fused_calls == 2, "the fused layer was not used"
+    takes = rows <= 12 or not mkl_packed
+    assert counting.fused_calls == (2 if takes else 0), "the fused layer was (not) used"
 
 
 def test_enforce_eager_keeps_decoder_layers_module_by_module(tiny_model_dir):
