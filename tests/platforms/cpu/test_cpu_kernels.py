@@ -18,8 +18,13 @@ import pllm.platforms.cpu.layers as cpu_layers
 import pllm.platforms.cpu.linear as cpu_linear
 from pllm.core.kv_cache.fp8 import dequantize, quantize
 from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
-from pllm.platforms.common.host_linear import (MKL_PACKED_SIZE, PACK_SHARE, HostLinear,
-                                               mkl_packing, should_pack)
+from pllm.platforms.common.host_linear import (
+    MKL_PACKED_SIZE,
+    PACK_SHARE,
+    HostLinear,
+    mkl_packing,
+    should_pack,
+)
 from pllm.platforms.cpu.attention import CPUAttentionBackend
 from pllm.platforms.cpu.kernels import cpu_ops, paged_decode_op
 from pllm.platforms.cpu.layers import use_cpu_layers
