@@ -188,6 +188,30 @@ def test_a_step_latency_target_sizes_prefill_chunks_while_requests_decode():
     assert budget.tokens == 4
 
 
+@pytest.mark.parametrize("fixed, per_token, want", [
+    # 30 ms + 0.8 ms a token: at least 256 prompt tokens beyond the decodes,
+    # at most 4x a decode step of the same streams once that is more; the
+    # 800 ms target (962 tokens) binds only with hundreds of streams.
+    (0.030, 0.0008, {1: 257, 8: 264, 100: 512, 200: 912, 400: 962}),
+    # 50 ms + 4 ms a token: the target (187 tokens) binds before the floor.
+    (0.050, 0.004, {1: 187, 64: 187}),
+    # 10 ms + 0.1 ms a token: 4x a decode step is past the floor at once;
+    # --max-num-batched-tokens (2048) still bounds every step.
+    (0.010, 0.0001, {1: 304, 10: 340, 1000: 2048}),
+    # Steps slower than the target: the floor gives way to it.
+    (2.0, 0.05, {1: 16, 64: 16}),
+])
+def test_the_step_budget_keeps_pace_with_the_decoding_streams(fixed, per_token, want):
+    from pllm.core.scheduler import StepBudget
+
+    budget = StepBudget(0.8, 2048)
+    assert budget.tokens_for(1) == 2048  # nothing measured yet
+    for n in (10, 200) * 8:
+        budget.observe(n, fixed + per_token * n)
+    assert budget.fixed_s == pytest.approx(fixed) and budget.per_token_s == pytest.approx(per_token)
+    assert {n: budget.tokens_for(n) for n in want} == want
+
+
 def _sampled(out) -> RunnerOutput:
     result = RunnerOutput()
     for item in out.scheduled:
