@@ -19,7 +19,6 @@ import pllm.platforms.cpu.linear as cpu_linear
 from pllm.core.kv_cache.fp8 import dequantize, quantize
 from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from pllm.platforms.common.host_linear import (
-    MKL_PACKED_SIZE,
     PACK_SHARE,
     HostLinear,
     mkl_packing,
@@ -238,7 +237,7 @@ def test_one_mkl_packed_copy_serves_every_batch_size():
 
 def test_linear_weights_are_packed_only_when_the_copies_fit():
     model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
-    size = 2 * 64 * 128 * 4 * (MKL_PACKED_SIZE if mkl_packing() else 1)
+    size = 2 * 64 * 128 * 4
     assert should_pack(model, available_bytes=int(size / PACK_SHARE))
     assert not should_pack(model, available_bytes=int(size / PACK_SHARE) - 1)
     assert not should_pack(model.to(torch.bfloat16), available_bytes=2**40)  # fp32 copies only
