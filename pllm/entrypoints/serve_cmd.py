@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from pllm.entrypoints.openai.api_server import build_app
+        from pllm.entrypoints.openai.async_engine import EngineThread
     except ImportError as exc:
         print(f"pllm serve: {exc}; install the server's dependencies with "
               "`pip install 'pllm[serve]'`", file=sys.stderr)
@@ -108,8 +109,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"pllm serve: error: {exc}", file=sys.stderr)
         return 1
     with sock:
+        # Built on the thread that will run its loop (AsyncLLMEngine's docstring
+        # says why); but Ray's driver starts on the main thread, where it sets up
+        # its cleanup (started elsewhere it left its agents running after the
+        # server had exited).
+        on_ray = engine_config.parallel.distributed_executor_backend == "ray"
+        engine_thread = None if on_ray else EngineThread()
         try:
-            engine = LLMEngine(engine_config)
+            engine = (LLMEngine(engine_config) if engine_thread is None
+                      else engine_thread.call(LLMEngine, engine_config))
         except (ValueError, OSError) as exc:
             print(f"pllm serve: error: {exc}", file=sys.stderr)
             return 1
@@ -119,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                         max_request_body_bytes=args.max_request_body_bytes,
                         max_waiting_requests=args.max_waiting_requests,
                         tool_call_parser=args.tool_call_parser,
-                        enable_auto_tool_choice=args.enable_auto_tool_choice)
+                        enable_auto_tool_choice=args.enable_auto_tool_choice,
+                        engine_thread=engine_thread)
         # The app aborts what is left after --shutdown-timeout; uvicorn's own limit
         # (which cancels connection tasks outright) is only a backstop behind it.
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level,

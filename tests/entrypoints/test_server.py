@@ -508,6 +508,41 @@ def test_async_engine_rejects_aborts_and_survives_a_failed_step():
         assert metrics.registry.get_sample_value("pllm:request_finished_total", labels) == count
 
 
+def test_the_engine_loop_runs_on_the_thread_that_built_the_engine():
+    """``pllm serve`` builds the engine on an EngineThread and runs the loop
+    there: the OpenMP regions of loading and of every step start from one
+    thread (a second one makes libgomp stop spinning between regions). A
+    failed build raises in the caller."""
+    from pllm import SamplingParams
+    from pllm.entrypoints.openai.async_engine import AsyncLLMEngine, EngineThread
+
+    class ThreadNoting(ScriptedEngine):
+        def __init__(self):
+            super().__init__()
+            self.built_on, self.stepped_on = threading.get_ident(), set()
+
+        def step(self):
+            self.stepped_on.add(threading.get_ident())
+            return super().step()
+
+    host = EngineThread()
+    with pytest.raises(ValueError, match="no such model"):
+        host.call(lambda: (_ for _ in ()).throw(ValueError("no such model")))
+    fake = host.call(ThreadNoting)
+    assert fake.built_on == host.thread.ident != threading.get_ident()
+
+    async def run() -> None:
+        engine = AsyncLLMEngine(fake, thread=host)
+        engine.start()
+        outs = [o async for o in engine.generate("hi", SamplingParams(max_tokens=3), "a")]
+        assert outs[-1].finished
+        await engine.shutdown()
+
+    asyncio.run(run())
+    assert fake.stepped_on == {fake.built_on}
+    assert not host.thread.is_alive()  # the loop was its last job
+
+
 def test_a_broken_engine_ends_the_streams_while_its_step_is_stuck():
     """A rank's node vanished: the executor says ``broken`` at once, but the
     step in progress waits in a collective (until the process group's

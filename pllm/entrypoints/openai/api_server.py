@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import pllm
-from pllm.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDeadError
+from pllm.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDeadError, EngineThread
 from pllm.entrypoints.openai.errors import (
     BodyLimit,
     OpenAIError,
@@ -58,15 +58,17 @@ def build_app(engine: Any, *, api_key: str | None = None,
               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
               max_waiting_requests: int | None = None,
               tool_call_parser: str | None = None,
-              enable_auto_tool_choice: bool = False) -> FastAPI:
-    """An app serving ``engine`` (an LLMEngine); its engine thread runs during the lifespan.
+              enable_auto_tool_choice: bool = False,
+              engine_thread: EngineThread | None = None) -> FastAPI:
+    """An app serving ``engine`` (an LLMEngine); its engine thread (``engine_thread``,
+    the one that built it, if given) runs during the lifespan.
 
     ``should_exit`` tells when the HTTP server began a graceful shutdown; the
     requests still in flight ``shutdown_timeout`` seconds later are aborted
     (streams end with an error event and ``[DONE]``, others get a 503).
     """
     metrics = ServerMetrics(engine.model_name)
-    async_engine = AsyncLLMEngine(engine, observer=metrics)
+    async_engine = AsyncLLMEngine(engine, observer=metrics, thread=engine_thread)
     ctx = ServingContext(async_engine=async_engine, model_name=engine.model_name,
                          max_model_len=engine.max_model_len, tokenizer=engine.tokenizer,
                          engine=engine, max_num_seqs=engine.config.scheduler.max_num_seqs,
