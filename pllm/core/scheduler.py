@@ -659,8 +659,8 @@ class StepBudget:
 
     The target is an upper bound; with ``n`` requests decoding, a step is
     also kept within ``pace`` times what a decode-only step of those ``n``
-    would take (``fixed + per_token * n``): a stream's stall stays in
-    proportion to its usual pace: at saturation, where a decode step of
+    would take (``fixed + per_token * n``), so that a stream's stall stays
+    in proportion to its usual pace; at saturation, where a decode step of
     many streams is long, the target alone would let a step take several
     times that. Either way a step may carry ``min_prefill`` prompt tokens
     beyond its decodes, as long as they fit the target: smaller chunks
