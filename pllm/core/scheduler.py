@@ -205,8 +205,9 @@ class Scheduler:
 
         With a step-latency target, decodes go first and, while any request is
         decoding, the prefill work of the step is what the measured step times
-        say fits the target (see :class:`StepBudget`); with nobody decoding,
-        prefills get the whole token budget."""
+        say fits the target and the decoding streams' pace (see
+        :class:`StepBudget`); with nobody decoding, prefills get the whole
+        token budget."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[int] = set()

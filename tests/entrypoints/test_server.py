@@ -541,6 +541,8 @@ def test_the_engine_loop_runs_on_the_thread_that_built_the_engine():
     asyncio.run(run())
     assert fake.stepped_on == {fake.built_on}
     assert not host.thread.is_alive()  # the loop was its last job
+    with pytest.raises(RuntimeError, match="last job"):
+        host.call(ThreadNoting)  # would never run: refused rather than hang
 
 
 def test_a_broken_engine_ends_the_streams_while_its_step_is_stuck():

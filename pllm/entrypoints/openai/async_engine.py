@@ -113,19 +113,27 @@ class EngineThread:
 
     def __init__(self, name: str = "pllm-engine") -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._finishing = False
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.thread.start()
 
     def call(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on this thread: its result, or its exception raised here."""
+        self._check_open()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((fn, args, future))
         return future.result()
 
     def finish_with(self, fn: Any) -> threading.Thread:
         """Run ``fn()`` on this thread, which ends with it; the thread."""
+        self._check_open()
+        self._finishing = True
         self._jobs.put((fn, (), None))
         return self.thread
+
+    def _check_open(self) -> None:
+        if self._finishing:  # nothing after the last job would ever run
+            raise RuntimeError("this engine thread already runs its last job")
 
     def _work(self) -> None:
         while True:

@@ -8,11 +8,15 @@ SmolLM2-135M (the weights come from DRAM, as in a real step), on a 2-core
 AVX-512 host (torch 2.13): 44-54 ms for 33-65 rows against 50-81 for
 ``weight @ x.T`` and 42-70 for a oneDNN-packed copy; 89 against 128 / 108
 for 129 rows and 160 against 198 / 218 for 257 (prefill). With MKL held to
-AVX2 the order is the same, by 5-25%. MKL packs for a batch size, but its
-layout does not depend on it (the buffer is the same size for every batch
-size, and the products are checked against ``F.linear`` from 1 to 300 rows
-in the tests), so one copy serves every batch: the call passes its own row
-count, where torch's wrapper would fall back to an unpacked product.
+AVX2 the order is the same, by 5-25%; at 1-8 rows it is on a par with
+``weight @ x.T`` (16.6-17.6 ms against 16.0-18.8 for one row). MKL packs
+for a batch size, but its layout does not depend on it here (the buffer is
+the same size for every batch size), so one copy serves every batch: the
+call passes its own row count, where torch's wrapper would fall back to an
+unpacked product. MKL does not promise that layout, so the first weight of
+each shape is checked at load against ``F.linear`` at several row counts
+(:func:`_mkl_layout_holds`); where it does not hold, the oneDNN copy below
+is made instead, and logged. The tests check it from 1 to 300 rows.
 MKL's copies take about as much resident memory as the weights (SmolLM2:
 1.85 GB resident after loading, against 1.84 with oneDNN's copies and 1.41
 with none; MKL reserves 3 times the size but never touches most of it), so
@@ -100,7 +104,37 @@ class HostLinear(nn.Module):
 def _mkl_packed(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.dtype != torch.float32 or not mkl_packing():
         return None
-    return torch.ops.mkl._mkl_reorder_linear_weight(weight, SMALL_BATCH)
+    try:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, SMALL_BATCH)
+    except RuntimeError as exc:
+        logger.info("no MKL packed weight (%s); using oneDNN's", exc)
+        return None
+    return packed if _mkl_layout_holds(weight, packed) else None
+
+
+_CHECKED_ROWS = (1, 7, 33, SMALL_BATCH + 1, 300)
+_layout_checked: dict[tuple[int, int], bool] = {}
+
+
+def _mkl_layout_holds(weight: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether a copy packed for SMALL_BATCH rows gives ``F.linear``'s
+    products at other row counts too, checked once per weight shape."""
+    shape = tuple(weight.shape)
+    if shape not in _layout_checked:
+        gen = torch.Generator().manual_seed(0)
+        ok = True
+        with torch.no_grad():
+            for rows in _CHECKED_ROWS:
+                x = torch.randn(rows, weight.shape[1], generator=gen)
+                got = torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
+                want = F.linear(x, weight)
+                ok = ok and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        if not ok:
+            logger.warning("MKL's packed product of a %dx%d weight differs from F.linear at "
+                           "other batch sizes than it was packed for: using oneDNN's copies",
+                           *shape)
+        _layout_checked[shape] = ok
+    return _layout_checked[shape]
 
 
 def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -138,7 +172,7 @@ def use_host_linears(model: nn.Module, cls: type[HostLinear] = HostLinear, *,
                      pack: bool | None = None) -> nn.Module:
     """Replace every nn.Linear in ``model`` (in place) with a ``cls`` sharing
     its parameters; the LM head's output stays row-major. ``pack``: give
-    each a oneDNN-packed copy for large batches (default: ``should_pack``)."""
+    each a packed copy (MKL's, else oneDNN's; default: ``should_pack``)."""
     if pack is None:
         pack = should_pack(model)
     for name, module in list(model.named_modules()):

@@ -105,7 +105,7 @@ class CPUFusedDecodeLayer:
         else:
             self.few_rows = few_rows(mkl_packed)
             if mkl_packed:
-                self.few_rows = self.max_rows = max(self.few_rows, _FUSED_OVER_PACKED)
+                self.few_rows = self.max_rows = _FUSED_OVER_PACKED
             self.args = (w.input_norm, w.post_attention_norm, w.eps, w.qkv_weight, w.qkv_bias,
                          w.o_weight, w.o_bias, w.gate_up_weight, w.gate_up_bias, w.down_weight,
                          w.down_bias, w.num_heads, w.num_kv_heads, w.head_dim, w.rotary_cos,

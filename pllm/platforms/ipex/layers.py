@@ -8,8 +8,9 @@ linear module with the same call signature):
 * ``linear``: every ``nn.Linear`` replaced by IPEX's prepacked one
   (``ipex.optimize``: MKL packed GEMM in fp32, oneDNN in bf16); without it,
   the host routing every host platform shares
-  (``pllm.platforms.common.host_linear``: ``weight @ x.T`` up to 128 rows, a
-  oneDNN-packed LM head, ``F.linear`` beyond).
+  (``pllm.platforms.common.host_linear``: MKL-packed weights where torch has
+  MKL, else ``weight @ x.T`` up to 128 rows and oneDNN-packed copies beyond;
+  a oneDNN-packed LM head).
 
 Which of them a CPU gets is what was measured faster on its instruction set
 (``ci/legs/ipex_layers.py`` prints the figures, torch and IPEX in the same

@@ -235,6 +235,38 @@ def test_one_mkl_packed_copy_serves_every_batch_size():
             assert (got.double() - want).abs().max().item() < 1e-4 * in_features ** 0.5, rows
 
 
+@pytest.mark.skipif(not mkl_packing(), reason="this torch has no MKL packed product")
+def test_a_weight_whose_mkl_layout_fails_the_check_gets_onednn_copies(monkeypatch, caplog):
+    """The load-time check: where MKL's copy, packed for one batch size,
+    gives other products than F.linear at other batch sizes, the layer takes
+    a oneDNN copy instead (logged), and its products stay right."""
+    import pllm.platforms.common.host_linear as host_linear
+
+    real = torch.ops.mkl._mkl_linear
+
+    class WrongAtOtherSizes:
+        @staticmethod
+        def _mkl_linear(x, packed, weight, bias, rows):
+            out = real(x, packed, weight, bias, rows)
+            return out if rows == host_linear.SMALL_BATCH else out + 1
+
+        _mkl_reorder_linear_weight = staticmethod(torch.ops.mkl._mkl_reorder_linear_weight)
+
+    monkeypatch.setattr(host_linear, "_layout_checked", {})
+    monkeypatch.setattr(torch.ops, "mkl", WrongAtOtherSizes)
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    with caplog.at_level("WARNING"):
+        fast = HostLinear(dense, pack=True)
+    assert fast.packing == "onednn" and "differs from F.linear" in caplog.text
+    x = torch.randn(200, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(host_linear, "_layout_checked", {})
+    monkeypatch.undo()
+    assert HostLinear(dense, pack=True).packing == "mkl"  # the real product passes
+
+
 def test_linear_weights_are_packed_only_when_the_copies_fit():
     model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
     size = 2 * 64 * 128 * 4
@@ -304,7 +336,7 @@ class _CountingOps:
 
 @needs_compiler
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("rows", [3, 12, 30])  # few-row kernel, then weight @ x.T
+@pytest.mark.parametrize("rows", [3, 12, 30])  # few-row kernel; then weight @ x.T, or the modules
 @pytest.mark.parametrize("kv_dtype", [torch.float32, *FP8_FORMATS], ids=str)
 @pytest.mark.parametrize("mkl_packed", [False, True], ids=["unpacked", "mkl-packed"])
 def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, mkl_packed, monkeypatch):
