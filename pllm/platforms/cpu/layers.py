@@ -21,7 +21,7 @@ from torch import nn
 from pllm.models.layers import DenseDecoderWeights, RMSNorm, RotaryEmbedding, SiluAndMul
 from pllm.platforms.cpu.attention import COMPILED_KV_DTYPES, CPUAttentionBackend
 from pllm.platforms.cpu.kernels import cpu_ops
-from pllm.platforms.cpu.linear import _SMALL_BATCH, few_rows
+from pllm.platforms.cpu.linear import _FEW_ROWS, _SMALL_BATCH
 
 
 def _fp32(*tensors: torch.Tensor) -> bool:
@@ -103,9 +103,9 @@ class CPUFusedDecodeLayer:
                          *self.gate_up, *self.down, w.down_weight.shape[1], w.num_heads,
                          w.num_kv_heads, w.head_dim, w.rotary_cos, w.rotary_sin)
         else:
-            self.few_rows = few_rows(mkl_packed)
+            self.few_rows = _FUSED_OVER_PACKED if mkl_packed else _FEW_ROWS
             if mkl_packed:
-                self.few_rows = self.max_rows = _FUSED_OVER_PACKED
+                self.max_rows = self.few_rows
             self.args = (w.input_norm, w.post_attention_norm, w.eps, w.qkv_weight, w.qkv_bias,
                          w.o_weight, w.o_bias, w.gate_up_weight, w.gate_up_bias, w.down_weight,
                          w.down_bias, w.num_heads, w.num_kv_heads, w.head_dim, w.rotary_cos,
