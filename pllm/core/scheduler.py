@@ -663,14 +663,20 @@ class StepBudget:
     would take (``fixed + per_token * n``), so that a stream's stall stays
     in proportion to its usual pace; at saturation, where a decode step of
     many streams is long, the target alone would let a step take several
-    times that. Either way a step may carry ``min_prefill`` prompt tokens
-    beyond its decodes, as long as they fit the target: smaller chunks
-    would spend much of each step on its fixed part and split a prompt over
-    several steps, each adding to its time to first token (with SmolLM2 on
-    two CPU cores, 128-token chunks at 0.5 requests/s raised the TTFT p99
-    by about a third and did not lower the inter-token p99)."""
+    times that. Either way a step may carry ``1 + min_prefill`` tokens (a
+    decode beside a prompt chunk of ``min_prefill``), as long as they fit
+    the target: smaller chunks would spend much of each step on its fixed
+    part and split a prompt over several steps, each adding to its time to
+    first token (with SmolLM2 on two CPU cores, 128-token chunks at 0.5
+    requests/s raised the TTFT p99 by about a third and did not lower the
+    inter-token p99). With many streams decoding, the floor is what a step
+    takes, so its prompt chunk shrinks as the decodes grow: on those two
+    cores, with 64 streams arriving at once, 256 prompt tokens beside 60
+    decodes took 330-490 ms where a decode-only step of the 60 took about
+    120 ms, and a pace of 4 let steps reach 600 ms; steps of 257 tokens in
+    all took 320-380 ms, with the same throughput."""
 
-    PACE = 4.0
+    PACE = 2.0
     MIN_PREFILL = 256
 
     def __init__(self, target_s: float, max_tokens: int, min_tokens: int = 16,
@@ -698,7 +704,7 @@ class StepBudget:
             return self.max_tokens
         fixed, per_token = self._line()
         paced_s = min(self.target_s, self.pace * (fixed + per_token * num_decodes))
-        floor = min(num_decodes + self.min_prefill, self.tokens)
+        floor = min(1 + self.min_prefill, self.tokens)
         return self._clamp(max((paced_s - fixed) / per_token, floor))
 
     def _clamp(self, tokens: float) -> int:

@@ -189,15 +189,17 @@ def test_a_step_latency_target_sizes_prefill_chunks_while_requests_decode():
 
 
 @pytest.mark.parametrize("fixed, per_token, want", [
-    # 30 ms + 0.8 ms a token: at least 256 prompt tokens beyond the decodes,
-    # at most 4x a decode step of the same streams once that is more; the
-    # 800 ms target (962 tokens) binds only with hundreds of streams.
-    (0.030, 0.0008, {1: 257, 8: 264, 100: 512, 200: 912, 400: 962}),
+    # 30 ms + 0.8 ms a token: at least 257 tokens (256 prompt tokens beside
+    # a decode; beside 100 decodes, 157), at most 2x a decode step of the
+    # same streams once that is more (at 200 streams 2 * (30 + 0.8 * 200) ms
+    # = 380 ms: 437.5 tokens); the 800 ms target (962 tokens) binds only
+    # with hundreds of streams.
+    (0.030, 0.0008, {1: 257, 8: 257, 100: 257, 200: 437, 400: 837, 600: 962}),
     # 50 ms + 4 ms a token: the target (187 tokens) binds before the floor.
     (0.050, 0.004, {1: 187, 64: 187}),
-    # 10 ms + 0.11 ms a token: 4x a decode step is past the floor at once
-    # (276.7 and 312.7 tokens); --max-num-batched-tokens (2048) still bounds it.
-    (0.010, 0.00011, {1: 276, 10: 312, 1000: 2048}),
+    # 10 ms + 0.02 ms a token: 2x a decode step is past the floor at once
+    # (502.5 and 520.5 tokens); --max-num-batched-tokens (2048) still bounds it.
+    (0.01001, 0.00002, {1: 502, 10: 520, 1000: 2048}),
     # Steps slower than the target: the floor gives way to it.
     (2.0, 0.05, {1: 16, 64: 16}),
 ])
