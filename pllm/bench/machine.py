@@ -41,6 +41,31 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(steal, total) CPU time of the whole host in clock ticks since boot,
+    from Linux's /proc/stat; None elsewhere. Steal is time the hypervisor
+    gave this virtual machine's CPUs to others while they had work: a run
+    that had much of it measured a slower machine than the others."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]; guest
+    # time is already counted in user and nice.
+    ticks = [int(x) for x in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the host's CPU time stolen between two :func:`cpu_times`."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

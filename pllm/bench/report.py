@@ -164,6 +164,10 @@ def _fmt(value, unit: str = "", scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{value * scale:.2f}{unit}"
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.0f}%"
+
+
 def print_throughput(result: dict) -> None:
     p = result["pllm"]
     print(f"pllm: {_fmt(p['useful_output_tokens_per_s'])} useful output tokens/s, "
@@ -237,14 +241,14 @@ def print_serve(result: dict) -> None:
     head = f"{'server':<{width}} " if "servers" in result else ""
     print(f"{head}{'rate':>6} {'done':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>9} "
           f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'e2e p50':>8}"
-          + (f"   {ref}/server: ITL p99 TTFT p99 tok/s" if ratios else ""))
+          f" {'steal':>5}" + (f"   {ref}/server: ITL p99 TTFT p99 tok/s" if ratios else ""))
     for r in rows:
         line = (f"{r['server']:<{width}} " if head else "") + (
             f"{r['request_rate']!s:>6} {r['num_completed']:>5} {r['num_failed']:>4} "
             f"{r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>9.1f} "
             f"{_fmt(r['ttft_p50_s'], '', 1000):>9} {_fmt(r['ttft_p99_s'], '', 1000):>9} "
             f"{_fmt(r['itl_p50_s'], '', 1000):>8} {_fmt(r['itl_p99_s'], '', 1000):>8} "
-            f"{_fmt(r['e2e_p50_s'], '', 1):>8}")
+            f"{_fmt(r['e2e_p50_s'], '', 1):>8} {_percent(r.get('cpu_steal')):>5}")
         ratio = by_row.get((str(r["request_rate"]), r.get("server")))
         if ratio:
             line += (f"   {'':>{len(ref) + 8}} {_fmt(ratio['itl_p99'], 'x'):>7} "
@@ -258,5 +262,7 @@ def print_serve(result: dict) -> None:
         if counted:
             print(f"       output tokens of {sum(counted.values())} requests counted from "
                   f"{' and '.join(counted)} (no usage chunk)")
-    print("(latencies in ms, e2e in s" + (f"; {ref}/server: below 1x is better for a latency, "
-                                          "above 1x for tok/s)" if ratios else ")"))
+    print("(latencies in ms, e2e in s; steal: the host's CPU time its hypervisor gave to others "
+          "during the run, a slower machine for that row" + (
+              f"; {ref}/server: below 1x is better for a latency, above 1x for tok/s)"
+              if ratios else ")"))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pllm.bench.figures import percentile
+from pllm.bench.machine import cpu_times, steal_fraction
 from pllm.bench.workload import BenchRequest
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def _arrival_times(num: int, rate: float, seed: int) -> list[float]:
 async def _run_rate(client, url: str, model: str, requests: list[BenchRequest], rate: float, *,
                     max_seconds: float, drain_seconds: float, seed: int) -> dict:
     t0 = time.perf_counter()
+    ticks = cpu_times()
     tasks = []
     for req, at in zip(requests, _arrival_times(len(requests), rate, seed)):
         if at > max_seconds:
@@ -155,8 +157,10 @@ async def _run_rate(client, url: str, model: str, requests: list[BenchRequest], 
     for task in pending:
         task.cancel()
     results = [t.result() for t in tasks if t in done]
-    return summarize(results, rate=rate, num_sent=len(tasks), num_cancelled=len(pending),
-                     launch_s=launch_s)
+    row = summarize(results, rate=rate, num_sent=len(tasks), num_cancelled=len(pending),
+                    launch_s=launch_s)
+    row["cpu_steal"] = steal_fraction(ticks, cpu_times())
+    return row
 
 
 def summarize(results: list[RequestResult], *, rate: float, num_sent: int, num_cancelled: int,

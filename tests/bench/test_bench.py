@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -229,10 +230,26 @@ def test_serve_bench_against_a_streaming_server(tiny_model_dir, tmp_path, fake_s
         assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] <= row["e2e_p99_s"]
         assert 0 < row["itl_p50_s"] <= row["itl_p99_s"]
         assert row["output_tokens_per_s"] == pytest.approx(asked / row["duration_s"])
+        if sys.platform == "linux":
+            assert 0.0 <= row["cpu_steal"] <= 1.0
     sent = _FakeOpenAI.bodies[1:]  # after the warm-up request
     assert len(sent) == 8
     assert all(b["stream"] and b["ignore_eos"] and isinstance(b["prompt"][0], int) for b in sent)
     assert _is_png(result["plot"])
+
+
+def test_cpu_steal_is_the_share_of_host_time_given_to_others(tmp_path):
+    from pllm.bench.machine import cpu_times, steal_fraction
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 50 0 25 400 5 0 2 18 3 0\n")
+    before = cpu_times(str(stat))
+    assert before == (35, 1000)  # guest time is inside user time already
+    stat.write_text("cpu  400 0 150 900 10 0 5 535 7 0\n")
+    assert steal_fraction(before, cpu_times(str(stat))) == pytest.approx(500 / 1000)
+    assert cpu_times(str(tmp_path / "absent")) is None
+    assert steal_fraction(None, before) is None and steal_fraction(before, before) is None
 
 
 def test_serve_bench_refuses_remote_hosts(capsys):
