@@ -41,22 +41,23 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
-    """(steal, total) CPU time of the whole host in clock ticks since boot,
-    from Linux's /proc/stat; None elsewhere. Steal is time the hypervisor
-    gave this virtual machine's CPUs to others while they had work: a run
-    that had much of it measured a slower machine than the others."""
+def cpu_times() -> tuple[float, float] | None:
+    """(steal, total) seconds of the whole host's CPU time since boot; None
+    where the OS reports no steal (it is Linux's). Steal is time the
+    hypervisor gave this virtual machine's CPUs to others while they had
+    work: a run that had much of it measured a slower machine than the
+    others."""
+    import psutil
+
     try:
-        with open(path) as f:
-            fields = f.readline().split()
+        times = psutil.cpu_times()
     except OSError:
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9:
+    if not hasattr(times, "steal"):
         return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice]; guest
-    # time is already counted in user and nice.
-    ticks = [int(x) for x in fields[1:9]]
-    return ticks[7], sum(ticks)
+    # Guest time is already counted in user and nice.
+    total = sum(v for k, v in times._asdict().items() if k not in ("guest", "guest_nice"))
+    return times.steal, total
 
 
 def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:

@@ -674,7 +674,7 @@ class StepBudget:
     cores, with 64 streams arriving at once, 256 prompt tokens beside 60
     decodes took 330-490 ms where a decode-only step of the 60 took about
     120 ms, and a pace of 4 let steps reach 600 ms; steps of 257 tokens in
-    all took 320-380 ms, with the same throughput."""
+    all took about 300-390 ms, with the same throughput."""
 
     PACE = 2.0
     MIN_PREFILL = 256

@@ -238,17 +238,25 @@ def test_serve_bench_against_a_streaming_server(tiny_model_dir, tmp_path, fake_s
     assert _is_png(result["plot"])
 
 
-def test_cpu_steal_is_the_share_of_host_time_given_to_others(tmp_path):
+@pytest.mark.skipif(sys.platform != "linux", reason="steal is reported by Linux's /proc/stat")
+def test_cpu_steal_is_the_share_of_host_time_given_to_others(tmp_path, monkeypatch):
+    import os
+
+    import psutil
+
     from pllm.bench.machine import cpu_times, steal_fraction
 
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path))
+    tick = 1 / os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice
     stat.write_text("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 50 0 25 400 5 0 2 18 3 0\n")
-    before = cpu_times(str(stat))
-    assert before == (35, 1000)  # guest time is inside user time already
+    before = cpu_times()
+    assert before == pytest.approx((35 * tick, 1000 * tick))  # guest time is inside user time
     stat.write_text("cpu  400 0 150 900 10 0 5 535 7 0\n")
-    assert steal_fraction(before, cpu_times(str(stat))) == pytest.approx(500 / 1000)
-    assert cpu_times(str(tmp_path / "absent")) is None
+    assert steal_fraction(before, cpu_times()) == pytest.approx(500 / 1000)
+    stat.unlink()
+    assert cpu_times() is None
     assert steal_fraction(None, before) is None and steal_fraction(before, before) is None
 
 

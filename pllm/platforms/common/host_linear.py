@@ -122,13 +122,15 @@ def _mkl_layout_holds(weight: torch.Tensor, packed: torch.Tensor) -> bool:
     shape = tuple(weight.shape)
     if shape not in _layout_checked:
         gen = torch.Generator().manual_seed(0)
-        ok = True
+
+        def agrees(rows: int) -> bool:
+            x = torch.randn(rows, weight.shape[1], generator=gen)
+            want = F.linear(x, weight)
+            return torch.allclose(torch.ops.mkl._mkl_linear(x, packed, weight, None, rows), want,
+                                  rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
         with torch.no_grad():
-            for rows in _CHECKED_ROWS:
-                x = torch.randn(rows, weight.shape[1], generator=gen)
-                got = torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
-                want = F.linear(x, weight)
-                ok = ok and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            ok = all(agrees(rows) for rows in _CHECKED_ROWS)  # stops at the first that fails
         if not ok:
             logger.warning("MKL's packed product of a %dx%d weight differs from F.linear at "
                            "other batch sizes than it was packed for: using oneDNN's copies",
