@@ -189,14 +189,18 @@ def test_a_step_latency_target_sizes_prefill_chunks_while_requests_decode():
 
 
 @pytest.mark.parametrize("fixed, per_token, want", [
-    # 30 ms + 0.8 ms a token: at least 257 tokens (256 prompt tokens beside
-    # a decode; beside 100 decodes, 157), at most 2x a decode step of the
-    # same streams once that is more (at 200 streams 2 * (30 + 0.8 * 200) ms
-    # = 380 ms: 437.5 tokens); the 800 ms target (962 tokens) binds only
-    # with hundreds of streams.
-    (0.030, 0.0008, {1: 257, 8: 257, 100: 257, 200: 437, 400: 837, 600: 962}),
-    # 50 ms + 4 ms a token: the target (187 tokens) binds before the floor.
-    (0.050, 0.004, {1: 187, 64: 187}),
+    # 30 ms + 0.8 ms a token: the decodes and a 256-token prompt chunk while
+    # at most 8 streams decode (257 and 264 tokens); beyond, the chunk is
+    # 2048 / n tokens, at least 64 (16 streams: 16 + 128). The pace, 2x a
+    # decode step of the same streams, binds once it is more (32 streams:
+    # 2 * (30 + 0.8 * 32) ms = 111.2 ms, 101.5 tokens against the floor's
+    # 32 + 64; 100: 237.5; 200: 437.5); the 800 ms target (962 tokens)
+    # binds only with hundreds of streams.
+    (0.030, 0.0008, {1: 257, 8: 264, 16: 144, 32: 101, 100: 237, 200: 437, 400: 837,
+                     600: 962}),
+    # 50 ms + 4 ms a token: the target (187 tokens) binds before the floor,
+    # and the pace with 64 streams (2 * (50 + 4 * 64) ms: 140.5 tokens).
+    (0.050, 0.004, {1: 187, 8: 187, 64: 140}),
     # 10 ms + 0.02 ms a token: 2x a decode step is past the floor at once
     # (502.5 and 520.5 tokens); --max-num-batched-tokens (2048) still bounds it.
     (0.01001, 0.00002, {1: 502, 10: 520, 1000: 2048}),
