@@ -2,8 +2,14 @@
 for their batch size, for any platform whose tensors live in host memory.
 
 Where torch is built with MKL (x86), every linear weight but the LM head's
-gets a copy in MKL's packed layout, made once at load, and every batch runs
-on it (``torch.ops.mkl._mkl_linear``). Streaming the 30 layers of
+gets a packed copy made once at load, and every batch runs on it: MKL's
+(``torch.ops.mkl._mkl_linear``) or oneDNN's, whichever
+:func:`every_batch_packing` measures faster on the host at load. MKL runs
+its fast paths on Intel CPUs only: on a 2-core AVX-512 AMD EPYC (torch
+2.13), streaming SmolLM2-135M's 30 layers took 50 ms on oneDNN's copies
+against 105 on MKL's for 64 rows, 188 against 358 for 257 and 1.3 against
+2.5 s for 2,048 (270-380 GFLOP/s against 130-170), and 16 against 52 ms
+for 16 rows; on an Intel Xeon MKL's were the faster (below). Streaming the 30 layers of
 SmolLM2-135M (the weights come from DRAM, as in a real step), on a 2-core
 AVX-512 host (torch 2.13): 44-54 ms for 33-65 rows against 50-81 for
 ``weight @ x.T`` and 42-70 for a oneDNN-packed copy; 89 against 128 / 108
@@ -47,7 +53,10 @@ few-row product) subclasses :class:`HostLinear` and overrides ``forward``.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import time
 
 import psutil
 import torch
@@ -58,11 +67,68 @@ logger = logging.getLogger(__name__)
 
 SMALL_BATCH = 128  # without MKL's packed product: weight @ x.T up to here, oneDNN beyond
 PACK_SHARE = 0.25  # of the RAM available at load, at most, for the packed copies
+GEMM_ENV = "PLLM_HOST_GEMM"  # "mkl" or "onednn" skips the measurement; "auto" (default) measures
+ONEDNN_OVER_MKL = 0.8  # oneDNN's copies are chosen when they take under this share of MKL's time
 
 
 def mkl_packing() -> bool:
     """Whether this torch has MKL's packed fp32 product (x86 builds)."""
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+@functools.cache
+def every_batch_packing() -> str | None:
+    """The packed fp32 product that serves every batch size on this host:
+    ``"mkl"`` or ``"onednn"``, or None where torch has no MKL packed product
+    (oneDNN's copies then serve only batches over ``SMALL_BATCH``).
+
+    Measured once per process (about 30 ms): one SmolLM2-sized weight
+    (1536 x 576) at 32 and 256 rows on each copy, the two interleaved, the
+    best of five; oneDNN's is chosen when it takes under ``ONEDNN_OVER_MKL``
+    of MKL's time, so a close call keeps MKL. ``PLLM_HOST_GEMM=mkl`` or
+    ``onednn`` chooses without measuring."""
+    forced = os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
+    if forced not in ("auto", "mkl", "onednn"):
+        raise ValueError(f"{GEMM_ENV}={forced!r}: expected auto, mkl or onednn")
+    if forced == "onednn":
+        return "onednn"
+    if not mkl_packing():
+        if forced == "mkl":
+            logger.warning("%s=mkl, but this torch has no MKL packed product", GEMM_ENV)
+        return None
+    if forced == "mkl":
+        return "mkl"
+    mkl_s, onednn_s = _time_packings()
+    choice = "onednn" if onednn_s < ONEDNN_OVER_MKL * mkl_s else "mkl"
+    logger.info("fp32 linears on %s's packed weights: a 1536x576 product at 32 + 256 rows took "
+                "%.2f ms on MKL's, %.2f ms on oneDNN's (%s=mkl|onednn chooses)",
+                "MKL" if choice == "mkl" else "oneDNN", 1e3 * mkl_s, 1e3 * onednn_s, GEMM_ENV)
+    return choice
+
+
+def _time_packings(out_features: int = 1536, in_features: int = 576, rows=(32, 256),
+                   reps: int = 5) -> tuple[float, float]:
+    """Seconds for one product at each of ``rows`` on MKL's and on oneDNN's
+    packed copy of a random weight (the best of ``reps``, summed)."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    mkl = torch.ops.mkl._mkl_reorder_linear_weight(weight, SMALL_BATCH)
+    onednn = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    products = (lambda x: torch.ops.mkl._mkl_linear(x, mkl, weight, None, x.shape[0]),
+                lambda x: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], ""))
+    totals = [0.0, 0.0]
+    with torch.no_grad():
+        for n in rows:
+            x = torch.randn(n, in_features, generator=gen)
+            best = [float("inf"), float("inf")]
+            for rep in range(reps + 1):  # the first round warms up
+                for i, product in enumerate(products):
+                    t0 = time.perf_counter()
+                    product(x)
+                    if rep:
+                        best[i] = min(best[i], time.perf_counter() - t0)
+            totals = [t + b for t, b in zip(totals, best)]
+    return totals[0], totals[1]
 
 
 class HostLinear(nn.Module):
@@ -73,14 +139,21 @@ class HostLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rows_out = rows_out  # the output must be row-major (the LM head)
         # Packed once, here: the weights are loaded by the time a platform
-        # prepares the model. An MKL copy, or the LM head's oneDNN copy,
-        # serves every batch size; another oneDNN copy only batches over
-        # SMALL_BATCH rows.
+        # prepares the model. The copy every_batch_packing names, or the LM
+        # head's oneDNN copy, serves every batch size; a oneDNN copy made
+        # otherwise (no MKL in torch, or MKL's layout check failed) only
+        # batches over SMALL_BATCH rows.
         self._packed = None
         self.packing: str | None = None  # which copy _packed is: "mkl" or "onednn"
+        self.every_batch = False  # whether a packed copy serves every batch (not the LM head)
         if pack and not rows_out:
-            self._packed = _mkl_packed(self.weight)
-            self.packing = "mkl" if self._packed is not None else None
+            choice = every_batch_packing()
+            if choice == "mkl":
+                self._packed = _mkl_packed(self.weight)
+            elif choice == "onednn":
+                self._packed = _onednn_packed(self.weight)
+            self.every_batch = self._packed is not None
+            self.packing = choice if self.every_batch else None
         if self._packed is None and (pack or rows_out):
             self._packed = _onednn_packed(self.weight)
             self.packing = "onednn" if self._packed is not None else None
@@ -91,7 +164,7 @@ class HostLinear(nn.Module):
         if packed and rows >= 1 and self.packing == "mkl":
             # The row count as the packing's batch size: see the module's docstring.
             return torch.ops.mkl._mkl_linear(x, self._packed, self.weight, self.bias, rows)
-        if packed and rows >= 1 and (self.rows_out or rows > SMALL_BATCH):
+        if packed and rows >= 1 and (self.every_batch or self.rows_out or rows > SMALL_BATCH):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         if 1 <= rows <= SMALL_BATCH:
             out = torch.matmul(self.weight, x.t()).t()
@@ -159,8 +232,9 @@ def should_pack(model: nn.Module, available_bytes: int | None = None) -> bool:
         return False
     if available_bytes is None:
         available_bytes = psutil.virtual_memory().available
-    what, batches = (("MKL", "every batch") if mkl_packing()
-                     else ("oneDNN", f"batches over {SMALL_BATCH} rows"))
+    choice = every_batch_packing()
+    what = {"mkl": "MKL", "onednn": "oneDNN", None: "oneDNN"}[choice]
+    batches = "every batch" if choice else f"batches over {SMALL_BATCH} rows"
     if size <= PACK_SHARE * available_bytes:
         logger.info("packing the linear weights for %s (%.0f MB) for %s", what, size / 1e6, batches)
         return True
@@ -174,7 +248,7 @@ def use_host_linears(model: nn.Module, cls: type[HostLinear] = HostLinear, *,
                      pack: bool | None = None) -> nn.Module:
     """Replace every nn.Linear in ``model`` (in place) with a ``cls`` sharing
     its parameters; the LM head's output stays row-major. ``pack``: give
-    each a packed copy (MKL's, else oneDNN's; default: ``should_pack``)."""
+    each a packed copy (see ``every_batch_packing``; default: ``should_pack``)."""
     if pack is None:
         pack = should_pack(model)
     for name, module in list(model.named_modules()):

@@ -75,14 +75,17 @@ class CPUFusedDecodeLayer:
     when the four projections keep their weights in GGUF blocks, over an
     fp32 or 8-bit (e4m3fn, e5m2) cache. Anything else (prefill chunks,
     larger batches, other dtypes or backends) it declines, and the layer's
-    modules run. With MKL-packed fp32 weights (``mkl_packed``) it takes up
-    to ``_FUSED_OVER_PACKED`` rows, all on ``linear_small``; beyond that the
-    modules' packed products beat this call's unpacked ones by more than the
-    modules' overhead. Decode steps of SmolLM2-135M on a 2-core AVX-512 host:
-    12 rows 43.0 ms here against 44.9 through the modules, 16 rows 54.8
-    against 49.3, 64 rows 110.7 against 98.6."""
+    modules run. Beside fp32 weights packed for every batch size (``packed``:
+    MKL's or oneDNN's copies) it takes up to ``_FUSED_OVER_PACKED`` rows, all
+    on ``linear_small``; beyond that the modules' packed products beat this
+    call's unpacked ones by more than the modules' overhead. Decode steps of
+    SmolLM2-135M on a 2-core AVX-512 Xeon (MKL's copies): 12 rows 43.0 ms
+    here against 44.9 through the modules, 16 rows 54.8 against 49.3, 64
+    rows 110.7 against 98.6; on a 2-core AVX-512 EPYC (oneDNN's), engine
+    steps of 8 rows took 24.4 ms against 30.3, of 12 rows 35.9-37.7
+    against 35.8."""
 
-    def __init__(self, weights: DenseDecoderWeights, *, mkl_packed: bool = False) -> None:
+    def __init__(self, weights: DenseDecoderWeights, *, packed: bool = False) -> None:
         w = weights
         self.attention, self.all_reduce, self.tp_size = w.attention, w.all_reduce, w.tp_size
         self.blocks = _in_blocks(w)
@@ -103,8 +106,8 @@ class CPUFusedDecodeLayer:
                          *self.gate_up, *self.down, w.down_weight.shape[1], w.num_heads,
                          w.num_kv_heads, w.head_dim, w.rotary_cos, w.rotary_sin)
         else:
-            self.few_rows = _FUSED_OVER_PACKED if mkl_packed else _FEW_ROWS
-            if mkl_packed:
+            self.few_rows = _FUSED_OVER_PACKED if packed else _FEW_ROWS
+            if packed:
                 self.max_rows = self.few_rows
             self.args = (w.input_norm, w.post_attention_norm, w.eps, w.qkv_weight, w.qkv_bias,
                          w.o_weight, w.o_bias, w.gate_up_weight, w.gate_up_bias, w.down_weight,
@@ -191,6 +194,6 @@ def use_cpu_layers(model: nn.Module, *, fuse_decode_layers: bool = True) -> nn.M
         for layer in model.decoder_layers():
             weights = layer.dense_weights() if hasattr(layer, "dense_weights") else None
             if weights is not None and CPUFusedDecodeLayer.applies_to(weights):
-                packed = any(getattr(m, "packing", None) == "mkl" for m in layer.modules())
-                layer.fused = CPUFusedDecodeLayer(weights, mkl_packed=packed)
+                packed = any(getattr(m, "every_batch", False) for m in layer.modules())
+                layer.fused = CPUFusedDecodeLayer(weights, packed=packed)
     return model

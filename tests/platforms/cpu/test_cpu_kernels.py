@@ -21,6 +21,7 @@ from pllm.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from pllm.platforms.common.host_linear import (
     PACK_SHARE,
     HostLinear,
+    every_batch_packing,
     mkl_packing,
     should_pack,
 )
@@ -50,6 +51,20 @@ def kernels(request, monkeypatch):
             monkeypatch.setattr(module, "cpu_ops", lambda: None)
         monkeypatch.setattr(cpu_attention, "paged_decode_op", lambda: None)
     return request.param
+
+
+@pytest.fixture
+def host_gemm(monkeypatch):
+    """Force the packed product that serves every batch (``PLLM_HOST_GEMM``);
+    skip where this torch has no MKL and MKL is asked for."""
+    def force(choice: str) -> None:
+        if choice == "mkl" and not mkl_packing():
+            pytest.skip("this torch has no MKL packed product")
+        monkeypatch.setenv("PLLM_HOST_GEMM", choice)
+        every_batch_packing.cache_clear()
+
+    yield force
+    every_batch_packing.cache_clear()
 
 
 @needs_compiler
@@ -190,22 +205,26 @@ def test_compiled_fp8_write_is_bit_identical_to_quantize(kv_dtype, scales, monke
 
 
 # Every side of each routing threshold: the few-row kernel's (8 on AVX-512
-# hosts, 12 on others with MKL's packed product, 24 without), the fused
-# decode layer's (12) and the unpacked products' (128).
+# hosts, 12 on others with a packed product for every batch, 24 without),
+# the fused decode layer's (12) and the unpacked products' (128).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 12, 13, 24, 25, 64, 128, 129, 300])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows_out", [False, True])
-@pytest.mark.parametrize("pack", [False, True])
-def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, rows, bias, rows_out, pack):
+@pytest.mark.parametrize("packing", [None, "mkl", "onednn"], ids=["unpacked", "mkl", "onednn"])
+def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, host_gemm, rows, bias, rows_out,
+                                                         packing):
     torch.manual_seed(0)
+    pack = packing is not None
+    if pack:
+        host_gemm(packing)
     dense = nn.Linear(99, 203, bias=bias)  # odd sizes: remainders of every tile
     fast = CPULinear(dense, rows_out=rows_out, pack=pack)
     assert (fast._packed is not None) == (pack or rows_out)
-    # The LM head keeps its oneDNN copy; the others take MKL's where torch has it.
-    if pack and not rows_out and mkl_packing():
-        assert fast.packing == "mkl"
+    # The LM head keeps its oneDNN copy; the others take the forced one.
+    if pack and not rows_out:
+        assert fast.packing == packing and fast.every_batch
     else:
-        assert fast.packing == ("onednn" if pack or rows_out else None)
+        assert fast.packing == ("onednn" if rows_out else None) and not fast.every_batch
     x = torch.randn(rows, 99)
     with torch.inference_mode():
         out = fast(x)
@@ -214,16 +233,18 @@ def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, rows, bias, ro
         assert out.is_contiguous()
 
 
-@pytest.mark.skipif(not mkl_packing(), reason="this torch has no MKL packed product")
-def test_one_mkl_packed_copy_serves_every_batch_size():
-    """HostLinear packs each weight once, for one batch size, and passes each
-    call's own row count to MKL: checked against fp64 at every size from 1
-    to 300 rows (and column-major input), on shapes with remainders."""
+@pytest.mark.parametrize("packing", ["mkl", "onednn"])
+def test_one_packed_copy_serves_every_batch_size(host_gemm, packing):
+    """HostLinear packs each weight once and runs every batch size on that
+    copy (MKL's, packed for one batch size, is passed each call's own row
+    count): checked against fp64 at every size from 1 to 300 rows (and
+    column-major input), on shapes with remainders."""
+    host_gemm(packing)
     torch.manual_seed(0)
     for out_features, in_features in ((203, 99), (960, 576), (17, 1536)):
         dense = nn.Linear(in_features, out_features)
         fast = HostLinear(dense, pack=True)
-        assert fast.packing == "mkl"
+        assert fast.packing == packing and fast.every_batch
         w64, b64 = dense.weight.double(), dense.bias.double()
         for rows in [*range(1, 40), 63, 64, 65, 127, 128, 129, 200, 257, 300]:
             x = torch.randn(rows, in_features)
@@ -235,14 +256,16 @@ def test_one_mkl_packed_copy_serves_every_batch_size():
             assert (got.double() - want).abs().max().item() < 1e-4 * in_features ** 0.5, rows
 
 
-@pytest.mark.skipif(not mkl_packing(), reason="this torch has no MKL packed product")
-def test_a_weight_whose_mkl_layout_fails_the_check_gets_onednn_copies(monkeypatch, caplog):
+def test_a_weight_whose_mkl_layout_fails_the_check_gets_onednn_copies(host_gemm, monkeypatch,
+                                                                    caplog):
     """The load-time check: where MKL's copy, packed for one batch size,
     gives other products than F.linear at other batch sizes, the layer takes
     a oneDNN copy instead (logged), and its products stay right."""
     import pllm.platforms.common.host_linear as host_linear
 
-    real = torch.ops.mkl._mkl_linear
+    host_gemm("mkl")
+    real_ops = torch.ops.mkl
+    real = real_ops._mkl_linear
 
     class WrongAtOtherSizes:
         @staticmethod
@@ -258,13 +281,51 @@ def test_a_weight_whose_mkl_layout_fails_the_check_gets_onednn_copies(monkeypatc
     dense = nn.Linear(64, 48)
     with caplog.at_level("WARNING"):
         fast = HostLinear(dense, pack=True)
-    assert fast.packing == "onednn" and "differs from F.linear" in caplog.text
+    assert fast.packing == "onednn" and not fast.every_batch
+    assert "differs from F.linear" in caplog.text
     x = torch.randn(200, 64)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(host_linear, "_layout_checked", {})
-    monkeypatch.undo()
+    monkeypatch.setattr(torch.ops, "mkl", real_ops)
     assert HostLinear(dense, pack=True).packing == "mkl"  # the real product passes
+
+
+@pytest.mark.parametrize("mkl_s, onednn_s, want", [
+    (3.0, 1.4, "onednn"),  # an AMD EPYC: MKL off its fast paths
+    (1.6, 2.2, "mkl"),     # an Intel Xeon
+    (1.0, 0.85, "mkl"),    # a close call keeps MKL
+])
+def test_the_packed_product_for_every_batch_is_the_one_measured_faster(
+        monkeypatch, caplog, mkl_s, onednn_s, want):
+    import pllm.platforms.common.host_linear as host_linear
+
+    if not mkl_packing():
+        pytest.skip("this torch has no MKL packed product: nothing to choose")
+    monkeypatch.delenv("PLLM_HOST_GEMM", raising=False)
+    monkeypatch.setattr(host_linear, "_time_packings", lambda: (mkl_s, onednn_s))
+    every_batch_packing.cache_clear()
+    try:
+        with caplog.at_level("INFO"):
+            assert every_batch_packing() == want
+        assert f"{1e3 * mkl_s:.2f} ms on MKL's, {1e3 * onednn_s:.2f} ms on oneDNN's" in caplog.text
+    finally:
+        every_batch_packing.cache_clear()
+
+
+def test_the_measurement_times_both_products_and_a_bad_choice_is_refused(monkeypatch):
+    if mkl_packing():
+        from pllm.platforms.common.host_linear import _time_packings
+
+        mkl_s, onednn_s = _time_packings(64, 32, rows=(3, 40), reps=2)
+        assert 0 < mkl_s < 1 and 0 < onednn_s < 1
+    monkeypatch.setenv("PLLM_HOST_GEMM", "blas")
+    every_batch_packing.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="PLLM_HOST_GEMM='blas'.*auto, mkl or onednn"):
+            every_batch_packing()
+    finally:
+        every_batch_packing.cache_clear()
 
 
 def test_linear_weights_are_packed_only_when_the_copies_fit():
@@ -338,13 +399,14 @@ class _CountingOps:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("rows", [3, 12, 30])  # few-row kernel; then weight @ x.T, or the modules
 @pytest.mark.parametrize("kv_dtype", [torch.float32, *FP8_FORMATS], ids=str)
-@pytest.mark.parametrize("mkl_packed", [False, True], ids=["unpacked", "mkl-packed"])
-def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, mkl_packed, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, packed, monkeypatch):
     """The one-call decoder layer (decode-only steps of a few sequences) gives
     the modules' result: GQA, QKV bias (qwen2), sliding window (mistral),
     contexts across block boundaries, the first layer (no residual yet), and
     8-bit caches with non-unit scales (the same bytes written). Beside
-    MKL-packed modules it takes up to 12 rows and leaves more to them."""
+    modules packed for every batch it takes up to 12 rows and leaves more to
+    them."""
     from transformers import AutoConfig
 
     from pllm.models.layers import ForwardContext
@@ -377,7 +439,7 @@ def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, mkl_pa
     monkeypatch.setattr(cpu_layers, "cpu_ops", lambda: counting)
     for residual in (None, torch.randn(rows, 96)):
         outs = []
-        for fused in (None, CPUFusedDecodeLayer(layer.dense_weights(), mkl_packed=mkl_packed)):
+        for fused in (None, CPUFusedDecodeLayer(layer.dense_weights(), packed=packed)):
             layer.fused = fused
             kv = cache.clone()
             ctx = ForwardContext(backend, md, [kv])
@@ -387,7 +449,7 @@ def test_fused_decode_layer_matches_the_module_path(arch, rows, kv_dtype, mkl_pa
             outs.append((out, new_res, kv.view(torch.uint8) if fp8 else kv))  # bytes: equal
         for want, got in zip(outs[0], outs[1]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    takes = rows <= 12 or not mkl_packed
+    takes = rows <= 12 or not packed
     assert counting.fused_calls == (2 if takes else 0), "the fused layer was (not) used"
 
 
