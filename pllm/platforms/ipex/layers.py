@@ -136,13 +136,29 @@ class _Holder(nn.Module):
         self.eval()
 
 
+def _untied(linear: nn.Linear) -> nn.Linear:
+    """``linear`` with a weight of its own (the bias, never tied, is kept)."""
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     device="meta")
+    copy.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+    copy.bias = linear.bias
+    return copy
+
+
 def _prepack_linears(model: nn.Module) -> bool:
     """Every ``nn.Linear`` replaced by IPEX's prepacked module; False (and
     the model's own linears kept) where IPEX cannot pack this dtype here."""
     swaps = []
+    # IPEX packs a weight in place: one tied to another module (an LM head
+    # sharing the embedding's) is packed from a copy, or the embedding would
+    # read the packed layout ("'weight' must be 2-D", seen with bf16 on AVX-512).
+    shared = {id(p) for m in model.modules() if type(m) is not nn.Linear
+              for p in m.parameters(recurse=False)}
     for module in model.modules():
         for child_name, child in module.named_children():
             if type(child) is nn.Linear:
+                if id(child.weight) in shared:
+                    child = _untied(child)
                 holder = _Holder(child)
                 try:
                     # Prepacking only: no folding passes (they trace the module).
