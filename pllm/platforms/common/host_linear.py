@@ -232,15 +232,15 @@ def should_pack(model: nn.Module, available_bytes: int | None = None) -> bool:
         return False
     if available_bytes is None:
         available_bytes = psutil.virtual_memory().available
-    choice = every_batch_packing()
-    what = {"mkl": "MKL", "onednn": "oneDNN", None: "oneDNN"}[choice]
-    batches = "every batch" if choice else f"batches over {SMALL_BATCH} rows"
     if size <= PACK_SHARE * available_bytes:
-        logger.info("packing the linear weights for %s (%.0f MB) for %s", what, size / 1e6, batches)
+        choice = every_batch_packing()  # measured only where copies are made
+        logger.info("packing the linear weights for %s (%.0f MB) for %s",
+                    "MKL" if choice == "mkl" else "oneDNN", size / 1e6,
+                    "every batch" if choice else f"batches over {SMALL_BATCH} rows")
         return True
-    logger.info("not packing the linear weights for %s: %.0f MB is over %.0f%% of the %.0f MB "
+    logger.info("not packing the linear weights: %.0f MB is over %.0f%% of the %.0f MB "
                 "available; larger batches use unpacked products (15-35%% slower)",
-                what, size / 1e6, 100 * PACK_SHARE, available_bytes / 1e6)
+                size / 1e6, 100 * PACK_SHARE, available_bytes / 1e6)
     return False
 
 
