@@ -13,7 +13,7 @@
 #      tree is a pinned llama.cpp that the package index serves, so no git and
 #      no other host is needed) and unpacks vendor/llama.cpp;
 #   2. builds llama-server and llama-bench with cmake: Release, CPU only,
-#      -DGGML_NATIVE=ON, static, no HTTPS, no web UI (both would download);
+#      -DGGML_NATIVE=ON (or AVX2 only: PLLM_BENCH_ISA), static, no HTTPS, no web UI (both would download);
 #      the build folder is keyed by the CPU's feature flags, since a native
 #      build from an AVX-512 host dies with SIGILL on an AVX2-only one;
 #   3. takes pllm's own conversion of the default model (the HF folder pllm
@@ -31,6 +31,9 @@
 #   LLAMA_CPP_PYTHON_VERSION  llama-cpp-python release whose llama.cpp is built (default below)
 #   PLLM_PYTHON             the python with pllm, torch and transformers (default: .venv's)
 #   LLAMA_BUILD_JOBS        parallel compile jobs (default 2)
+#   PLLM_BENCH_ISA          native (default): this CPU's instructions; avx2: AVX2,
+#                           FMA and F16C only (no AVX-512), to run an AVX-512
+#                           host's llama.cpp on the AVX2 paths (its own build folder)
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -42,7 +45,12 @@ CACHE="${PLLM_BENCH_CACHE:-$HOME/.cache/pllm-bench}/llama.cpp-$VERSION"
 SDIST_DIR="$CACHE/sdist"
 SRC="$CACHE/src"                      # vendor/llama.cpp of the source package
 CPU_KEY="$(uname -m)-$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo | sha256sum | cut -c1-12)"
-BUILD="$CACHE/build-$CPU_KEY"
+ISA="${PLLM_BENCH_ISA:-native}"
+case "$ISA" in
+    native) BUILD="$CACHE/build-$CPU_KEY" ;;
+    avx2) BUILD="$CACHE/build-avx2-$CPU_KEY" ;;
+    *) echo "[llama_server.sh] error: PLLM_BENCH_ISA=$ISA is neither native nor avx2" >&2; exit 1 ;;
+esac
 CVENV="$CACHE/convert-venv"
 MODELS="$CACHE/models"
 LOGS="$CACHE/logs"
@@ -93,10 +101,16 @@ if [ ! -f "$SRC/.unpacked" ]; then
 fi
 
 # --- 2. llama-server and llama-bench ---------------------------------------
+if [ "$ISA" = native ]; then
+    ISA_ARGS=(-DGGML_NATIVE=ON)       # this CPU's ISA (AVX2/AVX-512/VNNI...)
+else
+    ISA_ARGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+              -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF)
+fi
 CMAKE_ARGS=(
     -DCMAKE_BUILD_TYPE=Release
     -DBUILD_SHARED_LIBS=OFF           # self-contained binaries
-    -DGGML_NATIVE=ON                  # this CPU's ISA (AVX2/AVX-512/VNNI...)
+    "${ISA_ARGS[@]}"
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
     -DLLAMA_OPENSSL=OFF               # HTTPS only serves model downloads
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF  # else it fetches the web UI

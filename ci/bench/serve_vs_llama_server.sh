@@ -10,6 +10,12 @@
 #
 #   ci/bench/serve_vs_llama_server.sh [OUT.json] [RATE ...]   (default rates: 0.5 1 inf)
 #
+# PLLM_BENCH_ISA=avx2 runs both servers on an AVX-512 host's AVX2 paths only:
+# llama-server built for AVX2, and pllm under ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2 and its kernels built
+# for x86-64-v3 (PLLM_CPU_MARCH); each run records these under machine.isa_caps.
+# That is the AVX2 code on this core, not an AVX2 machine.
+#
 # Builds llama-server on first use (ci/bench/llama_server.sh: about 15 minutes
 # on two cores, then cached); the benchmark itself takes about 25 minutes.
 set -euo pipefail
@@ -21,8 +27,14 @@ RATES=("$@")
 [ ${#RATES[@]} -gt 0 ] || RATES=(0.5 1 inf)
 
 eval "$("$ROOT/ci/bench/llama_server.sh")"
+if [ "${PLLM_BENCH_ISA:-native}" = avx2 ]; then
+    export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        PLLM_CPU_MARCH=x86-64-v3
+fi
 PLLM="$ROOT/.venv/bin/pllm"
 PY="$ROOT/.venv/bin/python"
+# pllm's kernels for these flags, built (once) before any server is timed.
+"$PY" -c 'from pllm.platforms.cpu.kernels import cpu_ops; assert cpu_ops() is not None'
 
 "$PLLM" bench serve --request-rate "${RATES[@]}" --num-prompts 64 \
     --max-seconds 200 --drain-seconds 120 \

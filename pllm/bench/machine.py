@@ -91,6 +91,12 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+# Variables that keep torch, oneDNN, MKL or pllm's kernels off some of the
+# CPU's instructions: a run under any of them is not the host's full speed.
+ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                     "MKL_ENABLE_INSTRUCTIONS", "PLLM_CPU_MARCH")
+
+
 def machine_info() -> dict:
     import psutil
     import torch
@@ -105,6 +111,7 @@ def machine_info() -> dict:
         "torch_num_threads": torch.get_num_threads(),
         "memory_total_bytes": psutil.virtual_memory().total,
         "os": platform.platform(),
+        "isa_caps": {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)},
     }
 
 

@@ -28,8 +28,25 @@ logger = logging.getLogger(__name__)
 
 # No contraction of a*b+c into FMAs beyond the explicit ones, so the
 # elementwise kernels round as torch's own ops do.
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
+_CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
+# The CPU the kernels are built for: this one unless the variable names
+# another of the compiler's -march values (x86-64-v3: AVX2 and FMA, no
+# AVX-512), e.g. to run an AVX-512 host on the AVX2 paths.
+MARCH_ENV = "PLLM_CPU_MARCH"
+
+
+def march() -> str:
+    """The ``-march`` the kernels are built for: ``$PLLM_CPU_MARCH``, else ``native``."""
+    value = os.environ.get(MARCH_ENV, "").strip() or "native"
+    if not re.fullmatch(r"[\w.+-]+", value):
+        raise ValueError(f"{MARCH_ENV}={value!r} is not a -march value (e.g. native, x86-64-v3)")
+    return value
+
+
+def compile_flags(defines: Iterable[str] = ()) -> list[str]:
+    """The compiler flags of a build with these preprocessor macros."""
+    return [_CFLAGS[0], f"-march={march()}", *_CFLAGS[1:], *(f"-D{d}" for d in defines)]
 
 
 @functools.cache
@@ -68,7 +85,7 @@ def build_extension(name: str, csrc: Path, sources: Iterable[str], functions: It
 
     sources = list(sources)
     texts = [(csrc / source).read_text() for source in sources]
-    cflags = [*_CFLAGS, *(f"-D{d}" for d in defines)]
+    cflags = compile_flags(defines)
     full_name = extension_name(name, texts, cflags)
     build_dir = Path(_get_build_directory(full_name, verbose=False))
     cached = (build_dir / f"{full_name}{LIB_EXT}").exists()

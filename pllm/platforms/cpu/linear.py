@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pllm.platforms.common.host import cpu_flags
 from pllm.platforms.common.host_linear import SMALL_BATCH as _SMALL_BATCH
 from pllm.platforms.common.host_linear import HostLinear, use_host_linears
+from pllm.platforms.cpu.gguf_linear import available_isas
 from pllm.platforms.cpu.kernels import cpu_ops
 
 _FEW_ROWS = 24  # against unpacked products
@@ -38,7 +38,7 @@ def few_rows(packed: bool) -> int:
     unpacked one (see the module's docstring)."""
     if not packed:
         return _FEW_ROWS
-    return 8 if "avx512f" in cpu_flags() else 12
+    return 8 if "avx512" in available_isas() else 12  # the kernels' build, not just the CPU
 
 
 class CPULinear(HostLinear):

@@ -86,3 +86,19 @@ def test_a_build_is_logged_with_what_and_why_and_a_cached_load_is_not(fake_load_
     with caplog.at_level(logging.INFO, logger=cpp.__name__):  # another define: another build
         assert cpp.build_extension("pllm_kernels", csrc, ["k.cpp"], ["f"]) != name
     assert caplog.records[0].getMessage().startswith("building pllm_kernels")
+
+
+def test_the_kernels_target_this_cpu_unless_told_another(fake_load_inline, tmp_path, monkeypatch):
+    monkeypatch.delenv(cpp.MARCH_ENV, raising=False)
+    assert cpp.compile_flags(["X"]) == ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
+                                        "-DX"]
+    native = cpp.build_extension("pllm_kernels", tmp_path / "csrc", ["k.cpp"], ["f"])
+
+    monkeypatch.setenv(cpp.MARCH_ENV, "x86-64-v3")  # AVX2 and FMA, no AVX-512
+    assert "-march=x86-64-v3" in cpp.compile_flags() and "-march=native" not in cpp.compile_flags()
+    avx2 = cpp.build_extension("pllm_kernels", tmp_path / "csrc", ["k.cpp"], ["f"])
+    assert avx2 != native and fake_load_inline == [native, avx2]  # each build keeps its own
+
+    monkeypatch.setenv(cpp.MARCH_ENV, "native -O0")
+    with pytest.raises(ValueError, match="PLLM_CPU_MARCH='native -O0' is not a -march value"):
+        cpp.compile_flags()

@@ -233,6 +233,17 @@ def test_cpu_linear_matches_f_linear_at_every_batch_size(kernels, host_gemm, row
         assert out.is_contiguous()
 
 
+@pytest.mark.parametrize("isas, packed, want", [
+    (("scalar", "avx2", "avx512"), True, 8), (("scalar", "avx2"), True, 12),
+    (("scalar", "avx2", "avx512"), False, cpu_linear._FEW_ROWS)])
+def test_the_few_row_cutoff_follows_the_kernels_build(monkeypatch, isas, packed, want):
+    """Against a packed copy the single-row product wins up to 8 rows when the
+    kernels are built with AVX-512 and 12 without (an AVX2 host, or an
+    AVX-512 one built for x86-64-v3): what was built decides, not the CPU."""
+    monkeypatch.setattr(cpu_linear, "available_isas", lambda: isas)
+    assert cpu_linear.few_rows(packed) == want
+
+
 @pytest.mark.parametrize("packing", ["mkl", "onednn"])
 def test_one_packed_copy_serves_every_batch_size(host_gemm, packing):
     """HostLinear packs each weight once and runs every batch size on that
