@@ -305,7 +305,8 @@ def test_a_weight_whose_mkl_layout_fails_the_check_gets_onednn_copies(host_gemm,
 @pytest.mark.parametrize("mkl_s, onednn_s, want", [
     (3.0, 1.4, "onednn"),  # an AMD EPYC: MKL off its fast paths
     (1.6, 2.2, "mkl"),     # an Intel Xeon
-    (1.0, 0.85, "mkl"),    # a close call keeps MKL
+    (1.0, 0.82, "onednn"), # an AMD EPYC held to AVX2: 1.31x the throughput on oneDNN's
+    (1.0, 0.93, "mkl"),    # a close call keeps MKL
 ])
 def test_the_packed_product_for_every_batch_is_the_one_measured_faster(
         monkeypatch, caplog, mkl_s, onednn_s, want):
