@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # No contraction of a*b+c into FMAs beyond the explicit ones, so the
 # elementwise kernels round as torch's own ops do.
-_CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+_CFLAGS = ("-O3", "-march={march}", "-fopenmp", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 # The CPU the kernels are built for: this one unless the variable names
 # another of the compiler's -march values (x86-64-v3: AVX2 and FMA, no
@@ -46,7 +46,7 @@ def march() -> str:
 
 def compile_flags(defines: Iterable[str] = ()) -> list[str]:
     """The compiler flags of a build with these preprocessor macros."""
-    return [_CFLAGS[0], f"-march={march()}", *_CFLAGS[1:], *(f"-D{d}" for d in defines)]
+    return [*(flag.format(march=march()) for flag in _CFLAGS), *(f"-D{d}" for d in defines)]
 
 
 @functools.cache
@@ -65,9 +65,13 @@ def compiler_version() -> str:
 def extension_name(name: str, sources: Iterable[str], cflags: Iterable[str]) -> str:
     """``name`` keyed by what its build depends on: torch's full version and
     the Python ABI in words, then a hash of the sources' text, the compiler
-    flags, the compiler and this host's CPU features (``-march=native``), e.g.
-    ``pllm_cpu_kernels_torch2_13_0_cpu_cp311_1f2e3d4c``."""
-    key = repr((tuple(sources), tuple(cflags), _LDFLAGS, compiler_version(), sorted(cpu_flags())))
+    flags, the compiler, this host's CPU features (``-march=native``) and
+    where torch is installed, e.g. ``pllm_cpu_kernels_torch2_13_0_cpu_cp311_1f2e3d4c``.
+    The build compiles against that installation's headers, so two virtual
+    environments with the same torch would otherwise share one build folder
+    and each rebuild it after the other had used it."""
+    key = repr((tuple(sources), tuple(cflags), _LDFLAGS, compiler_version(), sorted(cpu_flags()),
+                os.path.dirname(torch.__file__)))
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     release = re.sub(r"\W", "_", torch.__version__)  # 2.13.0+cpu: 2_13_0_cpu
     abi = f"cp{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"

@@ -25,7 +25,8 @@ def test_the_name_is_readable_and_stable(monkeypatch):
     assert len(name.rsplit("_", 1)[1]) == 8
 
 
-@pytest.mark.parametrize("change", ["torch", "flags", "defines", "cpu", "compiler", "sources"])
+@pytest.mark.parametrize("change", ["torch", "flags", "defines", "cpu", "compiler", "sources",
+                                    "environment"])
 def test_the_name_changes_with_what_the_build_depends_on(change, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
     monkeypatch.setattr(cpp, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
@@ -42,6 +43,8 @@ def test_the_name_changes_with_what_the_build_depends_on(change, monkeypatch):
         monkeypatch.setattr(cpp, "cpu_flags", lambda: frozenset({"sse2", "avx2", "avx512f"}))
     elif change == "compiler":
         monkeypatch.setattr(cpp, "compiler_version", lambda: "clang version 18.1.8")
+    elif change == "environment":  # the same torch in another virtual environment
+        monkeypatch.setattr(torch, "__file__", "/elsewhere/.venv/site-packages/torch/__init__.py")
     else:
         sources = ["int f(); int g();"]
     assert cpp.extension_name("pllm_kernels", sources, flags) != before
